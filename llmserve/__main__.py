@@ -1,0 +1,7 @@
+"""`python -m llmserve ...`."""
+
+import sys
+
+from llmserve.cli import main
+
+sys.exit(main())

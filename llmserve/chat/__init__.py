@@ -1,0 +1,1 @@
+"""Chat prompt rendering and output post-processing."""

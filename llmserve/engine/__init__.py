@@ -1,0 +1,1 @@
+"""Inference engines: the protocol, the llama.cpp engine and a scripted fake."""

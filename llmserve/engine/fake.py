@@ -1,0 +1,62 @@
+"""A scripted engine for unit tests of HTTP, streaming and parsing logic (no llama.cpp)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from llmserve.engine.base import ModelInfo, SamplingParams
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class FakeEngine:
+    """Tokens are characters; generation replays a script of text pieces, one token each."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        n_ctx: int = 2048,
+        script: list[str] | None = None,
+        token_delay: float = 0.0,
+        chat_template: str | None = CHATML,
+    ):
+        self.info = ModelInfo(
+            name=path.name, path=str(path), n_ctx=n_ctx, architecture="fake",
+            chat_template=chat_template, bos_token="<s>", eos_token="</s>",
+        )
+        self.script = list(script) if script is not None else ["Hello", ",", " world", "!"]
+        self.token_delay = token_delay
+        self.generated = 0  # tokens produced, for cancellation tests
+        self.closed = False
+        self.thread_ids: set[int] = set()
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        """One token per character."""
+        return [ord(c) for c in text]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """Inverse of tokenize."""
+        return "".join(chr(t) for t in tokens)
+
+    def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[tuple[int, bytes]]:
+        """Replay the script (cycling forever with ignore_eos)."""
+        self.thread_ids.add(threading.get_ident())
+        i = 0
+        while params.ignore_eos or i < len(self.script):
+            if self.token_delay:
+                time.sleep(self.token_delay)
+            piece = self.script[i % len(self.script)]
+            i += 1
+            self.generated += 1
+            yield i, piece.encode()
+
+    def close(self) -> None:
+        """Mark closed."""
+        self.closed = True

@@ -1,0 +1,88 @@
+"""Typed errors, each carrying its HTTP status and OpenAI error type/code.
+
+LlmserveError
+ +-- InvalidRequestError        400 invalid_request_error
+ |    +-- ContextLengthError    400 code=context_length_exceeded
+ |    +-- InvalidModelNameError 400 code=invalid_model_name
+ +-- AuthenticationError        401 authentication_error
+ +-- NotFoundError              404 not_found_error
+ |    +-- ModelNotFoundError    404 code=model_not_found
+ +-- ModelNotReadyError         503 service_unavailable
+ +-- ModelLoadError             500 server_error code=model_load_failed
+ +-- InternalError              500 server_error
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LlmserveError(Exception):
+    """Base of every error the server turns into an OpenAI error body."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI error body for this error."""
+        return error_body(self.message, self.type, param=self.param, code=self.code)
+
+
+def error_body(
+    message: str, type_: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """`{"error": {"message", "type", "param", "code"}}`, the one shape every error takes."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class InvalidRequestError(LlmserveError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthError(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class InvalidModelNameError(InvalidRequestError):
+    code = "invalid_model_name"
+
+
+class AuthenticationError(LlmserveError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFoundError(LlmserveError):
+    status = 404
+    type = "not_found_error"
+
+
+class ModelNotFoundError(NotFoundError):
+    code = "model_not_found"
+
+
+class ModelNotReadyError(LlmserveError):
+    status = 503
+    type = "service_unavailable"
+    code = "model_not_ready"
+
+
+class ModelLoadError(LlmserveError):
+    status = 500
+    type = "server_error"
+    code = "model_load_failed"
+
+
+class InternalError(LlmserveError):
+    status = 500
+    type = "server_error"

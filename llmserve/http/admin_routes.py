@@ -1,0 +1,57 @@
+"""Admin routes of the original design: status, health, the models dir, switching."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from llmserve import __version__
+from llmserve.errors import error_body
+from llmserve.http.deps import ManagerDep
+from llmserve.schemas import SetModelRequest
+
+router = APIRouter()
+
+
+@router.get("/")
+async def status(manager: ManagerDep) -> dict[str, Any]:
+    """Version, active model and state."""
+    return {
+        "name": "llmserve",
+        "version": __version__,
+        "model": manager.active_name,
+        "state": manager.state,
+        "error": manager.error,
+        "queued": manager.worker_queued,
+    }
+
+
+@router.get("/health", response_model=None)
+async def health(manager: ManagerDep) -> dict[str, Any] | JSONResponse:
+    """200 when a model is ready, 503 while it loads or switches."""
+    if manager.state == "ready" and manager.active_name:
+        return {"status": "ok", "model": manager.active_name}
+    body = error_body(f"model state: {manager.state}", "service_unavailable", code="not_ready")
+    body["status"] = manager.state
+    return JSONResponse(body, status_code=503)
+
+
+@router.get("/models")
+async def models(manager: ManagerDep) -> dict[str, Any]:
+    """Every GGUF in the models dir, with its size and whether it is active."""
+    active = manager.active_name
+    return {
+        "active": active,
+        "models": [
+            {"name": m.name, "size": m.size, "active": m.name == active} for m in manager.files()
+        ],
+    }
+
+
+@router.post("/setModel")
+async def set_model(body: SetModelRequest, manager: ManagerDep) -> dict[str, Any]:
+    """Switch the active model once in-flight requests finish."""
+    name = await manager.switch(body.model_name)
+    return {"status": "ok", "model": name}

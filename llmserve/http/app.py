@@ -1,0 +1,116 @@
+"""create_app(): builds every component, hangs them on app.state, maps errors once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmserve import __version__
+from llmserve.catalog.registry import EngineFactory, ModelManager
+from llmserve.config import Settings
+from llmserve.errors import LlmserveError, error_body
+from llmserve.http import admin_routes, openai_routes
+from llmserve.scheduler import Worker
+from llmserve.service import ChatService
+
+logger = logging.getLogger(__name__)
+
+
+def _llama_factory() -> EngineFactory:
+    from llmserve.engine.llama import LlamaEngine  # NOTE: the only path to llama_cpp
+
+    return LlamaEngine.load
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return "request body is not valid JSON", None
+    if first.get("type") == "missing":
+        return f"missing required parameter: {param!r}", param
+    return f"invalid parameter {param!r}: {first.get('msg', 'invalid value')}", param
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(LlmserveError)
+    async def _ours(_: Request, exc: LlmserveError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return JSONResponse(
+            error_body(message, "invalid_request_error", param=param, code="invalid_request"),
+            status_code=400,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        if exc.status_code >= 500:
+            kind = "server_error"
+        return JSONResponse(
+            error_body(str(exc.detail), kind), status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return JSONResponse(error_body(f"internal error: {exc}", "server_error"), 500)
+
+
+def create_app(settings: Settings, engine_factory: EngineFactory | None = None) -> FastAPI:
+    """The ASGI app; engine_factory defaults to llama.cpp (tests pass a fake)."""
+    worker = Worker()
+    manager = ModelManager(settings, engine_factory or _llama_factory(), worker)
+    service = ChatService(settings, manager, worker)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(_initial_load(manager, settings.model_name))
+        try:
+            yield
+        finally:
+            loading.cancel()
+            await worker.call(manager.close)
+            worker.shutdown()
+
+    app = FastAPI(title="llmserve", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.worker = worker
+    app.state.manager = manager
+    app.state.service = service
+    _install_error_handlers(app)
+    app.include_router(admin_routes.router)
+    app.include_router(openai_routes.router)
+    app.include_router(openai_routes.router, prefix="/v1")
+    app.include_router(openai_routes.v1_router)
+    return app
+
+
+async def _initial_load(manager: ModelManager, name: str) -> None:
+    manager.state = "loading"
+    try:
+        await manager.switch(name)
+    except LlmserveError as exc:
+        manager.state = "error"
+        manager.error = exc.message
+        logger.error("could not load %s: %s", name, exc.message)
+
+
+def app_factory() -> Any:
+    """For `uvicorn --factory llmserve.http.app:app_factory` (settings from LLMSERVE_* env)."""
+    return create_app(Settings())

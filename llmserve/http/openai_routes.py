@@ -1,0 +1,162 @@
+"""OpenAI routes: chat/completions and completions (JSON or SSE), and /v1/models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from sse_starlette.sse import EventSourceResponse
+
+from llmserve.http.deps import ManagerDep, ServiceDep
+from llmserve.schemas import ChatCompletionRequest, CompletionRequest
+from llmserve.service import Finished, Generation, TextDelta
+
+router = APIRouter()
+v1_router = APIRouter(prefix="/v1")
+
+
+def _usage(gen: Generation, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": gen.prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": gen.prompt_tokens + completion_tokens,
+    }
+
+
+def _chat_choice(text: str, reason: str) -> dict[str, Any]:
+    message = {"role": "assistant", "content": text}
+    return {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+
+
+def _text_choice(text: str, reason: str) -> dict[str, Any]:
+    return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+
+
+async def _collect_unless_gone(gen: Generation, request: Request) -> tuple[str, Finished]:
+    """Collect the whole output, cancelling generation if the client goes away."""
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                gen.cancel()
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await gen.collect()
+    finally:
+        watcher.cancel()
+
+
+def _sse(
+    gen: Generation,
+    chunk: Callable[[dict[str, Any] | None, str | None], dict[str, Any]],
+    first_delta: dict[str, Any] | None,
+    include_usage: bool,
+) -> EventSourceResponse:
+    """Stream OpenAI chunks as SSE `data:` events, ending with `[DONE]`."""
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        try:
+            if first_delta is not None:
+                yield {"data": json.dumps(chunk(first_delta, None))}
+            completion_tokens = 0
+            async for event in gen:
+                if isinstance(event, TextDelta):
+                    yield {"data": json.dumps(chunk({"content": event.text}, None))}
+                elif isinstance(event, Finished):
+                    completion_tokens = event.completion_tokens
+                    yield {"data": json.dumps(chunk({}, event.finish_reason))}
+            if include_usage:
+                final = chunk(None, None)
+                final["choices"] = []
+                final["usage"] = _usage(gen, completion_tokens)
+                yield {"data": json.dumps(final)}
+            yield {"data": "[DONE]"}
+        finally:
+            # NOTE: runs when the client disconnects too: stop the generation promptly.
+            gen.cancel()
+
+    return EventSourceResponse(events(), ping=15)
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, service: ServiceDep
+) -> dict[str, Any] | EventSourceResponse:
+    """OpenAI chat completion, streamed as SSE when `stream` is true."""
+    gen = await service.chat(body)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(delta: dict[str, Any] | None, reason: str | None) -> dict[str, Any]:
+            out: dict[str, Any] = {
+                "id": gen.id, "object": "chat.completion.chunk", "created": gen.created,
+                "model": gen.model, "system_fingerprint": None,
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+                ],
+            }
+            if include_usage:
+                out["usage"] = None
+            return out
+
+        first = {"role": "assistant", "content": ""}
+        return _sse(gen, chunk, first, include_usage)
+    text, finished = await _collect_unless_gone(gen, request)
+    return {
+        "id": gen.id, "object": "chat.completion", "created": gen.created, "model": gen.model,
+        "system_fingerprint": None,
+        "choices": [_chat_choice(text, finished.finish_reason)],
+        "usage": _usage(gen, finished.completion_tokens),
+    }
+
+
+@router.post("/completions", response_model=None)
+async def completions(
+    body: CompletionRequest, request: Request, service: ServiceDep
+) -> dict[str, Any] | EventSourceResponse:
+    """OpenAI text completion, streamed as SSE when `stream` is true."""
+    gen = await service.complete(body)
+    prefix = body.prompt_text() if body.echo else ""
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(delta: dict[str, Any] | None, reason: str | None) -> dict[str, Any]:
+            text = (delta or {}).get("content", "")
+            out: dict[str, Any] = {
+                "id": gen.id, "object": "text_completion", "created": gen.created,
+                "model": gen.model, "choices": [_text_choice(text, reason)],  # type: ignore[arg-type]
+            }
+            if include_usage:
+                out["usage"] = None
+            return out
+
+        first = {"content": prefix} if prefix else None
+        return _sse(gen, chunk, first, include_usage)
+    text, finished = await _collect_unless_gone(gen, request)
+    return {
+        "id": gen.id, "object": "text_completion", "created": gen.created, "model": gen.model,
+        "choices": [_text_choice(prefix + text, finished.finish_reason)],
+        "usage": _usage(gen, finished.completion_tokens),
+    }
+
+
+@v1_router.get("/models")
+async def list_models(manager: ManagerDep) -> dict[str, Any]:
+    """OpenAI model list: the active model first, then the rest of the models dir."""
+    active = manager.active_name
+    names = [m.name for m in manager.files()]
+    ordered = ([active] if active in names else []) + [n for n in names if n != active]
+    created = 0
+    return {
+        "object": "list",
+        "data": [
+            {"id": n, "object": "model", "created": created, "owned_by": "llmserve"}
+            for n in ordered
+        ],
+    }

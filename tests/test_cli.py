@@ -1,0 +1,68 @@
+"""CLI parsing, environment variables, and the missing-model exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmserve.cli import _settings, build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_both_spellings_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMSERVE_N_CTX", "1234")
+    monkeypatch.setenv("LLMSERVE_PORT", "9100")
+    args = build_parser().parse_args(["serve", "--model-name", "a.gguf", "--port", "9001"])
+    s = _settings(args)
+    assert (s.model_name, s.port, s.n_ctx) == ("a.gguf", 9001, 1234)
+    args = build_parser().parse_args(["serve", "--model_name", "b.gguf", "--n-gpu-layers", "-1"])
+    s = _settings(args)
+    assert (s.model_name, s.port, s.n_gpu_layers) == ("b.gguf", 9100, -1)
+
+
+def test_missing_model_exits_2_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "here.gguf").write_bytes(b"x")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "--model_name", "nope.gguf",
+         "--models_dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "nope.gguf" in lines[0] and "here.gguf" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_invalid_setting_exits_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmserve", "serve", "--port", "99999"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert "port" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_fake_app_never_imports_llama_cpp(tmp_path: Path) -> None:
+    code = (
+        "import sys; from pathlib import Path; from llmserve.config import Settings;"
+        "from llmserve.http.app import create_app; from llmserve.engine.fake import FakeEngine;"
+        f"create_app(Settings(models_dir=Path({str(tmp_path)!r})), "
+        "engine_factory=lambda p, s: FakeEngine(p));"
+        "assert 'llama_cpp' not in sys.modules, 'llama_cpp imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_only_engine_module_imports_llama_cpp() -> None:
+    offenders = [
+        p.relative_to(ROOT).as_posix()
+        for p in (ROOT / "llmserve").rglob("*.py")
+        if "import llama_cpp" in p.read_text() or "from llama_cpp" in p.read_text()
+    ]
+    assert offenders == ["llmserve/engine/llama.py"]
