@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llmserve import __version__
-from llmserve.config import Settings
+from llmserve.config import Settings, parse_size
 
 logger = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -21,6 +21,13 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kw: Any) -> None:
     if "_" in name:
         spellings.append(f"--{name.replace('_', '-')}")
     parser.add_argument(*spellings, dest=name, default=None, **kw)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 2G)") from None
 
 
 def _serve_parser(sub: Any) -> None:
@@ -35,6 +42,12 @@ def _serve_parser(sub: Any) -> None:
     _flag(p, "n_gpu_layers", type=int, help="layers to offload to the GPU, -1 = all (default 0)")
     _flag(p, "n_threads", type=int, help="CPU threads (default: llama.cpp's choice)")
     _flag(p, "n_batch", type=int, help="prompt batch size (default 512)")
+    _flag(p, "prompt_cache", choices=["tiered", "ram", "llama_disk", "off"],
+          help="prompt cache: RAM + disk tiers, RAM only, llama-cpp-python's LlamaDiskCache, "
+               "or none (default tiered)")
+    _flag(p, "cache_ram_bytes", type=_size, help="RAM tier capacity, e.g. 2G (default 2G)")
+    _flag(p, "cache_disk_bytes", type=_size, help="disk tier capacity, e.g. 10G (default 10G)")
+    _flag(p, "cache_block_tokens", type=int, help="tokens per cache block (default 64)")
     _flag(p, "stream_interval_ms", type=float,
           help="join tokens produced within this many ms into one SSE chunk (default 20)")
     _flag(p, "log_level", choices=["critical", "error", "warning", "info", "debug"],

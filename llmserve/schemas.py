@@ -121,3 +121,13 @@ class Usage(BaseModel):
 class SetModelRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
     model_name: str = Field(alias="modelName", min_length=1)
+
+
+class RestoreCacheRequest(BaseModel):
+    """POST /restore_cache: pre-warm the prompt cache with a conversation."""
+
+    model_config = _LENIENT
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    dry_run: bool = False

@@ -15,14 +15,21 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import ModelManager
 from llmserve.chat.stops import StopMatcher
 from llmserve.chat.templates import render, resolve_template
 from llmserve.config import Settings
-from llmserve.engine.base import Engine, SamplingParams
+from llmserve.engine.base import MIN_EVAL, Engine, SamplingParams
 from llmserve.errors import ContextLengthError
 from llmserve.scheduler import Emit, EventStream, Worker
-from llmserve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from llmserve.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    RestoreCacheRequest,
+    SamplingFields,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +40,7 @@ class Started:
 
     model: str
     prompt_tokens: int
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,20 +62,26 @@ class Generation:
         self.created = int(time.time())
         self.model = started.model
         self.prompt_tokens = started.prompt_tokens
+        self.cached_tokens = started.cached_tokens
         self._stream = stream
 
     def cancel(self) -> None:
         """Stop generating within a token."""
         self._stream.cancel()
 
-    def __aiter__(self) -> AsyncIterator[TextDelta | Finished]:
-        return self._stream
+    async def __aiter__(self) -> AsyncIterator[TextDelta | Finished]:
+        # NOTE: the job goes on after Finished (it saves the prompt cache); the response
+        # does not wait for that.
+        async for event in self._stream:
+            yield event
+            if isinstance(event, Finished):
+                return
 
     async def collect(self) -> tuple[str, Finished]:
         """Wait for the whole text and the finish event."""
         parts: list[str] = []
         finished = Finished("stop", 0)
-        async for event in self._stream:
+        async for event in self:
             if isinstance(event, TextDelta):
                 parts.append(event.text)
             elif isinstance(event, Finished):
@@ -90,49 +104,89 @@ def sampling_params(req: SamplingFields) -> SamplingParams:
     )
 
 
+def _message_extras(m: ChatMessage) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    if m.name is not None:
+        d["name"] = m.name
+    if m.tool_calls:
+        d["tool_calls"] = [tc.model_dump() for tc in m.tool_calls]
+    if m.tool_call_id is not None:
+        d["tool_call_id"] = m.tool_call_id
+    return d
+
+
 def message_dicts(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     """Messages as the plain dicts HF chat templates expect (content always a string)."""
-    out: list[dict[str, Any]] = []
-    for m in req.messages:
-        d: dict[str, Any] = {"role": m.role, "content": m.text()}
-        if m.name is not None:
-            d["name"] = m.name
-        if m.tool_calls:
-            d["tool_calls"] = [tc.model_dump() for tc in m.tool_calls]
-        if m.tool_call_id is not None:
-            d["tool_call_id"] = m.tool_call_id
-        out.append(d)
-    return out
+    return [{"role": m.role, "content": m.text()} | _message_extras(m) for m in req.messages]
+
+
+def _check_context(n_prompt: int, n_ctx: int) -> None:
+    if n_prompt >= n_ctx:
+        raise ContextLengthError(
+            f"the prompt is {n_prompt} tokens but the model's context is {n_ctx} "
+            "tokens; shorten the messages or start the server with a larger --n_ctx",
+            param="messages",
+        )
 
 
 class ChatService:
     """Creates chat and text completions on the active (or requested) model."""
 
-    def __init__(self, settings: Settings, manager: ModelManager, worker: Worker):
+    def __init__(
+        self, settings: Settings, manager: ModelManager, worker: Worker, cache: PrefixCache
+    ):
         self.settings = settings
         self.manager = manager
         self.worker = worker
+        self.cache = cache
+
+    def chat_prompt(
+        self, engine: Engine, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> list[int]:
+        """Render messages with the model's template (generation prompt on) and tokenize."""
+        info = engine.info
+        source, _ = resolve_template(info, self.settings.templates_dir)
+        text = render(
+            source, messages, bos_token=info.bos_token, eos_token=info.eos_token,
+            add_generation_prompt=True, tools=tools,
+        )
+        tokens = engine.tokenize(text, add_special=False, parse_special=True)
+        if info.add_bos and info.bos_token_id is not None and tokens[:1] != [info.bos_token_id]:
+            tokens.insert(0, info.bos_token_id)
+        return tokens
 
     async def chat(self, req: ChatCompletionRequest) -> Generation:
         """Start a chat completion; raises request errors before any output exists."""
         messages = message_dicts(req)
 
         def prompt(engine: Engine) -> list[int]:
-            info = engine.info
-            source, _ = resolve_template(info, self.settings.templates_dir)
-            text = render(
-                source, messages, bos_token=info.bos_token, eos_token=info.eos_token,
-                add_generation_prompt=True, tools=req.tools,
-            )
-            tokens = engine.tokenize(text, add_special=False, parse_special=True)
-            if info.add_bos and info.bos_token_id is not None and tokens[:1] != [
-                info.bos_token_id
-            ]:
-                tokens.insert(0, info.bos_token_id)
-            return tokens
+            return self.chat_prompt(engine, messages, req.tools)
 
         max_tokens = req.max_completion_tokens or req.max_tokens
         return await self._start("chatcmpl", req, prompt, max_tokens)
+
+    async def restore_cache(self, req: RestoreCacheRequest) -> dict[str, Any]:
+        """Pre-warm the prompt cache with a conversation's prompt (or just report, dry_run)."""
+        filename = self.manager.resolve(req.model) if req.model else None
+        messages = [
+            {"role": m.role, "content": m.text()} | _message_extras(m) for m in req.messages
+        ]
+
+        def job() -> dict[str, Any]:
+            start = time.perf_counter()
+            engine = self.manager.ensure(filename)
+            tokens = self.chat_prompt(engine, messages, req.tools)
+            _check_context(len(tokens), engine.info.n_ctx)
+            cached, evaluated = self.cache.warm(engine, tokens, dry_run=req.dry_run)
+            return {
+                "model": engine.info.name,
+                "prompt_tokens": len(tokens),
+                "cached_tokens": cached,
+                "evaluated_tokens": evaluated,
+                "seconds": round(time.perf_counter() - start, 4),
+            }
+
+        return await self.worker.call(job)
 
     async def complete(self, req: CompletionRequest) -> Generation:
         """Start a text completion."""
@@ -159,19 +213,17 @@ class ChatService:
             engine = self.manager.ensure(filename)
             tokens = build_prompt(engine)
             n_ctx = engine.info.n_ctx
-            if len(tokens) >= n_ctx:
-                raise ContextLengthError(
-                    f"the prompt is {len(tokens)} tokens but the model's context is {n_ctx} "
-                    "tokens; shorten the messages or start the server with a larger --n_ctx",
-                    param="messages",
-                )
+            _check_context(len(tokens), n_ctx)
             budget = n_ctx - len(tokens)
             limit = min(max_tokens, budget) if max_tokens else budget
-            emit(Started(engine.info.name, len(tokens)))
             start = time.perf_counter()
+            # a cache hit still re-evaluates the prompt's last MIN_EVAL tokens (see engine.base)
+            cached = min(self.cache.prepare(engine, tokens), max(len(tokens) - MIN_EVAL, 0))
+            emit(Started(engine.info.name, len(tokens), cached))
             finished = _generate(
                 engine, tokens, params, stops, limit, cancelled,
                 _Coalescer(emit, self.settings.stream_interval_ms / 1000),
+                on_first=lambda: self.cache.after_prompt(engine, tokens),
             )
             logger.info(
                 "%s finished (%s): %d prompt + %d completion tokens in %.2f s",
@@ -179,6 +231,8 @@ class ChatService:
                 time.perf_counter() - start,
             )
             emit(finished)
+            self.cache.tokens_evaluated += len(tokens) - cached
+            self.cache.save(engine, tokens)  # after Finished: off the response's critical path
 
         stream = self.worker.stream(job)
         first = await stream.next()  # raises the job's error (404/400) before any output
@@ -221,6 +275,7 @@ def _generate(
     limit: int,
     cancelled: threading.Event,
     emit: _Coalescer,
+    on_first: Callable[[], None] | None = None,
 ) -> Finished:
     """Run the decode loop on the worker thread, emitting TextDelta; return the Finished."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -231,6 +286,8 @@ def _generate(
     try:
         for _token, piece in tokens:
             produced += 1
+            if produced == 1 and on_first is not None:
+                on_first()
             if cancelled.is_set():
                 reason = "cancelled"
                 break

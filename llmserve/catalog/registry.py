@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from llmserve.config import Settings
 from llmserve.engine.base import Engine
@@ -21,6 +21,7 @@ from llmserve.scheduler import Worker
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 EngineFactory = Callable[[Path, Settings], Engine]
 State = Literal["starting", "loading", "ready", "error"]
 
@@ -90,6 +91,10 @@ class ModelManager:
     def files(self) -> list[ModelFile]:
         """GGUF files in the models dir."""
         return list_model_files(self.models_dir)
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run fn on the engine thread, after the work queued before it."""
+        return await self._worker.call(fn)
 
     async def switch(self, name: str) -> str:
         """Make `name` the active model once in-flight work is done; returns its file name."""

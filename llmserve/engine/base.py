@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
+
+# NOTE: llama.cpp's CPU kernels give a slightly different result for a 1-token batch than for
+# the same token inside a larger batch. Re-evaluating at least this many prompt tokens after a
+# cache hit keeps the first sampled token identical to an uncached run (tests/test_cache_real).
+MIN_EVAL = 4
 
 
 @dataclass(frozen=True)
@@ -60,4 +65,32 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Free the model's memory."""
+        ...
+
+
+@runtime_checkable
+class StatefulEngine(Engine, Protocol):
+    """An engine whose KV state can be saved and restored (the prefix cache needs this)."""
+
+    fingerprint: str
+
+    def live_tokens(self) -> list[int]:
+        """Tokens whose KV is in the context now."""
+        ...
+
+    def get_state(self, *, window_only: bool = False) -> bytes:
+        """The KV state of the live tokens (llama_state_seq_get_data layout); window_only:
+        just the sliding-window cache of a SWA model."""
+        ...
+
+    def set_state(self, blob: bytes, tokens: list[int]) -> bool:
+        """Replace the context's KV with blob, which holds `tokens`; False if refused."""
+        ...
+
+    def extend(self, tokens: list[int]) -> int:
+        """Make the context hold exactly `tokens`, reusing the live prefix; returns evaluated."""
+        ...
+
+    def reset(self) -> None:
+        """Forget the live tokens."""
         ...

@@ -3,25 +3,45 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import llama_cpp
+from llama_cpp.llama_cache import LlamaDiskCache
 
 from llmserve.config import Settings
-from llmserve.engine.base import ModelInfo, SamplingParams
+from llmserve.engine.base import MIN_EVAL, ModelInfo, SamplingParams
 from llmserve.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
 
+def _fingerprint(path: Path, llm: llama_cpp.Llama) -> str:
+    """Identifies the weights and KV layout: a cache entry never restores into another model."""
+    h = hashlib.blake2b(digest_size=16)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        h.update(f.read(1 << 22))
+        f.seek(max(0, size - (1 << 22)))
+        h.update(f.read(1 << 22))
+    params = llm.context_params
+    h.update(
+        f"{size}|{llama_cpp.__version__}|{params.type_k}|{params.type_v}|"
+        f"{params.flash_attn_type}|{params.swa_full}".encode()
+    )
+    return h.hexdigest()
+
+
 class LlamaEngine:
     """A GGUF model loaded in-process through llama-cpp-python."""
 
-    def __init__(self, llm: llama_cpp.Llama, path: Path):
+    def __init__(self, llm: llama_cpp.Llama, path: Path, fingerprint: str = ""):
         self._llm = llm
+        self.fingerprint = fingerprint
+        self._disk_cache: LlamaDiskCache | None = None
         self._vocab = llm._model.vocab
         self._piece_cache: dict[int, bytes] = {}
         meta = dict(llm.metadata)
@@ -51,11 +71,14 @@ class LlamaEngine:
                 n_gpu_layers=settings.n_gpu_layers,
                 n_threads=settings.n_threads,
                 n_batch=settings.n_batch,
+                # NOTE: a full-size sliding-window cache keeps every position, so any prefix of
+                # a Gemma 3 context can be kept or restored (see llmserve/cache/).
+                swa_full=True,
                 verbose=settings.log_level == "debug",
             )
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"cannot load {path.name}: {exc}") from exc
-        return cls(llm, path)
+        return cls(llm, path, _fingerprint(path, llm))
 
     def _special_text(self, token: int) -> str:
         if token < 0:
@@ -90,6 +113,9 @@ class LlamaEngine:
     def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[tuple[int, bytes]]:
         """Sample tokens after the prompt, reusing the longest matching KV prefix."""
         llm = self._llm
+        keep = len(prompt) - MIN_EVAL
+        if llm.n_tokens > keep and self.live_tokens()[:keep] == prompt[: max(keep, 0)]:
+            self._truncate(max(keep, 0))
         llm.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
         tokens = llm.generate(
             prompt,
@@ -108,6 +134,87 @@ class LlamaEngine:
                 yield token, self.token_bytes(token)
         finally:
             tokens.close()
+
+    def live_tokens(self) -> list[int]:
+        """Tokens whose KV is in the context now."""
+        return [int(t) for t in self._llm.input_ids[: self._llm.n_tokens]]
+
+    def get_state(self, *, window_only: bool = False) -> bytes:
+        """The KV state of sequence 0 (window_only: the SWA cache of an iSWA model)."""
+        ctx = self._llm._ctx.ctx
+        flags = llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY if window_only else 0
+        size = llama_cpp.llama_state_seq_get_size_ext(ctx, 0, flags)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data_ext(ctx, buf, size, 0, flags)
+        return bytes(memoryview(buf)[:written])
+
+    def set_state(self, blob: bytes, tokens: list[int]) -> bool:
+        """Load a sequence state that holds `tokens`; the next generate evaluates the rest."""
+        llm = self._llm
+        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        if llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buf, len(blob), 0) != len(blob):
+            self.reset()
+            return False
+        llm.n_tokens = len(tokens)
+        llm.input_ids[: len(tokens)] = tokens
+        # NOTE: restored KV has no logits: make generate() evaluate at least one token.
+        llm._requires_eval = True
+        return True
+
+    def extend(self, tokens: list[int]) -> int:
+        """Evaluate what the context lacks of `tokens`; returns how many were evaluated."""
+        llm = self._llm
+        live = self.live_tokens()
+        common = 0
+        for a, b in zip(live, tokens, strict=False):
+            if a != b:
+                break
+            common += 1
+        if common < len(live):
+            self._truncate(common)
+        if common < len(tokens):
+            llm.eval(tokens[common:])
+            llm._requires_eval = False
+        return len(tokens) - common
+
+    def llama_disk_restore(self, tokens: list[int], directory: Path, capacity: int) -> int:
+        """--prompt_cache llama_disk: llama-cpp-python's LlamaDiskCache, used as its
+        create_completion uses it (longest-prefix state restored when it beats the live one)."""
+        cache = self._llama_disk(directory, capacity)
+        llm = self._llm
+        live = int(llama_cpp.Llama.longest_token_prefix(self.live_tokens(), tokens))
+        try:
+            item = cache[tokens]
+        except KeyError:
+            return live
+        cached = int(llama_cpp.Llama.longest_token_prefix(item.input_ids.tolist(), tokens))
+        if cached > live:
+            llm.load_state(item)
+            return cached
+        return live
+
+    def llama_disk_save(self, directory: Path, capacity: int) -> None:
+        """Store the live sequence's full state, as create_completion does."""
+        self._llama_disk(directory, capacity)[self.live_tokens()] = self._llm.save_state()
+
+    def _llama_disk(self, directory: Path, capacity: int) -> LlamaDiskCache:
+        if self._disk_cache is None:
+            self._disk_cache = LlamaDiskCache(
+                cache_dir=str(directory / "llama_disk"), capacity_bytes=capacity
+            )
+        return self._disk_cache
+
+    def _truncate(self, n: int) -> None:
+        """Keep the KV of the first n live tokens only."""
+        llm = self._llm
+        llm._ctx.kv_cache_seq_rm(-1, n, -1)
+        llm.n_tokens = n
+        llm._requires_eval = True
+
+    def reset(self) -> None:
+        """Forget the live tokens (their KV is overwritten by the next eval)."""
+        self._llm.reset()  # type: ignore[no-untyped-call]
+        self._llm._ctx.kv_cache_clear()  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
         """Free the model and its context."""

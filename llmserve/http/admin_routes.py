@@ -9,8 +9,8 @@ from fastapi.responses import JSONResponse
 
 from llmserve import __version__
 from llmserve.errors import error_body
-from llmserve.http.deps import ManagerDep
-from llmserve.schemas import SetModelRequest
+from llmserve.http.deps import CacheDep, ManagerDep, ServiceDep
+from llmserve.schemas import RestoreCacheRequest, SetModelRequest
 
 router = APIRouter()
 
@@ -55,3 +55,22 @@ async def set_model(body: SetModelRequest, manager: ManagerDep) -> dict[str, Any
     """Switch the active model once in-flight requests finish."""
     name = await manager.switch(body.model_name)
     return {"status": "ok", "model": name}
+
+
+@router.post("/restore_cache")
+async def restore_cache(body: RestoreCacheRequest, service: ServiceDep) -> dict[str, Any]:
+    """Evaluate and store a conversation's prompt so its next request starts from cache."""
+    return await service.restore_cache(body)
+
+
+@router.get("/cache")
+async def cache_stats(cache: CacheDep) -> dict[str, Any]:
+    """Prompt cache entries and bytes per tier, hits, misses, tokens reused."""
+    return cache.stats()
+
+
+@router.delete("/cache")
+async def cache_clear(cache: CacheDep, manager: ManagerDep) -> dict[str, Any]:
+    """Drop every prompt cache entry (both tiers)."""
+    await manager.run(cache.clear)
+    return {"status": "ok", **cache.stats()}

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmserve import __version__
+from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import EngineFactory, ModelManager
 from llmserve.config import Settings
 from llmserve.errors import LlmserveError, error_body
@@ -76,7 +77,11 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     """The ASGI app; engine_factory defaults to llama.cpp (tests pass a fake)."""
     worker = Worker()
     manager = ModelManager(settings, engine_factory or _llama_factory(), worker)
-    service = ChatService(settings, manager, worker)
+    cache = PrefixCache(
+        settings.prompt_cache, settings.cache_dir, settings.cache_ram_bytes,
+        settings.cache_disk_bytes, settings.cache_block_tokens,
+    )
+    service = ChatService(settings, manager, worker, cache)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -87,12 +92,14 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
             loading.cancel()
             await worker.call(manager.close)
             worker.shutdown()
+            cache.close()
 
     app = FastAPI(title="llmserve", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.worker = worker
     app.state.manager = manager
     app.state.service = service
+    app.state.cache = cache
     _install_error_handlers(app)
     app.include_router(admin_routes.router)
     app.include_router(openai_routes.router)

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import ModelManager
 from llmserve.service import ChatService
 
@@ -20,5 +21,11 @@ def _manager(request: Request) -> ModelManager:
     return manager
 
 
+def _cache(request: Request) -> PrefixCache:
+    cache: PrefixCache = request.app.state.cache
+    return cache
+
+
+CacheDep = Annotated[PrefixCache, Depends(_cache)]
 ServiceDep = Annotated[ChatService, Depends(_service)]
 ManagerDep = Annotated[ModelManager, Depends(_manager)]

@@ -18,11 +18,12 @@ router = APIRouter()
 v1_router = APIRouter(prefix="/v1")
 
 
-def _usage(gen: Generation, completion_tokens: int) -> dict[str, int]:
+def _usage(gen: Generation, completion_tokens: int) -> dict[str, Any]:
     return {
         "prompt_tokens": gen.prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": gen.prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": gen.cached_tokens},
     }
 
 
