@@ -65,6 +65,47 @@ def _models_parser(sub: Any) -> None:
     pull.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _cache_parser(sub: Any) -> None:
+    p = sub.add_parser("cache", help="inspect or clear the prompt cache on disk")
+    csub = p.add_subparsers(dest="cache_cmd", required=True)
+    for name, text in (("stats", "entries and bytes on disk"), ("clear", "delete every entry")):
+        c = csub.add_parser(name, help=text)
+        _flag(c, "cache_dir", type=Path, help="prompt cache folder (default cache)")
+        c.add_argument("--json", action="store_true", help="print JSON")
+
+
+def cache(args: argparse.Namespace) -> int:
+    """`cache stats` and `cache clear` (safe while a server uses the same folder)."""
+    import json
+    import shutil
+
+    from llmserve.cache.store import DiskTier
+
+    cache_dir: Path = args.cache_dir or Settings().cache_dir
+    llama_disk = cache_dir / "llama_disk"
+    disk = DiskTier(cache_dir / "kv", Settings().cache_disk_bytes)
+    try:
+        if args.cache_cmd == "clear":
+            disk.clear()
+            shutil.rmtree(llama_disk, ignore_errors=True)
+        info = {
+            "directory": str(cache_dir),
+            "entries": len(disk),
+            "bytes": disk.bytes,
+            "llama_disk_bytes": sum(
+                p.stat().st_size for p in llama_disk.rglob("*") if p.is_file()
+            ) if llama_disk.is_dir() else 0,
+        }
+    finally:
+        disk.close()
+    if args.json:
+        sys.stdout.write(json.dumps(info) + "\n")
+    else:
+        for key, value in info.items():
+            sys.stdout.write(f"{key:<17} {value}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole CLI."""
     parser = argparse.ArgumentParser(prog="llmserve", description="local OpenAI-compatible server")
@@ -72,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     _serve_parser(sub)
     _models_parser(sub)
+    _cache_parser(sub)
     return parser
 
 
@@ -153,4 +195,6 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
         return serve(settings)
     logging.basicConfig(level="INFO", format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "cache":
+        return cache(args)
     return models(args)

@@ -66,3 +66,28 @@ def test_only_engine_module_imports_llama_cpp() -> None:
         if "import llama_cpp" in p.read_text() or "from llama_cpp" in p.read_text()
     ]
     assert offenders == ["llmserve/engine/llama.py"]
+
+
+def test_cache_stats_and_clear(tmp_path: Path) -> None:
+    from llmserve.cache.store import DiskTier
+
+    disk = DiskTier(tmp_path / "kv", 1 << 30)
+    disk.put("a", b"x" * 50_000)
+    disk.put("b", b"y" * 10)
+    disk.close()
+
+    def run(cmd: str) -> dict[str, int]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "llmserve", "cache", cmd, "--cache_dir", str(tmp_path),
+             "--json"], capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )
+        assert proc.returncode == 0, proc.stderr
+        import json
+
+        return dict(json.loads(proc.stdout))
+
+    before = run("stats")
+    assert before["entries"] == 2 and before["bytes"] > 50_000
+    after = run("clear")
+    assert after["entries"] == 0
+    assert run("stats")["entries"] == 0
