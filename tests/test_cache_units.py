@@ -115,3 +115,13 @@ def test_cells_are_sorted_by_position() -> None:
 def test_malformed_state_raises(blob: bytes) -> None:
     with pytest.raises(kvstate.StateFormatError):
         kvstate.parse(blob)
+
+
+@pytest.mark.parametrize("v_trans", [True, False])
+def test_compose_equals_serialize_of_join(v_trans: bool) -> None:
+    (section,) = kvstate.parse(_fake_state(70, v_trans=v_trans))
+    (window,) = kvstate.parse(_fake_state(20, v_trans=v_trans))
+    blocks = [section.between(a, a + 16) for a in range(0, 70, 16)]
+    composed = kvstate.compose(blocks, [window])
+    assert bytes(composed) == kvstate.serialize([kvstate.join(blocks), window])
+    assert bytes(kvstate.compose(blocks, [])) == _fake_state(70, v_trans=v_trans)

@@ -71,9 +71,17 @@ class Section:
         )
 
     def between(self, start: int, end: int) -> Section:
-        """Cells whose positions are in [start, end)."""
+        """Cells whose positions are in [start, end) (views, no copy: cells are sorted)."""
         pos = self.positions()
-        return self.take(np.nonzero((pos >= start) & (pos < end))[0])
+        lo, hi = (int(i) for i in np.searchsorted(pos, [start, end]))
+        v: list[LayerV] = []
+        for layer in self.v:
+            if self.v_trans:
+                v.append(LayerV(layer.v_type, layer.el, layer.data[:, lo * layer.el : hi * layer.el]))
+            else:
+                v.append(LayerV(layer.v_type, layer.el, layer.data[lo:hi]))
+        k = [LayerK(layer.k_type, layer.rows[lo:hi]) for layer in self.k]
+        return Section(self.meta[lo:hi], self.v_trans, k, v)
 
     def to_bytes(self) -> bytes:
         """Serialize as a one-stream section llama.cpp can read."""
@@ -192,3 +200,60 @@ def parse(blob: bytes) -> list[Section]:
 def serialize(sections: list[Section]) -> bytes:
     """A blob llama_state_seq_set_data accepts."""
     return struct.pack("<Ii", MAGIC, 0) + b"".join(s.to_bytes() for s in sections)
+
+
+def compose(blocks: list[Section], extra: list[Section]) -> bytearray:
+    """serialize([join(blocks), *extra]) writing each byte once (restores are latency-bound)."""
+    first = blocks[0]
+    n = sum(b.n_cells for b in blocks)
+    meta_size = first.meta.shape[1]
+    size = 8 + 8 + n * meta_size + 8
+    size += sum(12 + n * k.rows.shape[1] for k in first.k)
+    if first.v_trans:
+        size += sum(12 + v.data.shape[0] * n * v.el for v in first.v)
+    else:
+        size += sum(12 + n * v.el for v in first.v)
+    tail = b"".join(e.to_bytes() for e in extra)
+    out = bytearray(size + len(tail))
+    buf = np.frombuffer(out, np.uint8)
+    off = 0
+
+    def put(data: bytes) -> None:
+        nonlocal off
+        out[off : off + len(data)] = data
+        off += len(data)
+
+    def rows(arrays: list[Bytes2D], width: int) -> None:
+        nonlocal off
+        dst = buf[off : off + n * width].reshape(n, width)
+        row = 0
+        for a in arrays:
+            dst[row : row + a.shape[0]] = a
+            row += a.shape[0]
+        off += n * width
+
+    put(struct.pack("<IiII", MAGIC, 0, 1, n))
+    rows([b.meta for b in blocks], meta_size)
+    put(struct.pack("<II", int(first.v_trans), len(first.k)))
+    for i, layer in enumerate(first.k):
+        width = layer.rows.shape[1]
+        put(struct.pack("<iQ", layer.k_type, width))
+        rows([b.k[i].rows for b in blocks], width)
+    for i, v in enumerate(first.v):
+        if first.v_trans:
+            n_embd = v.data.shape[0]
+            put(struct.pack("<iII", v.v_type, v.el, n_embd))
+            dst = buf[off : off + n_embd * n * v.el].reshape(n_embd, n * v.el)
+            col = 0
+            for b in blocks:
+                part = b.v[i].data
+                dst[:, col : col + part.shape[1]] = part
+                col += part.shape[1]
+            off += n_embd * n * v.el
+        else:
+            put(struct.pack("<iQ", v.v_type, v.el))
+            rows([b.v[i].data for b in blocks], v.el)
+    put(tail)
+    if off != len(out):
+        raise StateFormatError("composed state size mismatch")
+    return out

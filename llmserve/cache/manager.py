@@ -197,9 +197,8 @@ class PrefixCache:
         if any(p is None for p in payloads) or (found.window and window is None):
             return False  # evicted or corrupted since match(): evaluate instead
         try:
-            base = kvstate.join([kvstate.parse(p)[0] for p in payloads if p is not None])
-            sections = [base] + (kvstate.parse(window) if window else [])
-            blob = kvstate.serialize(sections)
+            blocks = [kvstate.parse(p)[0] for p in payloads if p is not None]
+            blob = kvstate.compose(blocks, kvstate.parse(window) if window else [])
         except kvstate.StateFormatError as exc:
             logger.warning("prompt cache: unusable entry (%s); evaluating instead", exc)
             return False

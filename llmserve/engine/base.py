@@ -83,7 +83,7 @@ class StatefulEngine(Engine, Protocol):
         just the sliding-window cache of a SWA model."""
         ...
 
-    def set_state(self, blob: bytes, tokens: list[int]) -> bool:
+    def set_state(self, blob: bytes | bytearray, tokens: list[int]) -> bool:
         """Replace the context's KV with blob, which holds `tokens`; False if refused."""
         ...
 

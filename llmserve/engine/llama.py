@@ -8,6 +8,7 @@ import logging
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 from llama_cpp.llama_cache import LlamaDiskCache
@@ -148,10 +149,15 @@ class LlamaEngine:
         written = llama_cpp.llama_state_seq_get_data_ext(ctx, buf, size, 0, flags)
         return bytes(memoryview(buf)[:written])
 
-    def set_state(self, blob: bytes, tokens: list[int]) -> bool:
+    def set_state(self, blob: bytes | bytearray, tokens: list[int]) -> bool:
         """Load a sequence state that holds `tokens`; the next generate evaluates the rest."""
         llm = self._llm
-        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        # NOTE: hand llama.cpp the buffer itself (it only reads it) instead of a copy
+        buf: Any
+        if isinstance(blob, bytearray):
+            buf = (ctypes.c_uint8 * len(blob)).from_buffer(blob)
+        else:
+            buf = ctypes.cast(ctypes.c_char_p(blob), ctypes.POINTER(ctypes.c_uint8))
         if llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buf, len(blob), 0) != len(blob):
             self.reset()
             return False
