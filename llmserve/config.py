@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from llmserve.units import parse_duration, parse_size
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 DEFAULT_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,3 +31,27 @@ class Settings(BaseSettings):
     n_batch: int = Field(default=512, ge=1)
     stream_interval_ms: float = Field(default=20.0, ge=0.0, le=1000.0)
     log_level: LogLevel = "info"
+    # Model management (issue 5): several resident models, LRU eviction, idle unloading.
+    manifest: Path | None = None  # models.yaml; default <models_dir>/models.yaml
+    max_loaded_models: int = Field(default=1, ge=1)
+    memory_budget: int | None = None  # bytes; "4GB" etc. accepted
+    idle_unload_seconds: float | None = None  # None: never; "5m" etc. accepted
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _size(cls, v: object) -> int | None:
+        if v is None or v == "":
+            return None
+        if isinstance(v, str | int):
+            return parse_size(v)
+        raise ValueError("must be a byte count or a size like '4GB'")
+
+    @field_validator("idle_unload_seconds", mode="before")
+    @classmethod
+    def _duration(cls, v: object) -> float | None:
+        if v is None or v == "":
+            return None
+        if isinstance(v, str | int | float):
+            seconds = parse_duration(v)
+            return None if seconds == float("inf") else seconds
+        raise ValueError("must be seconds or a duration like '5m'")
