@@ -27,10 +27,18 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from llmserve.catalog.spec import (
     HuggingFaceSource,
@@ -111,7 +119,8 @@ class _Download(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _one_key(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or len(data) != 1:
+        kinds = ("huggingface", "pypi", "url", "local")
+        if not isinstance(data, dict) or len(data) != 1 or next(iter(data)) not in kinds:
             raise ValueError("each download item is one of: huggingface, pypi, url, local")
         return data
 
@@ -165,18 +174,16 @@ class _Entry(BaseModel):
         raise ValueError("must be a byte count (exact) or a string like '491 MB' (approximate)")
 
 
+def _check_alias(alias: str) -> str:
+    if not _ALIAS.fullmatch(alias) or ".." in alias:
+        raise ValueError(f"invalid alias {alias!r}: letters, digits and . _ : + - only")
+    return alias
+
+
 class _Manifest(BaseModel):
     model_config = _STRICT
     version: Literal[1] = 1
-    models: dict[str, _Entry] | None = None
-
-    @field_validator("models")
-    @classmethod
-    def _aliases(cls, v: dict[str, _Entry] | None) -> dict[str, _Entry] | None:
-        for alias in v or {}:
-            if not isinstance(alias, str) or not _ALIAS.fullmatch(alias) or ".." in alias:
-                raise ValueError(f"invalid alias {alias!r}: letters, digits and . _ : + - only")
-        return v
+    models: dict[Annotated[str, AfterValidator(_check_alias)], _Entry] | None = None
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -273,28 +280,32 @@ def _duplicate_keys(node: yaml.Node, trail: str = "") -> list[Problem]:
     return problems
 
 
-def _find(node: yaml.Node | None, loc: tuple[Any, ...]) -> tuple[yaml.Node | None, list[str]]:
-    """The deepest node along loc, and the field path that reached it."""
+def _find(root: yaml.Node | None, loc: tuple[Any, ...]) -> tuple[int | None, list[str]]:
+    """The 1-based line of the deepest node along loc (its key's, for mapping values), and
+    the dotted field path that reached it."""
     parts: list[str] = []
+    node = root
+    line = root.start_mark.line + 1 if root is not None else None
     for step in loc:
-        child = None
         if isinstance(node, yaml.MappingNode):
-            child = next((v for k, v in node.value if str(k.value) == str(step)), None)
-            if child is not None:
-                parts.append(str(step))
+            pair = next(((k, v) for k, v in node.value if str(k.value) == str(step)), None)
+            if pair is None:
+                break
+            parts.append(str(step))
+            line, node = pair[0].start_mark.line + 1, pair[1]
         elif isinstance(node, yaml.SequenceNode) and isinstance(step, int):
-            child = node.value[step] if 0 <= step < len(node.value) else None
-            if child is not None:
-                parts[-1:] = [f"{parts[-1]}[{step}]" if parts else f"[{step}]"]
-        if child is None:
+            if not 0 <= step < len(node.value):
+                break
+            node = node.value[step]
+            parts[-1:] = [f"{parts[-1]}[{step}]" if parts else f"[{step}]"]
+            line = node.start_mark.line + 1
+        else:
             break
-        node = child
-    return node, parts
+    return line, parts
 
 
 def _line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
-    node, _ = _find(root, loc)
-    return node.start_mark.line + 1 if node is not None else None
+    return _find(root, loc)[0]
 
 
 def _problems(exc: ValidationError, root: yaml.Node | None) -> list[Problem]:
@@ -302,7 +313,7 @@ def _problems(exc: ValidationError, root: yaml.Node | None) -> list[Problem]:
     seen: set[tuple[int | None, str]] = set()
     for err in exc.errors():
         loc = tuple(err.get("loc", ()))
-        node, parts = _find(root, loc)
+        line, parts = _find(root, loc)
         field = ".".join(parts)
         if err.get("type") == "extra_forbidden":
             message = f"unknown field {loc[-1]!r}"
@@ -312,7 +323,6 @@ def _problems(exc: ValidationError, root: yaml.Node | None) -> list[Problem]:
             message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
             if "input" in err and not isinstance(err["input"], dict | list):
                 message += f" (got {err['input']!r})"
-        line = node.start_mark.line + 1 if node is not None else None
         if (line, field) not in seen:
             seen.add((line, field))
             out.append(Problem(line, field, message))
