@@ -130,6 +130,13 @@ class ModelManager:
         spec = self.library.spec_for_file(filename or self.default_name or "")
         return {k: v for k, v in spec.sampling.items() if k in SAMPLING_PARAMS} if spec else {}
 
+    def suggest_model(self, use_case: str, *, present_only: bool = True) -> str | None:
+        """The best catalog model for a use-case tag (downloaded first, then smallest)."""
+        for entry in self.library.suggest(use_case):
+            if entry.present or not present_only:
+                return entry.alias or entry.filename
+        return None
+
     # --- switching ----------------------------------------------------------------------------
 
     async def switch(self, name: str) -> str:
