@@ -65,9 +65,11 @@ def format_size(count: int | None) -> str:
     """1536 -> "1.5 KiB"; None -> "-"."""
     if count is None:
         return "-"
-    size = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    if count < 1024:
+        return f"{count} B"
+    size = count / 1024
+    for unit in ("KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
         size /= 1024
-    return f"{size:.1f} GiB"  # pragma: no cover - the loop always returns
+    return f"{size:.1f} GiB"

