@@ -93,6 +93,7 @@ def serve(settings: Settings) -> int:
 def models(args: argparse.Namespace) -> int:
     """`models list|pull|verify|info|suggest|rm` (llmserve/catalog/cli_models.py)."""
     defaults = Settings()
+    args.manifest = args.manifest or defaults.manifest
     return run_models(args, args.models_dir or defaults.models_dir, defaults.templates_dir)
 
 

@@ -192,3 +192,22 @@ def test_shipped_manifest_matches_the_builtin_catalog() -> None:
     specs = parse_manifest(shipped.read_text(), shipped)
     for alias, spec in specs.items():
         assert dataclasses.replace(spec, origin="builtin") == BUILTIN[alias]
+
+
+def test_readme_example_is_valid(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### `models/models.yaml`") :]
+    example = section[section.index("```yaml\n") + 8 : section.index("```\n", 10)]
+    (tmp_path / "qwen.jinja").write_text("{{ messages }}")
+
+    specs = parse_manifest(example, tmp_path / "models.yaml")
+
+    qwen = specs["qwen2.5-0.5b"]
+    assert [type(s).__name__ for s in qwen.sources] == [
+        "HuggingFaceSource", "PypiSource", "PypiSource", "UrlSource", "LocalSource"
+    ]  # fmt: skip
+    assert qwen.load == {"n_ctx": 8192, "n_gpu_layers": -1}
+    broken = example.replace("n_ctx: 8192", "n_ctx: lots")
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(broken, Path("models/models.yaml"))
+    assert info.value.lines()[0].replace("\n", " ") in " ".join(readme.split())
