@@ -163,6 +163,7 @@ def test_add_entry_creates_then_appends_keeping_comments(tmp_path: Path) -> None
 
     text = path.read_text()
     assert "version: 1  # mine" in text
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
     specs = load_manifest(path)
     assert list(specs) == ["smollm2-135m", "gemma3-270m"]
     for alias, spec in specs.items():
