@@ -11,11 +11,11 @@ import pytest
 from llmserve.catalog.builtin import BUILTIN
 from llmserve.catalog.manifest import (
     ManifestError,
-    add_entry,
     load_manifest,
     parse_manifest,
     template_text,
 )
+from llmserve.catalog.manifest_write import add_entry
 from llmserve.catalog.spec import HuggingFaceSource, LocalSource, PypiSource, UrlSource
 
 GOOD = """\

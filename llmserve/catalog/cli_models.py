@@ -13,7 +13,8 @@ from typing import Any
 
 from llmserve.catalog.gguf_info import parameters_label
 from llmserve.catalog.library import ModelLibrary
-from llmserve.catalog.manifest import ManifestError, add_entry
+from llmserve.catalog.manifest import ManifestError
+from llmserve.catalog.manifest_write import add_entry
 from llmserve.catalog.sources import (
     DEFAULT_TIMEOUT_S,
     FetchError,

@@ -1,4 +1,5 @@
-"""models.yaml: the user's model catalog, validated with line numbers, and appended to by `pull`.
+"""models.yaml: the user's model catalog, validated with line numbers (manifest_write.py
+appends entries).
 
     version: 1
     models:
@@ -22,9 +23,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -47,16 +46,11 @@ from llmserve.catalog.spec import (
     PypiSource,
     Source,
     UrlSource,
-    spec_to_dict,
 )
 from llmserve.units import parse_size
 
 MANIFEST_NAME = "models.yaml"
 _ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]*")
-_HEADER = (
-    "# llmserve model manifest: alias -> file, defaults and download sources (see README).\n"
-    "version: 1\nmodels:\n"
-)
 _STRICT = ConfigDict(extra="forbid")
 
 
@@ -202,7 +196,7 @@ def load_manifest(path: Path) -> dict[str, ModelSpec]:
 
 def parse_manifest(text: str, path: Path) -> dict[str, ModelSpec]:
     """Validate manifest text; `path` names it in messages and anchors relative paths."""
-    node, data = _compose(text, path)
+    node, data = compose_yaml(text, path)
     problems = _duplicate_keys(node) if node is not None else []
     if problems:
         raise ManifestError(path, problems)
@@ -245,7 +239,8 @@ def template_text(spec: ModelSpec) -> str | None:
     return spec.chat_template or None
 
 
-def _compose(text: str, path: Path) -> tuple[yaml.Node | None, Any]:
+def compose_yaml(text: str, path: Path) -> tuple[yaml.Node | None, Any]:
+    """(node tree with line marks, plain data) of YAML text; syntax errors as ManifestError."""
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -358,86 +353,3 @@ def _to_spec(alias: str, entry: _Entry, path: Path) -> ModelSpec:
         sampling=entry.sampling.model_dump(exclude_none=True),
         origin=str(path),
     )
-
-
-# --- writing ----------------------------------------------------------------------------------
-
-
-class _Dumper(yaml.SafeDumper):
-    """Indents list items under their key (PyYAML's default puts `-` at the key's column)."""
-
-    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
-        super().increase_indent(flow, False)
-
-
-def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
-    """Short lists of scalars on one line (`use_cases: [chat, tools]`)."""
-    flow = all(isinstance(x, str | int | float) for x in data) and len(str(data)) <= 60
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
-
-
-_Dumper.add_representer(list, _represent_list)
-
-
-def add_entry(path: Path, spec: ModelSpec) -> bool:
-    """Append spec to models.yaml (created if missing); False when its alias is already there.
-
-    Appending keeps the user's comments and layout; a manifest whose `models` mapping is not
-    the last block of the file is rewritten instead (comments lost).
-    """
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    existing = parse_manifest(text, path)
-    if spec.alias in existing:
-        return False
-    entry = yaml.dump(
-        {spec.alias: spec_to_dict(spec)}, Dumper=_Dumper, sort_keys=False,
-        default_flow_style=False, allow_unicode=True, width=100,
-    )  # fmt: skip
-    node, data = _compose(text, path)
-    indent = _append_indent(node)
-    if not text.strip():
-        new = _HEADER + _indent(entry, 2)
-    elif indent is not None:
-        new = text + ("" if text.endswith("\n") else "\n") + _indent(entry, indent)
-    else:
-        data = dict(data or {})
-        data.setdefault("version", 1)
-        data["models"] = {**(data.get("models") or {}), spec.alias: spec_to_dict(spec)}
-        new = yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
-    parse_manifest(new, path)  # never write a manifest we could not read back
-    _write_atomic(path, new)
-    return True
-
-
-def _append_indent(root: yaml.Node | None) -> int | None:
-    """The column new aliases go at when appending works (`models` is the last block)."""
-    if not isinstance(root, yaml.MappingNode) or not root.value or root.flow_style:
-        return None
-    key, value = root.value[-1]
-    if key.value != "models":
-        return None
-    if isinstance(value, yaml.ScalarNode) and value.tag == "tag:yaml.org,2002:null":
-        return 2
-    if isinstance(value, yaml.MappingNode) and not value.flow_style and value.value:
-        return int(value.value[0][0].start_mark.column)
-    return None
-
-
-def _indent(text: str, n: int) -> str:
-    pad = " " * n
-    return "".join(pad + line if line.strip() else line for line in text.splitlines(True))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # NOTE: mkstemp makes the file 0600; keep the old file's mode (or the usual 0644).
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
