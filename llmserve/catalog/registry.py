@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from llmserve.catalog.library import ModelFile, ModelLibrary, list_model_files
 from llmserve.catalog.manifest import template_text
@@ -33,6 +33,7 @@ __all__ = ["EngineFactory", "ModelFile", "ModelManager", "list_model_files", "re
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 EngineFactory = Callable[[Path, Settings], Engine]
 State = Literal["starting", "loading", "ready", "error"]
 _REAP_INTERVAL_S = 1.0
@@ -138,6 +139,10 @@ class ModelManager:
         return None
 
     # --- switching ----------------------------------------------------------------------------
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run fn on the engine thread, after the work queued before it."""
+        return await self._worker.call(fn)
 
     async def switch(self, name: str) -> str:
         """Make `name` the active model once in-flight work is done; returns its file name."""
