@@ -1,4 +1,4 @@
-"""Command line: `llmserve serve`, `llmserve models list|pull` (also `python -m llmserve`)."""
+"""Command line: `llmserve serve`, `llmserve models ...` (also `python -m llmserve`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from llmserve import __version__
-from llmserve.config import Settings, parse_size
+from llmserve.catalog.cli_models import add_models_parser, run_models
+from llmserve.config import Settings
+from llmserve.units import parse_size
 
 logger = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -34,7 +36,7 @@ def _serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve the OpenAI API (default command)")
     _flag(p, "host", help="address to bind (default 127.0.0.1)")
     _flag(p, "port", type=int, help="port (default 8000)")
-    _flag(p, "model_name", help="GGUF file in the models dir to load at start")
+    _flag(p, "model_name", help="alias or GGUF file in the models dir to load at start")
     _flag(p, "models_dir", type=Path, help="folder of GGUF files (default models)")
     _flag(p, "cache_dir", type=Path, help="prompt cache folder (default cache)")
     _flag(p, "templates_dir", type=Path, help="chat template overrides (default templates)")
@@ -52,17 +54,11 @@ def _serve_parser(sub: Any) -> None:
           help="join tokens produced within this many ms into one SSE chunk (default 20)")
     _flag(p, "log_level", choices=["critical", "error", "warning", "info", "debug"],
           help="log level (default info)")
-
-
-def _models_parser(sub: Any) -> None:
-    p = sub.add_parser("models", help="list or fetch models")
-    msub = p.add_subparsers(dest="models_cmd", required=True)
-    ls = msub.add_parser("list", help="built-in catalog and the GGUF files present")
-    _flag(ls, "models_dir", type=Path, help="folder of GGUF files (default models)")
-    pull = msub.add_parser("pull", help="download catalog models into the models dir")
-    pull.add_argument("names", nargs="+", help="catalog alias or file name")
-    _flag(pull, "models_dir", type=Path, help="folder of GGUF files (default models)")
-    pull.add_argument("--quiet", action="store_true", help="no progress bars")
+    _flag(p, "manifest", type=Path, help="models.yaml (default <models_dir>/models.yaml)")
+    _flag(p, "max_loaded_models", type=int, help="models kept loaded at once, LRU (default 1)")
+    _flag(p, "memory_budget", help="evict LRU models to stay under this estimate, e.g. 4GB")
+    _flag(p, "idle_unload_seconds",
+          help="unload a model idle this long, e.g. 300 or 5m (default never)")
 
 
 def _cache_parser(sub: Any) -> None:
@@ -112,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"llmserve {__version__}")
     sub = parser.add_subparsers(dest="command")
     _serve_parser(sub)
-    _models_parser(sub)
+    add_models_parser(sub, _flag)
     _cache_parser(sub)
     return parser
 
@@ -132,12 +128,17 @@ def serve(settings: Settings) -> int:
     """Check the model exists, then serve until interrupted."""
     import uvicorn
 
-    from llmserve.catalog.registry import resolve_model_name
+    from llmserve.catalog.library import ModelLibrary
+    from llmserve.catalog.manifest import ManifestError
     from llmserve.errors import LlmserveError
     from llmserve.http.app import create_app
 
     try:
-        resolve_model_name(settings.models_dir, settings.model_name)
+        library = ModelLibrary(settings.models_dir, settings.manifest)
+        library.catalog()  # a bad models.yaml stops the start, with its line and field
+        library.resolve(settings.model_name)
+    except ManifestError as exc:
+        return _fail("; ".join(exc.lines()))
     except LlmserveError as exc:
         return _fail(f"{exc.message} (models dir: {settings.models_dir})")
     app = create_app(settings)
@@ -146,38 +147,10 @@ def serve(settings: Settings) -> int:
 
 
 def models(args: argparse.Namespace) -> int:
-    """`models list` and `models pull`."""
-    from llmserve.catalog.builtin import BUILTIN, find_spec
-    from llmserve.catalog.registry import list_model_files
-    from llmserve.catalog.sources import FetchError, fetch
-
-    models_dir = args.models_dir or Settings().models_dir
-    if args.models_cmd == "list":
-        present = {m.name: m.size for m in list_model_files(models_dir)}
-        rows = [(s.alias, s.filename, "yes" if s.filename in present else "no")
-                for s in BUILTIN.values()]
-        rows += [("-", name, "yes") for name in present if name not in
-                 {s.filename for s in BUILTIN.values()}]
-        width = max(len(r[1]) for r in rows) if rows else 10
-        sys.stdout.write(f"{'ALIAS':<16} {'FILE':<{width}} PRESENT\n")
-        for alias, filename, here in rows:
-            sys.stdout.write(f"{alias:<16} {filename:<{width}} {here}\n")
-        return 0
-    specs = []
-    for name in args.names:
-        spec = find_spec(name)
-        if spec is None:
-            known = ", ".join(BUILTIN)
-            return _fail(f"unknown model {name!r}; known: {known}")
-        specs.append(spec)
-    models_dir.mkdir(parents=True, exist_ok=True)
-    for spec in specs:
-        try:
-            path = fetch(spec, models_dir, progress=not args.quiet)
-        except FetchError as exc:
-            return _fail(str(exc), 1)
-        sys.stdout.write(f"{spec.alias}: {path}\n")
-    return 0
+    """`models list|pull|verify|info|suggest|rm` (llmserve/catalog/cli_models.py)."""
+    defaults = Settings()
+    args.manifest = args.manifest or defaults.manifest
+    return run_models(args, args.models_dir or defaults.models_dir, defaults.templates_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,20 +8,11 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from llmserve.units import parse_duration, parse_size
+
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 PromptCache = Literal["tiered", "ram", "llama_disk", "off"]
 DEFAULT_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def parse_size(value: str | int) -> int:
-    """Bytes from 512M, 2G, 1.5GiB or a plain number."""
-    if isinstance(value, int):
-        return value
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    text = value.strip().lower().removesuffix("ib").removesuffix("b")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
 
 
 class Settings(BaseSettings):
@@ -45,8 +36,32 @@ class Settings(BaseSettings):
     cache_block_tokens: int = Field(default=64, ge=8, le=4096)
     stream_interval_ms: float = Field(default=20.0, ge=0.0, le=1000.0)
     log_level: LogLevel = "info"
-
     @field_validator("cache_ram_bytes", "cache_disk_bytes", mode="before")
     @classmethod
     def _sizes(cls, value: str | int) -> int:
         return parse_size(value)
+
+    # Model management (issue 5): several resident models, LRU eviction, idle unloading.
+    manifest: Path | None = None  # models.yaml; default <models_dir>/models.yaml
+    max_loaded_models: int = Field(default=1, ge=1)
+    memory_budget: int | None = None  # bytes; "4GB" etc. accepted
+    idle_unload_seconds: float | None = None  # None: never; "5m" etc. accepted
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _size(cls, v: object) -> int | None:
+        if v is None or v == "":
+            return None
+        if isinstance(v, str | int):
+            return parse_size(v)
+        raise ValueError("must be a byte count or a size like '4GB'")
+
+    @field_validator("idle_unload_seconds", mode="before")
+    @classmethod
+    def _duration(cls, v: object) -> float | None:
+        if v is None or v == "":
+            return None
+        if isinstance(v, str | int | float):
+            seconds = parse_duration(v)
+            return None if seconds == float("inf") else seconds
+        raise ValueError("must be seconds or a duration like '5m'")

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Emit = Callable[[Any], None]
@@ -58,13 +61,32 @@ class Worker:
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmserve-engine")
         self.queued = 0  # jobs submitted and not finished (queue depth)
+        self._after: list[Callable[[], None]] = []
+
+    def after_each_job(self, hook: Callable[[], None]) -> None:
+        """Run hook on the worker thread after every job, before its caller hears it ended."""
+        self._after.append(hook)
+
+    def _run_hooks(self) -> None:
+        for hook in self._after:
+            try:
+                hook()
+            except Exception:  # a hook must never break the worker
+                logger.exception("after-job hook failed")
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) on the worker thread and return its result."""
         loop = asyncio.get_running_loop()
+
+        def run() -> T:
+            try:
+                return fn(*args)
+            finally:
+                self._run_hooks()
+
         self.queued += 1
         try:
-            return await loop.run_in_executor(self._executor, fn, *args)
+            return await loop.run_in_executor(self._executor, run)
         finally:
             self.queued -= 1
 
@@ -85,6 +107,7 @@ class Worker:
             except BaseException as exc:
                 put(_Failure(exc))
             finally:
+                self._run_hooks()
                 put(_END)
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(self._done)

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from llmserve.units import parse_duration
+
 # NOTE: clients (LangChain, the openai SDK, agent frameworks) send fields we do not use;
 # ignoring them is what OpenAI-compatible servers are expected to do.
 _LENIENT = ConfigDict(extra="ignore")
@@ -73,6 +75,18 @@ class SamplingFields(BaseModel):
     user: str | None = None
     # llama-server compatible: keep generating past end-of-generation tokens (benchmarks).
     ignore_eos: bool = False
+    # Ollama compatible: how long the model stays loaded after this request ("5m", 300, 0 =
+    # unload right after, negative = forever); parsed to seconds (math.inf for forever).
+    keep_alive: float | None = None
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, v: Any) -> float | None:
+        if v is None:
+            return None
+        if not isinstance(v, str | int | float):
+            raise ValueError("must be seconds or a duration like '5m'")
+        return parse_duration(v)
 
     @field_validator("stop")
     @classmethod

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,17 +89,29 @@ class Generation:
         return "".join(parts), finished
 
 
-def sampling_params(req: SamplingFields) -> SamplingParams:
-    """The engine's sampling parameters from an OpenAI request."""
+def sampling_params(
+    req: SamplingFields, defaults: Mapping[str, float] | None = None
+) -> SamplingParams:
+    """The engine's sampling parameters from an OpenAI request.
+
+    defaults (the model's catalog entry) fill the fields the request did not send.
+    """
+    given = req.model_fields_set
+
+    def pick(name: str) -> Any:
+        if defaults and name not in given and name in defaults:
+            return defaults[name]
+        return getattr(req, name)
+
     return SamplingParams(
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        min_p=req.min_p,
+        temperature=pick("temperature"),
+        top_p=pick("top_p"),
+        top_k=int(pick("top_k")),
+        min_p=pick("min_p"),
         seed=req.seed,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        repeat_penalty=req.repeat_penalty,
+        presence_penalty=pick("presence_penalty"),
+        frequency_penalty=pick("frequency_penalty"),
+        repeat_penalty=pick("repeat_penalty"),
         ignore_eos=req.ignore_eos,
     )
 
@@ -205,12 +217,12 @@ class ChatService:
         max_tokens: int | None,
     ) -> Generation:
         filename = self.manager.resolve(req.model) if req.model else None
-        params = sampling_params(req)
+        params = sampling_params(req, self.manager.sampling_defaults(filename))
         stops = req.stop_list()
         gen_id = f"{prefix}-{uuid.uuid4().hex}"
 
         def job(emit: Emit, cancelled: threading.Event) -> None:
-            engine = self.manager.ensure(filename)
+            engine = self.manager.ensure(filename, req.keep_alive)
             tokens = build_prompt(engine)
             n_ctx = engine.info.n_ctx
             _check_context(len(tokens), n_ctx)

@@ -184,10 +184,10 @@ async def test_models_routes(fake_client: Any) -> None:
         admin = (await client.get("/models")).json()
         openai = (await client.get("/v1/models")).json()
     assert admin["active"] == "alpha.gguf"
-    assert {m["name"]: m["active"] for m in admin["models"]} == {
-        "alpha.gguf": True, "beta.gguf": False,
-    }
-    assert all(m["size"] == 9 for m in admin["models"])
+    present = [m for m in admin["models"] if m["present"]]
+    assert {m["name"]: m["active"] for m in present} == {"alpha.gguf": True, "beta.gguf": False}
+    assert all(m["size"] == 9 for m in present)
+    assert admin["loaded"] == ["alpha.gguf"]
     assert openai["object"] == "list"
     assert [m["id"] for m in openai["data"]] == ["alpha.gguf", "beta.gguf"]
 

@@ -24,6 +24,7 @@ from llmserve.catalog.builtin import BUILTIN, find_spec
 from llmserve.catalog.sources import (
     FetchError,
     HuggingFaceSource,
+    LocalSource,
     ModelSpec,
     PypiSource,
     UrlSource,
@@ -193,8 +194,7 @@ def test_present_with_right_size_calls_no_source(
         raise AssertionError("no source may be called")
 
     monkeypatch.setattr(sources, "_pip_download", forbidden)
-    monkeypatch.setattr(sources, "_download_hf", forbidden)
-    monkeypatch.setattr(sources, "_download_url", forbidden)
+    monkeypatch.setattr(sources, "download", forbidden)
     models_dir.mkdir()
     (models_dir / FILENAME).write_bytes(b"x" * len(WHOLE))  # right size, content not checked here
     spec = make_spec(HuggingFaceSource("a/b", "c.gguf"), pypi_source(), UrlSource("http://x/y"))
@@ -268,44 +268,41 @@ def test_unsupported_url_scheme(models_dir: Path) -> None:
         fetch(make_spec(UrlSource("ftp://example.invalid/x")), models_dir, progress=False)
 
 
-def test_hub_download_is_verified_and_moved(
-    models_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import huggingface_hub
-
-    seen: dict[str, Any] = {}
-
-    def fake_download(repo_id: str, filename: str, **kwargs: Any) -> str:
-        seen.update(kwargs, repo_id=repo_id, filename=filename)
-        target = Path(kwargs["local_dir"]) / filename
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(WHOLE)
-        return str(target)
-
-    monkeypatch.setattr(sources, "_hf_preflight", lambda endpoint, timeout: None)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    source = HuggingFaceSource("someone/tiny-GGUF", "sub/Tiny.gguf", revision="abc")
-
-    path = fetch(make_spec(source), models_dir, progress=False, timeout=3)
-
-    assert path.read_bytes() == WHOLE
-    assert seen["repo_id"] == "someone/tiny-GGUF"
-    assert seen["filename"] == "sub/Tiny.gguf"
-    assert seen["revision"] == "abc"
-    assert seen["etag_timeout"] == 3
-    assert listing(models_dir) == [FILENAME]
-
-
 def test_unreachable_hub_fails_fast(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     monkeypatch.setattr(urllib.request, "getproxies", dict)
 
     start = time.monotonic()
     with pytest.raises(FetchError, match=re.escape("cannot reach 127.0.0.1")):
         fetch(make_spec(HuggingFaceSource("a/b", "c.gguf")), models_dir, progress=False)
     assert time.monotonic() - start < 5
+
+
+def test_local_source_links_and_verifies(models_dir: Path, tmp_path: Path) -> None:
+    src = tmp_path / "elsewhere.gguf"
+    src.write_bytes(WHOLE)
+
+    path = fetch(make_spec(LocalSource(src)), models_dir, progress=False)
+
+    assert path.read_bytes() == WHOLE
+    assert src.read_bytes() == WHOLE  # the original stays
+    assert listing(models_dir) == [FILENAME]
+    with pytest.raises(FetchError, match="is not a file"):
+        fetch(make_spec(LocalSource(tmp_path / "missing.gguf")), tmp_path / "other", progress=False)
+
+
+def test_concurrent_pull_of_one_file_is_refused(
+    models_dir: Path, pip_calls: list[list[str]]
+) -> None:
+    import fcntl
+
+    models_dir.mkdir()
+    with (models_dir / f".{FILENAME}.lock").open("a+b") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(FetchError, match="another pull of tiny-model\\.gguf is running"):
+            fetch(make_spec(pypi_source()), models_dir, progress=False)
+    assert pip_calls == []
+    assert fetch(make_spec(pypi_source()), models_dir, progress=False).read_bytes() == WHOLE
 
 
 @pytest.mark.parametrize("name", ["", "../x.gguf", "sub/x.gguf", ".hidden.gguf"])
@@ -333,9 +330,16 @@ def test_pip_that_cannot_start_is_a_fetch_error(
 
 
 def test_builtin_specs() -> None:
-    assert set(BUILTIN) == {"smollm2-135m", "gemma3-270m"}
+    assert {"smollm2-135m", "gemma3-270m", "qwen2.5-0.5b", "qwen2.5-1.5b", "llama3.2-1b",
+            "llama3.2-3b"} <= set(BUILTIN)
     for alias, spec in BUILTIN.items():
         assert spec.alias == alias
+        assert spec.filename.endswith(".gguf")
+        assert spec.sources and isinstance(spec.sources[0], HuggingFaceSource)
+        assert spec.size is not None or spec.size_label, alias
+        assert spec.use_cases, alias
+    for alias in ("smollm2-135m", "gemma3-270m"):
+        spec = BUILTIN[alias]
         assert [type(s) for s in spec.sources] == [HuggingFaceSource, PypiSource]
         assert spec.sha256 is not None and len(spec.sha256) == 64
     gemma = BUILTIN["gemma3-270m"].sources[1]
@@ -351,18 +355,3 @@ def test_find_spec() -> None:
     assert find_spec("SMOLLM2-135M") is smol
     assert find_spec("gemma-3-270m-q4_k_m.gguf") is BUILTIN["gemma3-270m"]
     assert find_spec("nope") is None
-
-
-@pytest.mark.network
-def test_fetch_smollm2_from_pypi(tmp_path: Path) -> None:
-    spec = BUILTIN["smollm2-135m"]
-    pypi_only = dataclasses.replace(
-        spec, sources=tuple(s for s in spec.sources if isinstance(s, PypiSource))
-    )
-
-    path = fetch(pypi_only, tmp_path, progress=False)
-
-    assert path == tmp_path / spec.filename
-    assert path.stat().st_size == spec.size
-    assert sha256_file(path) == spec.sha256
-    assert listing(tmp_path) == [spec.filename]

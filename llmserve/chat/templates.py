@@ -39,7 +39,9 @@ class NoTemplateError(InvalidRequestError):
 
 
 def resolve_template(info: ModelInfo, templates_dir: Path) -> tuple[str, str]:
-    """(template source, where it came from): templates/<model>.jinja, family file, GGUF."""
+    """(source, origin): catalog override, templates/<model>.jinja, family file, GGUF."""
+    if info.template_override:
+        return info.template_override, "catalog"
     stem = Path(info.name).stem
     candidates = [templates_dir / f"{stem}.jinja"]
     family = FAMILY_TEMPLATES.get(info.architecture)

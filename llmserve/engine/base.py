@@ -41,6 +41,8 @@ class ModelInfo:
     add_bos: bool = False
     bos_token_id: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    # A chat template the catalog (models.yaml `chat_template`) sets; wins over all others.
+    template_override: str | None = None
 
 
 class Engine(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter
@@ -40,14 +41,9 @@ async def health(manager: ManagerDep) -> dict[str, Any] | JSONResponse:
 
 @router.get("/models")
 async def models(manager: ManagerDep) -> dict[str, Any]:
-    """Every GGUF in the models dir, with its size and whether it is active."""
-    active = manager.active_name
-    return {
-        "active": active,
-        "models": [
-            {"name": m.name, "size": m.size, "active": m.name == active} for m in manager.files()
-        ],
-    }
+    """Catalog entries and GGUF files: metadata, present, loaded, active."""
+    described = await asyncio.to_thread(manager.describe)  # reads GGUF headers
+    return {"active": manager.active_name, "loaded": manager.loaded_names(), "models": described}
 
 
 @router.post("/setModel")

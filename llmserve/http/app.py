@@ -86,10 +86,12 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(_initial_load(manager, settings.model_name))
+        reaper = asyncio.create_task(manager.run_reaper())  # keep_alive / idle unloading
         try:
             yield
         finally:
             loading.cancel()
+            reaper.cancel()
             await worker.call(manager.close)
             worker.shutdown()
             cache.close()

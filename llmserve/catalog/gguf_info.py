@@ -1,0 +1,300 @@
+"""A small pure-Python GGUF header reader: metadata and tensor shapes, never the weights.
+
+GGUF layout (little-endian): magic ``GGUF``, version u32, tensor count, key/value count, the
+key/value pairs, then one info record per tensor (name, dims, type, offset). Counts and string
+lengths are u64 from version 2 on (u32 in version 1). The file is memory-mapped and only the
+header pages are touched; big arrays (the vocabulary, scores) are skipped, not decoded.
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# general.file_type (llama_ftype) -> the quantization name llama.cpp prints.
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+    17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
+    23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
+    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
+}  # fmt: skip
+# ggml_type of a tensor -> name, for files without general.file_type.
+TENSOR_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
+    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
+    17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
+    23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16",
+    34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
+}  # fmt: skip
+_FTYPE_GUESSED = 1024
+_SCALARS = {
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+    12: "<d",
+}  # fmt: skip
+_STRING, _ARRAY = 8, 9
+_KEEP_ARRAY = 64  # arrays up to this many items are decoded; longer ones are summarised
+_QUANT_IN_NAME = re.compile(r"(?i)(?<![a-z0-9])(i?q\d_(?:k_[sml]|k|\d|[a-z]+)|bf16|f16|f32)")
+
+
+class GGUFError(Exception):
+    """Not a GGUF file, or a truncated or corrupt header; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ArraySummary:
+    """A long metadata array, described instead of decoded."""
+
+    item_type: str
+    count: int
+
+    def __str__(self) -> str:
+        return f"[{self.count} x {self.item_type}]"
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    """What a GGUF header says about a model."""
+
+    path: str
+    file_size: int
+    version: int
+    tensor_count: int
+    parameters: int
+    metadata: dict[str, Any] = field(repr=False)
+    quantization: str | None = None
+    special_tokens: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+    @property
+    def architecture(self) -> str | None:
+        """general.architecture, e.g. "llama", "gemma3"."""
+        value = self.metadata.get("general.architecture")
+        return value if isinstance(value, str) else None
+
+    def arch_value(self, key: str) -> Any:
+        """A per-architecture key such as "context_length" ("<arch>.context_length")."""
+        return self.metadata.get(f"{self.architecture}.{key}") if self.architecture else None
+
+    @property
+    def context_length(self) -> int | None:
+        """The training context length."""
+        value = self.arch_value("context_length")
+        return value if isinstance(value, int) else None
+
+    @property
+    def chat_template(self) -> str | None:
+        """tokenizer.chat_template, if the file carries one."""
+        value = self.metadata.get("tokenizer.chat_template")
+        return value if isinstance(value, str) and value.strip() else None
+
+    @property
+    def name(self) -> str | None:
+        """general.name."""
+        value = self.metadata.get("general.name")
+        return value if isinstance(value, str) else None
+
+    def kv_bytes_per_token(self) -> int | None:
+        """f16 KV-cache bytes one context token costs, from the attention shape (an estimate)."""
+        layers = self.arch_value("block_count")
+        embd = self.arch_value("embedding_length")
+        heads = _max_int(self.arch_value("attention.head_count"))
+        kv_heads = _max_int(self.arch_value("attention.head_count_kv")) or heads
+        if not isinstance(layers, int) or not heads or not kv_heads:
+            return None
+        head_dim = embd // heads if isinstance(embd, int) else None
+        k_len = self.arch_value("attention.key_length") or head_dim
+        v_len = self.arch_value("attention.value_length") or head_dim
+        if not isinstance(k_len, int) or not isinstance(v_len, int):
+            return None
+        return layers * kv_heads * (k_len + v_len) * 2
+
+
+def _max_int(value: Any) -> int | None:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, list):
+        ints = [v for v in value if isinstance(v, int)]
+        return max(ints) if ints else None
+    return None
+
+
+def parameters_label(count: int) -> str:
+    """1234567 -> "1.2M", 1_500_000_000 -> "1.5B"."""
+    for unit, scale in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if count >= scale:
+            return f"{count / scale:.1f}{unit}".replace(".0", "")
+    return str(count)
+
+
+def quant_from_filename(filename: str) -> str | None:
+    """The quantization named in a file name ("...-Q4_K_M.gguf" -> "Q4_K_M"), if any."""
+    found = _QUANT_IN_NAME.findall(Path(filename).stem)
+    return found[-1].upper() if found else None
+
+
+class _Reader:
+    def __init__(self, buf: mmap.mmap, size: int, version: int):
+        self.buf = buf
+        self.size = size
+        self.pos = 0
+        self.wide = version >= 2
+
+    def need(self, n: int) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise GGUFError(f"truncated header at byte {self.pos}")
+
+    def scalar(self, fmt: str) -> Any:
+        n = struct.calcsize(fmt)
+        self.need(n)
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return value
+
+    def count(self) -> int:
+        return int(self.scalar("<Q" if self.wide else "<I"))
+
+    def string(self) -> str:
+        n = self.count()
+        self.need(n)
+        raw = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def skip_string(self) -> None:
+        n = self.count()
+        self.need(n)
+        self.pos += n
+
+    def value(self, vtype: int) -> Any:
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            item_type = self.scalar("<I")
+            n = self.count()
+            if n <= _KEEP_ARRAY:
+                return [self.value(item_type) for _ in range(n)]
+            self.skip_array(item_type, n)
+            return ArraySummary(_type_name(item_type), n)
+        raise GGUFError(f"unknown value type {vtype} at byte {self.pos}")
+
+    def skip_array(self, item_type: int, n: int) -> None:
+        if item_type in _SCALARS:
+            width = struct.calcsize(_SCALARS[item_type])
+            self.need(width * n)
+            self.pos += width * n
+        elif item_type == _STRING:
+            for _ in range(n):
+                self.skip_string()
+        else:
+            for _ in range(n):
+                self.value(item_type)
+
+
+def _type_name(vtype: int) -> str:
+    names = {8: "string", 9: "array", 6: "f32", 12: "f64", 7: "bool"}
+    return names.get(vtype, "int")
+
+
+def read_gguf(path: Path) -> GGUFInfo:
+    """Parse the header of a GGUF file (metadata, tensor shapes); raises GGUFError."""
+    try:
+        with path.open("rb") as f:
+            size = path.stat().st_size
+            if size < 24:
+                raise GGUFError(f"{path.name} is not a GGUF file (only {size} bytes)")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                return _parse(path, buf, size)
+    except OSError as exc:
+        raise GGUFError(f"cannot read {path.name}: {exc.strerror or exc}") from exc
+    except (ValueError, OverflowError, MemoryError) as exc:
+        raise GGUFError(f"corrupt GGUF header in {path.name}: {exc}") from exc
+
+
+def _parse(path: Path, buf: mmap.mmap, size: int) -> GGUFInfo:
+    if buf[:4] != b"GGUF":
+        raise GGUFError(f"{path.name} is not a GGUF file (bad magic {bytes(buf[:4])!r})")
+    (version,) = struct.unpack_from("<I", buf, 4)
+    if version not in (1, 2, 3):
+        raise GGUFError(f"{path.name}: unsupported GGUF version {version} (big-endian file?)")
+    r = _Reader(buf, size, version)
+    r.pos = 8
+    tensor_count, kv_count = r.count(), r.count()
+    if kv_count > size or tensor_count > size:
+        raise GGUFError(f"corrupt GGUF header in {path.name}: implausible counts")
+    metadata: dict[str, Any] = {}
+    tokens_at: int | None = None
+    for _ in range(kv_count):
+        key = r.string()
+        vtype = r.scalar("<I")
+        if key == "tokenizer.ggml.tokens" and vtype == _ARRAY:
+            tokens_at = r.pos
+        metadata[key] = r.value(vtype)
+    parameters = 0
+    tensor_types: Counter[int] = Counter()
+    for _ in range(tensor_count):
+        r.skip_string()
+        n_dims = r.scalar("<I")
+        if n_dims > 8:
+            raise GGUFError(f"corrupt GGUF header in {path.name}: tensor with {n_dims} dims")
+        elements = 1
+        for _ in range(n_dims):
+            elements *= r.scalar("<Q")
+        ggml_type = r.scalar("<I")
+        r.scalar("<Q")  # data offset
+        parameters += elements
+        if n_dims >= 2:
+            tensor_types[ggml_type] += elements
+    return GGUFInfo(
+        path=str(path),
+        file_size=size,
+        version=version,
+        tensor_count=tensor_count,
+        parameters=parameters,
+        metadata=metadata,
+        quantization=_quantization(metadata, tensor_types) or quant_from_filename(path.name),
+        special_tokens=_special_tokens(r, metadata, tokens_at),
+    )
+
+
+def _quantization(metadata: dict[str, Any], tensor_types: Counter[int]) -> str | None:
+    ftype = metadata.get("general.file_type")
+    if isinstance(ftype, int):
+        name = FILE_TYPES.get(ftype & ~_FTYPE_GUESSED)
+        if name:
+            return name
+    if tensor_types:
+        return TENSOR_TYPES.get(tensor_types.most_common(1)[0][0])
+    return None
+
+
+def _special_tokens(
+    r: _Reader, metadata: dict[str, Any], tokens_at: int | None
+) -> dict[str, tuple[int, str]]:
+    """{"bos": (id, text), ...} from tokenizer.ggml.*_token_id and the vocabulary."""
+    ids: dict[str, int] = {}
+    for key, value in metadata.items():
+        special = key.startswith("tokenizer.ggml.") and key.endswith("_token_id")
+        if special and isinstance(value, int) and value >= 0:
+            ids[key.removeprefix("tokenizer.ggml.").removesuffix("_token_id")] = value
+    texts: dict[int, str] = {}
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list):
+        texts = {i: t for i, t in enumerate(tokens) if isinstance(t, str)}
+    elif tokens_at is not None and ids:
+        r.pos = tokens_at
+        item_type, n = r.scalar("<I"), r.count()
+        wanted = set(ids.values())
+        if item_type == _STRING:
+            for i in range(min(n, max(wanted) + 1)):
+                if i in wanted:
+                    texts[i] = r.string()
+                else:
+                    r.skip_string()
+    return {name: (tid, texts.get(tid, "")) for name, tid in sorted(ids.items())}

@@ -1,0 +1,125 @@
+"""Catalog entries: a model file, what to know about it, and where it can be fetched from."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class HuggingFaceSource:
+    """A file in a Hugging Face model repository."""
+
+    repo_id: str
+    filename: str
+    revision: str = "main"
+
+
+@dataclass(frozen=True)
+class PypiSource:
+    """Wheels on PyPI ("name==version" specs) whose members, concatenated in order, are the file."""
+
+    packages: tuple[str, ...]
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class UrlSource:
+    """A plain http(s) or file URL."""
+
+    url: str
+
+
+@dataclass(frozen=True)
+class LocalSource:
+    """A file on this machine, hard-linked (or copied) into the models dir."""
+
+    path: Path
+
+
+Source = HuggingFaceSource | PypiSource | UrlSource | LocalSource
+
+# Load settings a catalog entry may set per model (the server's flags are the fallback).
+LOAD_PARAMS = ("n_ctx", "n_gpu_layers", "n_threads", "n_batch")
+# Request sampling fields a catalog entry may give defaults for.
+SAMPLING_PARAMS = (
+    "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
+    "frequency_penalty",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A catalog entry: a model file and the places it can be fetched from, tried in order.
+
+    `size` is the exact byte count (checked after a download); `size_label` is a display-only
+    approximation for entries whose exact size is not known.
+    """
+
+    alias: str
+    filename: str
+    sha256: str | None
+    size: int | None
+    description: str
+    sources: tuple[Source, ...]
+    size_label: str | None = None
+    use_cases: tuple[str, ...] = ()
+    chat_template: str | None = None
+    load: Mapping[str, int] = field(default_factory=dict)
+    sampling: Mapping[str, float] = field(default_factory=dict)
+    origin: str = "builtin"  # "builtin", or the manifest path it came from
+
+
+def describe_source(source: Source) -> str:
+    """A short human-readable label for a source."""
+    if isinstance(source, HuggingFaceSource):
+        rev = "" if source.revision == "main" else f"@{source.revision}"
+        return f"huggingface {source.repo_id}/{source.filename}{rev}"
+    if isinstance(source, PypiSource):
+        return "pypi " + " ".join(source.packages)
+    if isinstance(source, LocalSource):
+        return f"local {source.path}"
+    return f"url {source.url}"
+
+
+def source_to_dict(source: Source) -> dict[str, Any]:
+    """A source as its models.yaml `download` item."""
+    if isinstance(source, HuggingFaceSource):
+        hf: dict[str, Any] = {"repo_id": source.repo_id, "filename": source.filename}
+        if source.revision != "main":
+            hf["revision"] = source.revision
+        return {"huggingface": hf}
+    if isinstance(source, PypiSource):
+        members: dict[str, Any] = (
+            {"member": source.members[0]}
+            if len(source.members) == 1
+            else {"members": list(source.members)}
+        )
+        return {"pypi": {"packages": list(source.packages), **members}}
+    if isinstance(source, LocalSource):
+        return {"local": str(source.path)}
+    return {"url": source.url}
+
+
+def spec_to_dict(spec: ModelSpec) -> dict[str, Any]:
+    """A spec as its models.yaml entry (empty fields left out)."""
+    entry: dict[str, Any] = {"path": spec.filename}
+    if spec.description:
+        entry["description"] = spec.description
+    if spec.size is not None:
+        entry["size"] = spec.size
+    elif spec.size_label:
+        entry["size"] = spec.size_label
+    if spec.use_cases:
+        entry["use_cases"] = list(spec.use_cases)
+    if spec.chat_template:
+        entry["chat_template"] = spec.chat_template
+    if spec.load:
+        entry["load"] = dict(spec.load)
+    if spec.sampling:
+        entry["sampling"] = dict(spec.sampling)
+    entry["sha256"] = spec.sha256
+    entry["download"] = [source_to_dict(s) for s in spec.sources]
+    return entry
