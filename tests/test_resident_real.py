@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,10 @@ def test_unloading_frees_the_memory(two_model_server: ServerProcess) -> None:
     with_gemma = rss_bytes(pid)
 
     chat(two_model_server, "gemma3-270m", keep_alive=0)  # unloaded when the request ends
+    # NOTE: the response goes out before the job ends (the prompt cache saves after it)
+    deadline = time.monotonic() + 30
+    while loaded(two_model_server) != [SMOL] and time.monotonic() < deadline:
+        time.sleep(0.05)
     without = rss_bytes(pid)
 
     gemma_file = (MODELS_DIR / GEMMA).stat().st_size
