@@ -18,6 +18,7 @@ from llmserve.catalog.registry import EngineFactory, ModelManager
 from llmserve.config import Settings
 from llmserve.errors import LlmserveError, error_body
 from llmserve.http import admin_routes, openai_routes
+from llmserve.http.ops import Ops
 from llmserve.scheduler import Worker
 from llmserve.service import ChatService
 
@@ -81,9 +82,11 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(_initial_load(manager, settings.model_name))
+        ops.start()
         try:
             yield
         finally:
+            await ops.stop()
             loading.cancel()
             await worker.call(manager.close)
             worker.shutdown()
@@ -98,6 +101,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     app.include_router(openai_routes.router)
     app.include_router(openai_routes.router, prefix="/v1")
     app.include_router(openai_routes.v1_router)
+    ops = Ops(app, settings, manager, worker, service)  # keys, metrics, discovery, extra routes
     return app
 
 

@@ -1,0 +1,61 @@
+"""Wire types of the routes beyond chat/completions: tokenize, detokenize, embeddings, /chat."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
+
+_LENIENT = ConfigDict(extra="ignore")
+
+
+def _encodable(text: str) -> str:
+    # NOTE: JSON may carry lone surrogates ("\ud800") that are no valid UTF-8.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("text is not valid Unicode (lone surrogate)") from exc
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+TokenId = Annotated[int, Strict()]
+
+
+class TokenizeRequest(BaseModel):
+    """llama-server's /tokenize body."""
+
+    model_config = _LENIENT
+    content: Text
+    add_special: bool = False
+    parse_special: bool = True
+    model: str | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    """llama-server's /detokenize body."""
+
+    model_config = _LENIENT
+    tokens: list[TokenId]
+    model: str | None = None
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's /v1/embeddings body: one or many texts or token arrays."""
+
+    model_config = _LENIENT
+    input: Text | list[Text] | list[TokenId] | list[list[TokenId]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+
+class PlainChatRequest(BaseModel):
+    """`POST /chat`: one user prompt, answered as plain streamed text."""
+
+    model_config = _LENIENT
+    prompt: Text = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    model: str | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
