@@ -159,7 +159,8 @@ class Announcer:
         self.registered.set()
         logger.info("announced %s on %s", self.name, ", ".join(self._addresses))
         while True:
-            await asyncio.sleep(self._interval)
+            # NOTE: polled, so the record follows every state change (load, switch, failure,
+            # files added) without hooks in the model manager; at most `interval` behind.
             props = self._properties()
             if self._info is not None and props != self._info.decoded_properties:
                 try:
@@ -167,6 +168,7 @@ class Announcer:
                     await (await self._zc_or_fail().async_update_service(self._info))
                 except Exception as exc:
                     logger.warning("updating the mDNS announcement failed: %s", exc)
+            await asyncio.sleep(self._interval)
 
     def _zc_or_fail(self) -> AsyncZeroconf:
         if self._zc is None:

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
 
 _LENIENT = ConfigDict(extra="ignore")
 
@@ -20,6 +29,23 @@ def _encodable(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_encodable)]
 TokenId = Annotated[int, Strict()]
+
+
+def _one_input_error(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    # NOTE: a failed union reports one error per member with internal locations; one plain
+    # message with `param: "input"` is what a client can act on.
+    try:
+        return handler(value)
+    except ValidationError:
+        raise ValueError(
+            "input must be a string, a list of strings, an array of token ids or a list of "
+            "token id arrays"
+        ) from None
+
+
+EmbeddingInput = Annotated[
+    Text | list[Text] | list[TokenId] | list[list[TokenId]], WrapValidator(_one_input_error)
+]
 
 
 class TokenizeRequest(BaseModel):
@@ -44,7 +70,7 @@ class EmbeddingRequest(BaseModel):
     """OpenAI's /v1/embeddings body: one or many texts or token arrays."""
 
     model_config = _LENIENT
-    input: Text | list[Text] | list[TokenId] | list[list[TokenId]]
+    input: EmbeddingInput
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)

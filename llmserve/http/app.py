@@ -118,3 +118,13 @@ async def _initial_load(manager: ModelManager, name: str) -> None:
 def app_factory() -> Any:
     """For `uvicorn --factory llmserve.http.app:app_factory` (settings from LLMSERVE_* env)."""
     return create_app(Settings())
+
+
+def __getattr__(name: str) -> Any:
+    """`uvicorn llmserve.http.app:app`: a new app from LLMSERVE_* env on each access (PEP 562).
+
+    NOTE: built on access, not at import, so importing this module has no side effects.
+    """
+    if name == "app":
+        return app_factory()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Collection
 from typing import Annotated
@@ -12,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmserve.metrics import CONTENT_TYPE, Metrics
 
+logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -39,7 +41,8 @@ class RequestMetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics, paths: Callable[[], Collection[str]]):
         self.app = app
         self.metrics = metrics
-        self._paths = paths  # the app's route paths, for requests that never reach the router
+        self._paths = paths  # the app's route paths (read once, at the first request)
+        self._known_paths: frozenset[str] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -60,9 +63,19 @@ class RequestMetricsMiddleware:
             self.metrics.request(self._label(scope), status, time.perf_counter() - start)
 
     def _label(self, scope: Scope) -> str:
-        path = getattr(scope.get("route"), "path", None)
-        if isinstance(path, str):
-            return path
-        # NOTE: a request the API-key check refused never reached the router.
+        # NOTE: the raw path first: a router included under two prefixes (`/chat/completions`
+        # and `/v1/chat/completions`) reports the same route object for both.
         raw = scope.get("path", "")
-        return raw if raw in self._paths() else "other"
+        if raw in self._known():
+            return str(raw)
+        path = getattr(scope.get("route"), "path", None)
+        return path if isinstance(path, str) else "other"
+
+    def _known(self) -> frozenset[str]:
+        if self._known_paths is None:
+            try:
+                self._known_paths = frozenset(self._paths())
+            except Exception:  # NOTE: metrics must never break a request
+                logger.exception("cannot list the app's routes for metrics labels")
+                self._known_paths = frozenset()
+        return self._known_paths
