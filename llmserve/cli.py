@@ -142,7 +142,10 @@ def discover(args: argparse.Namespace) -> int:
 
     from llmserve.discovery import discover as find
 
-    nodes = find(args.timeout)
+    try:
+        nodes = find(args.timeout)
+    except OSError as exc:  # NOTE: no multicast-capable interface, or the port is refused
+        return _fail(f"cannot browse the LAN over mDNS: {exc}", 1)
     if args.json:
         sys.stdout.write(json.dumps([n.to_json() for n in nodes], indent=2) + "\n")
         return 0

@@ -149,3 +149,21 @@ async def test_open_lan_server_warns(
             pass
     warned = [r for r in caplog.records if "without an API key" in r.getMessage()]
     assert bool(warned) is warns
+
+
+def test_cli_key_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmserve.cli import _settings, build_parser
+
+    keys = tmp_path / "keys"
+    keys.write_text("from-file\n")
+    args = build_parser().parse_args(
+        ["serve", "--api_key", "a", "--api-key", "b", "--api_key_file", str(keys),
+         "--no_announce"]
+    )
+    s = _settings(args)
+    assert s.api_keys() == ["a", "b", "from-file"] and s.no_announce is True
+    monkeypatch.setenv("LLMSERVE_API_KEY", "env")
+    s = _settings(build_parser().parse_args(["serve"]))
+    assert s.api_keys() == ["env"] and s.no_announce is False
+    s = _settings(build_parser().parse_args(["serve", "--api_key", "flag"]))
+    assert s.api_keys() == ["flag"]  # the flag wins over the environment
