@@ -1,6 +1,13 @@
 """llmserve: a local OpenAI-compatible server for GGUF models, in-process via llama.cpp."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from llmserve.config import Settings
+
+if TYPE_CHECKING:
+    from llmserve.discovery import Node
 
 __version__ = "0.1.0"
 Config = Settings
@@ -13,4 +20,11 @@ def create_app(settings: Settings | None = None):  # type: ignore[no-untyped-def
     return _create_app(settings or Settings())
 
 
-__all__ = ["Config", "Settings", "__version__", "create_app"]
+def discover(timeout: float = 3.0) -> list[Node]:
+    """llmserve servers announcing themselves on the LAN (listens `timeout` seconds)."""
+    from llmserve.discovery import discover as _discover
+
+    return _discover(timeout)
+
+
+__all__ = ["Config", "Settings", "__version__", "create_app", "discover"]

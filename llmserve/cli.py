@@ -1,4 +1,4 @@
-"""Command line: `llmserve serve`, `llmserve models ...` (also `python -m llmserve`)."""
+"""Command line: `llmserve serve`, `models`, `cache`, `discover` (also `python -m llmserve`)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,16 @@ def _serve_parser(sub: Any) -> None:
     _flag(p, "memory_budget", help="evict LRU models to stay under this estimate, e.g. 4GB")
     _flag(p, "idle_unload_seconds",
           help="unload a model idle this long, e.g. 300 or 5m (default never)")
+    _flag(p, "api_key", action="append", metavar="KEY",
+          help="require this API key (repeat for several; env LLMSERVE_API_KEY, comma-separated)")
+    _flag(p, "api_key_file", type=Path, help="file of API keys, one per line (# comments)")
+    _flag(p, "no_announce", action="store_true", help="do not announce the server on the LAN")
+
+
+def _discover_parser(sub: Any) -> None:
+    p = sub.add_parser("discover", help="find llmserve servers on the LAN (mDNS)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to listen (default 3)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _cache_parser(sub: Any) -> None:
@@ -110,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     add_models_parser(sub, _flag)
     _cache_parser(sub)
+    _discover_parser(sub)
     return parser
 
 
@@ -153,6 +164,35 @@ def models(args: argparse.Namespace) -> int:
     return run_models(args, args.models_dir or defaults.models_dir, defaults.templates_dir)
 
 
+def discover(args: argparse.Namespace) -> int:
+    """`discover`: the llmserve servers that answer on the LAN, as a table or JSON."""
+    import json
+
+    from llmserve.discovery import discover as find
+
+    try:
+        nodes = find(args.timeout)
+    except OSError as exc:  # NOTE: no multicast-capable interface, or the port is refused
+        return _fail(f"cannot browse the LAN over mDNS: {exc}", 1)
+    if args.json:
+        sys.stdout.write(json.dumps([n.to_json() for n in nodes], indent=2) + "\n")
+        return 0
+    if not nodes:
+        sys.stderr.write(f"no llmserve servers answered within {args.timeout:g} s\n")
+        return 0
+    rows = [("NAME", "ADDRESS", "PORT", "MODEL", "MODELS", "VERSION", "KEY")]
+    rows += [
+        (n.name, ",".join(n.addresses), str(n.port), n.model or "-", ",".join(n.models) or "-",
+         n.version, "yes" if n.auth else "no")
+        for n in nodes
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        sys.stdout.write("\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `llmserve` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -170,4 +210,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level="INFO", format="%(levelname)s %(name)s: %(message)s")
     if args.command == "cache":
         return cache(args)
+    if args.command == "discover":
+        return discover(args)
     return models(args)

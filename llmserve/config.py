@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from llmserve.units import parse_duration, parse_size
 
@@ -18,7 +18,10 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 class Settings(BaseSettings):
     """Everything the server needs to start; one field per CLI flag."""
 
-    model_config = SettingsConfigDict(env_prefix="LLMSERVE_", extra="ignore")
+    # NOTE: hide_input_in_errors keeps API keys out of validation messages.
+    model_config = SettingsConfigDict(
+        env_prefix="LLMSERVE_", extra="ignore", hide_input_in_errors=True
+    )
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -65,3 +68,42 @@ class Settings(BaseSettings):
             seconds = parse_duration(v)
             return None if seconds == float("inf") else seconds
         raise ValueError("must be seconds or a duration like '5m'")
+
+    # API keys (issue 6): --api_key (repeatable), LLMSERVE_API_KEY (comma-separated), a file.
+    api_key: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_key_file: Path | None = None
+    # LAN discovery: announce the server over mDNS/zeroconf unless this is set.
+    no_announce: bool = False
+
+    _file_keys: list[str] = PrivateAttr(default_factory=list)
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _split_keys(cls, v: Any) -> Any:
+        # NOTE: the env var holds one key or several separated by commas.
+        return v.split(",") if isinstance(v, str) else v
+
+    @field_validator("api_key")
+    @classmethod
+    def _strip_keys(cls, v: list[str]) -> list[str]:
+        return [k.strip() for k in v if k.strip()]
+
+    @model_validator(mode="after")
+    def _read_key_file(self) -> Settings:
+        if self.api_key_file is not None:
+            try:
+                text = self.api_key_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"cannot read api_key_file {self.api_key_file}: {exc}") from exc
+            keys = [
+                line.strip() for line in text.splitlines()
+                if line.strip() and not line.strip().startswith("#")
+            ]
+            if not keys:
+                raise ValueError(f"api_key_file {self.api_key_file} holds no keys")
+            self._file_keys = keys
+        return self
+
+    def api_keys(self) -> list[str]:
+        """Every accepted API key (flags/env first, then the key file); empty means no auth."""
+        return list(dict.fromkeys([*self.api_key, *self._file_keys]))

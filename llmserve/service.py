@@ -22,6 +22,7 @@ from llmserve.chat.templates import render, resolve_template
 from llmserve.config import Settings
 from llmserve.engine.base import MIN_EVAL, Engine, SamplingParams
 from llmserve.errors import ContextLengthError
+from llmserve.metrics import Metrics
 from llmserve.scheduler import Emit, EventStream, Worker
 from llmserve.schemas import (
     ChatCompletionRequest,
@@ -32,6 +33,7 @@ from llmserve.schemas import (
 )
 
 logger = logging.getLogger(__name__)
+Job = Callable[[Emit, threading.Event], None]
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ class ChatService:
         self.manager = manager
         self.worker = worker
         self.cache = cache
+        self.metrics: Metrics | None = None  # set by create_app; see _metered
 
     def chat_prompt(
         self, engine: Engine, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
@@ -246,9 +249,40 @@ class ChatService:
             self.cache.tokens_evaluated += len(tokens) - cached
             self.cache.save(engine, tokens)  # after Finished: off the response's critical path
 
-        stream = self.worker.stream(job)
+        stream = self.worker.stream(_metered(job, self.metrics) if self.metrics else job)
         first = await stream.next()  # raises the job's error (404/400) before any output
         return Generation(gen_id, first, stream)
+
+
+def _metered(job: Job, metrics: Metrics) -> Job:
+    """Feed a generation job's events to the metrics: tokens, time to first text, speed."""
+    t0 = time.perf_counter()
+
+    def run(emit: Emit, cancelled: threading.Event) -> None:
+        model, first = "", 0.0
+
+        def observe(event: Any) -> None:
+            nonlocal model, first
+            now = time.perf_counter()
+            if isinstance(event, Started):
+                model = event.model
+                metrics.generation_started(model, event.prompt_tokens)
+                if event.cached_tokens:
+                    metrics.cache_hit(event.cached_tokens)
+                else:
+                    metrics.cache_miss()
+            elif isinstance(event, TextDelta) and not first:
+                first = now
+                metrics.first_token(model, now - t0)
+            elif isinstance(event, Finished):
+                metrics.generation_finished(
+                    model, event.completion_tokens, now - first if first else 0.0
+                )
+            emit(event)
+
+        job(observe, cancelled)
+
+    return run
 
 
 class _Coalescer:

@@ -57,7 +57,7 @@ def fake_client(fake_models_dir: Path, tmp_path: Path) -> FakeFactory:
 
         settings = Settings(
             model_name="alpha.gguf", models_dir=fake_models_dir, cache_dir=tmp_path / "cache",
-            templates_dir=tmp_path / "templates",
+            templates_dir=tmp_path / "templates", no_announce=True,
         )
         app = create_app(settings, engine_factory=factory)
         async with app.router.lifespan_context(app):

@@ -62,7 +62,8 @@ class PrefixCache:
         self.block = block_tokens
         self.directory = directory
         self.ram = RamTier(ram_bytes) if mode in ("tiered", "ram") else None
-        self.disk = DiskTier(directory / "kv", disk_bytes) if mode == "tiered" else None
+        self._disk: DiskTier | None = None
+        self._disk_bytes = disk_bytes
         self.llama_disk_bytes = disk_bytes
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="llmserve-cache-writer")
         self._broken: set[str] = set()  # fingerprints whose state layout we cannot split
@@ -74,6 +75,16 @@ class PrefixCache:
         self.restore_seconds = 0.0
 
     # -- storage ---------------------------------------------------------------------------
+
+    @property
+    def disk(self) -> DiskTier | None:
+        """The disk tier, opened on first use (a server whose engine has no KV state, like
+        the tests' fake one, never creates files)."""
+        if self._disk is None and self.mode == "tiered":
+            with self._lock:
+                if self._disk is None:
+                    self._disk = DiskTier(self.directory / "kv", self._disk_bytes)
+        return self._disk
 
     def _has(self, key: str) -> bool:
         return bool(
@@ -303,5 +314,5 @@ class PrefixCache:
     def close(self) -> None:
         """Finish disk writes and close the disk tier."""
         self._writer.shutdown(wait=True)
-        if self.disk is not None:
-            self.disk.close()
+        if self._disk is not None:
+            self._disk.close()

@@ -40,6 +40,8 @@ class ModelInfo:
     eos_token: str = ""
     add_bos: bool = False
     bos_token_id: int | None = None
+    n_vocab: int = 0  # valid token ids are 0 .. n_vocab-1
+    n_embd: int = 0  # embedding width
     metadata: dict[str, str] = field(default_factory=dict)
     # A chat template the catalog (models.yaml `chat_template`) sets; wins over all others.
     template_override: str | None = None
@@ -54,8 +56,20 @@ class Engine(Protocol):
         """Text to token ids."""
         ...
 
-    def detokenize(self, tokens: list[int]) -> str:
-        """Token ids to text."""
+    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
+        """Token ids to text (special=True renders control tokens such as `<|im_end|>`)."""
+        ...
+
+    @property
+    def embedding_loaded(self) -> bool:
+        """Whether the embedding context of this model is in memory."""
+        ...
+
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """One pooled (not normalised) embedding per token list.
+
+        Loads the model's embedding context on first use; chat state is untouched.
+        """
         ...
 
     def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[tuple[int, bytes]]:

@@ -30,7 +30,9 @@ class FakeEngine:
         self.info = ModelInfo(
             name=path.name, path=str(path), n_ctx=n_ctx, architecture="fake",
             chat_template=chat_template, bos_token="<s>", eos_token="</s>",
+            n_vocab=0x110000, n_embd=8,
         )
+        self.embedding_loaded = False
         self.script = list(script) if script is not None else ["Hello", ",", " world", "!"]
         self.token_delay = token_delay
         self.generated = 0  # tokens produced, for cancellation tests
@@ -41,9 +43,21 @@ class FakeEngine:
         """One token per character."""
         return [ord(c) for c in text]
 
-    def detokenize(self, tokens: list[int]) -> str:
+    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
         """Inverse of tokenize."""
         return "".join(chr(t) for t in tokens)
+
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """A deterministic vector per input: token-id sums by position modulo 8, minus 3."""
+        self.embedding_loaded = True
+        self.thread_ids.add(threading.get_ident())
+        out = []
+        for tokens in inputs:
+            vec = [0.0] * self.info.n_embd
+            for i, t in enumerate(tokens):
+                vec[i % self.info.n_embd] += t % 7 - 3
+            out.append(vec)
+        return out
 
     def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[tuple[int, bytes]]:
         """Replay the script (cycling forever with ignore_eos)."""

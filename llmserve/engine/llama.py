@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+from llama_cpp import _internals
 from llama_cpp.llama_cache import LlamaDiskCache
 
 from llmserve.config import Settings
 from llmserve.engine.base import MIN_EVAL, ModelInfo, SamplingParams
-from llmserve.errors import ModelLoadError
+from llmserve.errors import InternalError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class LlamaEngine:
         self._llm = llm
         self.fingerprint = fingerprint
         self._disk_cache: LlamaDiskCache | None = None
+        self._embedder: _Embedder | None = None
         self._vocab = llm._model.vocab
         self._piece_cache: dict[int, bytes] = {}
         meta = dict(llm.metadata)
@@ -59,6 +61,8 @@ class LlamaEngine:
             eos_token=self._special_text(eos_id),
             add_bos=bool(model.add_bos_token()),
             bos_token_id=bos_id if bos_id >= 0 else None,
+            n_vocab=model.n_vocab(),
+            n_embd=model.n_embd(),
             metadata=meta,
         )
 
@@ -100,9 +104,13 @@ class LlamaEngine:
         """Text to token ids."""
         return list(self._llm.tokenize(text.encode("utf-8"), add_special, parse_special))
 
-    def detokenize(self, tokens: list[int]) -> str:
-        """Token ids to text."""
-        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
+        """Token ids to text; the bytes are joined before decoding (split UTF-8 survives)."""
+        if special:
+            data = b"".join(self._piece(t, special=True) for t in tokens)
+        else:
+            data = b"".join(self.token_bytes(t) for t in tokens)
+        return data.decode("utf-8", errors="replace")
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes one token stands for (special tokens render empty)."""
@@ -222,6 +230,75 @@ class LlamaEngine:
         self._llm.reset()  # type: ignore[no-untyped-call]
         self._llm._ctx.kv_cache_clear()  # type: ignore[no-untyped-call]
 
+    @property
+    def embedding_loaded(self) -> bool:
+        """Whether the embedding context exists."""
+        return self._embedder is not None
+
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """Pooled embeddings from a second context on the same weights (made on first use)."""
+        if self._embedder is None:
+            self._embedder = _Embedder(self._llm, self.info)
+        return [self._embedder.embed(tokens) for tokens in inputs]
+
     def close(self) -> None:
-        """Free the model and its context."""
+        """Free the model and its contexts."""
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
         self._llm.close()
+
+
+class _Embedder:
+    """An embeddings-mode llama_context sharing the chat context's model weights.
+
+    NOTE: pooling is fixed when a context is created, and turning embeddings on in the chat
+    context would disturb its KV cache, so embeddings get a context of their own. Models
+    that declare a pooling type (embedding GGUFs) keep it; chat models get mean pooling.
+    The whole input goes into one micro-batch because pooling needs every token at once.
+    """
+
+    def __init__(self, llm: llama_cpp.Llama, info: ModelInfo):
+        declared = info.metadata.get(f"{info.architecture}.pooling_type")
+        pooling = (
+            llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
+            if declared not in (None, "", str(llama_cpp.LLAMA_POOLING_TYPE_NONE))
+            else llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        )
+        self.n_ctx = info.n_ctx
+        self.n_embd = info.n_embd
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = params.n_batch = params.n_ubatch = self.n_ctx
+        params.n_seq_max = 1
+        params.embeddings = True
+        params.pooling_type = pooling
+        params.n_threads = llm.context_params.n_threads
+        params.n_threads_batch = llm.context_params.n_threads_batch
+        try:
+            self._ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        except ValueError as exc:
+            raise ModelLoadError(f"cannot create an embedding context for {info.name}") from exc
+        self._batch = _internals.LlamaBatch(
+            n_tokens=self.n_ctx, embd=0, n_seq_max=1, verbose=False
+        )
+        logger.info("created an embedding context for %s (n_ctx %d)", info.name, self.n_ctx)
+
+    def embed(self, tokens: list[int]) -> list[float]:
+        """The pooled embedding of one token list (1 <= len <= n_ctx, checked by the caller)."""
+        if self._ctx.memory is not None:  # NOTE: non-causal embedding models have no KV memory
+            llama_cpp.llama_memory_clear(self._ctx.memory, True)
+        self._batch.batch.n_tokens = 0
+        self._batch.add_sequence(tokens, 0, True)
+        try:
+            self._ctx.decode(self._batch)
+        except RuntimeError as exc:
+            raise InternalError(f"embedding failed: {exc}") from exc
+        ptr = llama_cpp.llama_get_embeddings_seq(self._ctx.ctx, 0)
+        if not ptr:
+            raise InternalError("the model produced no pooled embedding")
+        return [float(x) for x in ptr[: self.n_embd]]
+
+    def close(self) -> None:
+        """Free the context (before the model it points to)."""
+        self._batch.close()  # type: ignore[no-untyped-call]
+        self._ctx.close()  # type: ignore[no-untyped-call]

@@ -19,6 +19,7 @@ from llmserve.catalog.registry import EngineFactory, ModelManager
 from llmserve.config import Settings
 from llmserve.errors import LlmserveError, error_body
 from llmserve.http import admin_routes, openai_routes
+from llmserve.http.ops import Ops
 from llmserve.scheduler import Worker
 from llmserve.service import ChatService
 
@@ -87,9 +88,11 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(_initial_load(manager, settings.model_name))
         reaper = asyncio.create_task(manager.run_reaper())  # keep_alive / idle unloading
+        ops.start()
         try:
             yield
         finally:
+            await ops.stop()
             loading.cancel()
             reaper.cancel()
             await worker.call(manager.close)
@@ -107,6 +110,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     app.include_router(openai_routes.router)
     app.include_router(openai_routes.router, prefix="/v1")
     app.include_router(openai_routes.v1_router)
+    ops = Ops(app, settings, manager, worker, service)  # keys, metrics, discovery, extra routes
     return app
 
 
@@ -123,3 +127,13 @@ async def _initial_load(manager: ModelManager, name: str) -> None:
 def app_factory() -> Any:
     """For `uvicorn --factory llmserve.http.app:app_factory` (settings from LLMSERVE_* env)."""
     return create_app(Settings())
+
+
+def __getattr__(name: str) -> Any:
+    """`uvicorn llmserve.http.app:app`: a new app from LLMSERVE_* env on each access (PEP 562).
+
+    NOTE: built on access, not at import, so importing this module has no side effects.
+    """
+    if name == "app":
+        return app_factory()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,86 @@
+"""API keys: a pure ASGI middleware that answers 401 before any protected route runs.
+
+NOTE: a pure ASGI middleware (not BaseHTTPMiddleware) so streaming responses and client
+disconnects pass through untouched.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Sequence
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from llmserve.errors import AuthenticationError
+
+PUBLIC_PATHS = frozenset({"/", "/health"})
+
+
+def presented_keys(headers: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
+    """Keys a request carries: `Authorization: Bearer <key>` and `X-API-Key: <key>`."""
+    found: list[bytes] = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                found.append(token.strip())
+        elif lname == b"x-api-key" and value.strip():
+            found.append(value.strip())
+    return found
+
+
+def key_matches(presented: bytes, keys: Sequence[bytes]) -> bool:
+    """Constant-time check against every key (no early exit on the first match)."""
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(presented, key)
+    return ok
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class APIKeyMiddleware:
+    """Rejects HTTP requests without a valid key, except on PUBLIC_PATHS."""
+
+    def __init__(self, app: ASGIApp, keys: Sequence[str]):
+        self.app = app
+        self._keys = [k.encode("utf-8") for k in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._keys or _route_path(scope) in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        presented = presented_keys(scope.get("headers", []))
+        if any(key_matches(p, self._keys) for p in presented):
+            await self.app(scope, receive, send)
+            return
+        if presented:
+            error = AuthenticationError("invalid API key")
+        else:
+            error = AuthenticationError(
+                "missing API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`"
+            )
+        response = JSONResponse(
+            error.body(), status_code=error.status,
+            headers={"WWW-Authenticate": 'Bearer realm="llmserve"'},
+        )
+        await response(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path or "/"
