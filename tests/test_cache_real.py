@@ -15,7 +15,7 @@ from tests.conftest import GEMMA, SMOL, ServerProcess, require_model
 pytestmark = pytest.mark.real_model
 
 SYSTEM = "You are a careful agent. " + " ".join(
-    f"Rule {i}: use tool_{i} for questions about topic {i}." for i in range(25)
+    f"Rule {i}: use tool_{i} for questions about topic {i}." for i in range(14)
 )
 
 
@@ -115,7 +115,7 @@ def test_restore_cache_then_restart(tmp_path: Path) -> None:
     finally:
         first.stop()
     assert dry["cached_tokens"] == 0 and dry["evaluated_tokens"] == 0
-    assert warm["evaluated_tokens"] == warm["prompt_tokens"] > 300
+    assert warm["evaluated_tokens"] == warm["prompt_tokens"] > 150
     assert again["evaluated_tokens"] == 0
     assert again["cached_tokens"] == again["prompt_tokens"]
     cached = reply["usage"]["prompt_tokens_details"]["cached_tokens"]
@@ -199,5 +199,5 @@ def test_llama_disk_mode(tmp_path: Path) -> None:
         server.stop()
     assert first["choices"][0]["message"] == second["choices"][0]["message"]
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 300
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 150
     assert (tmp_path / "cache" / "llama_disk").is_dir()
