@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _server import running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,28 +50,10 @@ def system_prompt() -> str:
 @contextmanager
 def server(model: str, models_dir: str, n_threads: int, cache_dir: Path, mode: str
            ) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "server.py"), "--model_name", model, "--models_dir",
-         models_dir, "--port", str(port), "--n_threads", str(n_threads), "--n_ctx", "4096",
-         "--cache_dir", str(cache_dir), "--prompt_cache", mode, "--log-level", "warning"],
-        cwd=ROOT, stdout=subprocess.DEVNULL,  # LlamaDiskCache prints every call
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+    with running_server("--model_name", model, "--models_dir", models_dir, "--n_threads",
+                        str(n_threads), "--n_ctx", "4096", "--cache_dir", str(cache_dir),
+                        "--prompt_cache", mode) as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 def ask(base: str, messages: list[dict[str, str]], max_tokens: int = 16) -> dict[str, Any]:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+from _server import running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
@@ -80,25 +79,10 @@ def main() -> int:
     ap.add_argument("--server_args", default="", help="extra server flags, space-separated")
     args = ap.parse_args()
     n_ctx = 2048
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, str(ROOT / "server.py"), "--model_name", args.model_name,
-         "--models_dir", args.models_dir, "--port", str(port), "--n_threads",
-         str(args.n_threads), "--n_ctx", str(n_ctx), "--log-level", "warning",
-         *args.server_args.split()],
-        cwd=ROOT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+    with running_server(
+        "--model_name", args.model_name, "--models_dir", args.models_dir, "--n_threads",
+        str(args.n_threads), "--n_ctx", str(n_ctx), *args.server_args.split(),
+    ) as base:
         http_decode(base, args.model_name, 16)  # warm-up
         raw: list[float] = []
         http: list[float] = []
@@ -112,9 +96,6 @@ def main() -> int:
             else:
                 raw.append(raw_decode(model, args.tokens, args.n_threads, n_ctx))
                 http.append(http_decode(base, args.model_name, args.tokens))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     r, h = statistics.median(raw), statistics.median(http)
     ratio = statistics.median(b / a for a, b in zip(raw, http, strict=True))
     print(f"model {args.model_name}, {args.tokens} tokens x {args.rounds} rounds, "
