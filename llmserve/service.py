@@ -7,22 +7,27 @@ generate, detokenize, stop strings] -> events -> the route turns them into JSON 
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from llmserve.catalog.registry import ModelManager
+from llmserve.chat import gbnf
+from llmserve.chat.plan import ChatPlan, RenderedChat, plan_chat, render_chat
 from llmserve.chat.stops import StopMatcher
-from llmserve.chat.templates import render, resolve_template
+from llmserve.chat.tools import ToolCallDelta, ToolCallParser, make_parser
 from llmserve.config import Settings
 from llmserve.engine.base import Engine, SamplingParams
 from llmserve.errors import ContextLengthError
 from llmserve.scheduler import Emit, EventStream, Worker
 from llmserve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+__all__ = ["Finished", "Generation", "Message", "Started", "TextDelta", "ToolCallDelta"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +51,26 @@ class Finished:
     completion_tokens: int
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """A tokenized prompt and how to treat the output: grammar, tool-call family."""
+
+    tokens: list[int]
+    grammar: str | None = None
+    tool_family: str | None = None
+
+
+@dataclass
+class Message:
+    """A whole chat reply: content, tool calls in OpenAI's shape, and how it finished."""
+
+    content: str
+    tool_calls: list[dict[str, Any]]
+    finished: Finished
+
+
 class Generation:
-    """A running generation: header data plus the stream of TextDelta and one Finished."""
+    """A running generation: header data, then TextDelta/ToolCallDelta events, one Finished."""
 
     def __init__(self, id_: str, started: Started, stream: EventStream):
         self.id = id_
@@ -60,7 +83,7 @@ class Generation:
         """Stop generating within a token."""
         self._stream.cancel()
 
-    def __aiter__(self) -> AsyncIterator[TextDelta | Finished]:
+    def __aiter__(self) -> AsyncIterator[TextDelta | ToolCallDelta | Finished]:
         return self._stream
 
     async def collect(self) -> tuple[str, Finished]:
@@ -73,6 +96,24 @@ class Generation:
             elif isinstance(event, Finished):
                 finished = event
         return "".join(parts), finished
+
+    async def collect_message(self) -> Message:
+        """Wait for the whole reply, tool calls assembled from their deltas."""
+        parts: list[str] = []
+        calls: dict[int, dict[str, Any]] = {}
+        finished = Finished("stop", 0)
+        async for event in self._stream:
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            elif isinstance(event, ToolCallDelta):
+                call = calls.setdefault(event.index, {
+                    "id": event.id, "type": "function",
+                    "function": {"name": event.name, "arguments": ""},
+                })
+                call["function"]["arguments"] += event.arguments
+            elif isinstance(event, Finished):
+                finished = event
+        return Message("".join(parts), [calls[i] for i in sorted(calls)], finished)
 
 
 def sampling_params(req: SamplingFields) -> SamplingParams:
@@ -87,22 +128,8 @@ def sampling_params(req: SamplingFields) -> SamplingParams:
         frequency_penalty=req.frequency_penalty,
         repeat_penalty=req.repeat_penalty,
         ignore_eos=req.ignore_eos,
+        grammar=req.grammar,
     )
-
-
-def message_dicts(req: ChatCompletionRequest) -> list[dict[str, Any]]:
-    """Messages as the plain dicts HF chat templates expect (content always a string)."""
-    out: list[dict[str, Any]] = []
-    for m in req.messages:
-        d: dict[str, Any] = {"role": m.role, "content": m.text()}
-        if m.name is not None:
-            d["name"] = m.name
-        if m.tool_calls:
-            d["tool_calls"] = [tc.model_dump() for tc in m.tool_calls]
-        if m.tool_call_id is not None:
-            d["tool_call_id"] = m.tool_call_id
-        out.append(d)
-    return out
 
 
 class ChatService:
@@ -115,31 +142,52 @@ class ChatService:
 
     async def chat(self, req: ChatCompletionRequest) -> Generation:
         """Start a chat completion; raises request errors before any output exists."""
-        messages = message_dicts(req)
+        plan = plan_chat(req)
 
-        def prompt(engine: Engine) -> list[int]:
-            info = engine.info
-            source, _ = resolve_template(info, self.settings.templates_dir)
-            text = render(
-                source, messages, bos_token=info.bos_token, eos_token=info.eos_token,
-                add_generation_prompt=True, tools=req.tools,
+        def prompt(engine: Engine) -> Prompt:
+            rendered = self._render(engine, plan)
+            family = rendered.family
+            return Prompt(
+                _chat_tokens(engine, rendered.text), plan.grammar(family),
+                plan.parser_family(family),
             )
-            tokens = engine.tokenize(text, add_special=False, parse_special=True)
-            if info.add_bos and info.bos_token_id is not None and tokens[:1] != [
-                info.bos_token_id
-            ]:
-                tokens.insert(0, info.bos_token_id)
-            return tokens
 
         max_tokens = req.max_completion_tokens or req.max_tokens
         return await self._start("chatcmpl", req, prompt, max_tokens)
 
+    async def apply_template(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        """The prompt a chat request renders to, its token count and the template used."""
+        plan = plan_chat(req)
+        filename = self.manager.resolve(req.model) if req.model else None
+
+        def job() -> dict[str, Any]:
+            engine = self.manager.ensure(filename)
+            rendered = self._render(engine, plan)
+            return {
+                "model": engine.info.name,
+                "prompt": rendered.text,
+                "tokens": len(_chat_tokens(engine, rendered.text)),
+                "template": rendered.origin,
+                "tool_call_format": plan.parser_family(rendered.family),
+                "grammar": plan.grammar(rendered.family),
+            }
+
+        return await self.worker.call(job)
+
+    def _render(self, engine: Engine, plan: ChatPlan) -> RenderedChat:
+        return render_chat(
+            engine.info, plan, self.settings.templates_dir, self.settings.chat_template
+        )
+
     async def complete(self, req: CompletionRequest) -> Generation:
         """Start a text completion."""
         text = req.prompt_text()
+        if req.grammar is not None:
+            gbnf.validate(req.grammar)
 
-        def prompt(engine: Engine) -> list[int]:
-            return engine.tokenize(text, add_special=True, parse_special=False)
+        def prompt(engine: Engine) -> Prompt:
+            return Prompt(engine.tokenize(text, add_special=True, parse_special=False),
+                          req.grammar)
 
         return await self._start("cmpl", req, prompt, req.max_tokens)
 
@@ -147,7 +195,7 @@ class ChatService:
         self,
         prefix: str,
         req: SamplingFields,
-        build_prompt: Callable[[Engine], list[int]],
+        build_prompt: Callable[[Engine], Prompt],
         max_tokens: int | None,
     ) -> Generation:
         filename = self.manager.resolve(req.model) if req.model else None
@@ -157,7 +205,8 @@ class ChatService:
 
         def job(emit: Emit, cancelled: threading.Event) -> None:
             engine = self.manager.ensure(filename)
-            tokens = build_prompt(engine)
+            prompt = build_prompt(engine)
+            tokens = prompt.tokens
             n_ctx = engine.info.n_ctx
             if len(tokens) >= n_ctx:
                 raise ContextLengthError(
@@ -167,10 +216,12 @@ class ChatService:
                 )
             budget = n_ctx - len(tokens)
             limit = min(max_tokens, budget) if max_tokens else budget
+            # NOTE: generate() checks the grammar before Started, so a bad one is still a 400.
+            output = engine.generate(tokens, dataclasses.replace(params, grammar=prompt.grammar))
             emit(Started(engine.info.name, len(tokens)))
             start = time.perf_counter()
             finished = _generate(
-                engine, tokens, params, stops, limit, cancelled,
+                output, stops, limit, cancelled, make_parser(prompt.tool_family),
                 _Coalescer(emit, self.settings.stream_interval_ms / 1000),
             )
             logger.info(
@@ -185,8 +236,19 @@ class ChatService:
         return Generation(gen_id, first, stream)
 
 
+def _chat_tokens(engine: Engine, text: str) -> list[int]:
+    info = engine.info
+    tokens = engine.tokenize(text, add_special=False, parse_special=True)
+    if info.add_bos and info.bos_token_id is not None and tokens[:1] != [info.bos_token_id]:
+        tokens.insert(0, info.bos_token_id)
+    return tokens
+
+
+Delta = TextDelta | ToolCallDelta
+
+
 class _Coalescer:
-    """Joins text produced within `interval` seconds into one TextDelta.
+    """Joins deltas produced within `interval` seconds: text with text, arguments with args.
 
     NOTE: on a 2-core machine every event-loop and client wake-up preempts a llama.cpp
     compute thread; emitting every few milliseconds instead of every token keeps decode
@@ -196,47 +258,58 @@ class _Coalescer:
     def __init__(self, emit: Emit, interval: float):
         self._emit = emit
         self._interval = interval
-        self._parts: list[str] = []
+        self._pending: list[Delta] = []
         self._last = 0.0
 
-    def __call__(self, delta: TextDelta) -> None:
-        self._parts.append(delta.text)
+    def __call__(self, delta: Delta) -> None:
+        last = self._pending[-1] if self._pending else None
+        if isinstance(delta, TextDelta) and isinstance(last, TextDelta):
+            self._pending[-1] = TextDelta(last.text + delta.text)
+        elif (
+            isinstance(delta, ToolCallDelta) and isinstance(last, ToolCallDelta)
+            and delta.index == last.index and delta.id is None
+        ):
+            self._pending[-1] = dataclasses.replace(
+                last, arguments=last.arguments + delta.arguments
+            )
+        else:
+            self._pending.append(delta)
         now = time.perf_counter()
         if now - self._last >= self._interval:
             self.flush()
             self._last = now
 
     def flush(self) -> None:
-        if self._parts:
-            text = "".join(self._parts)
-            self._parts.clear()
-            self._emit(TextDelta(text))
+        pending, self._pending = self._pending, []
+        for delta in pending:
+            self._emit(delta)
 
 
 def _generate(
-    engine: Engine,
-    prompt: list[int],
-    params: SamplingParams,
+    tokens: Iterator[tuple[int, bytes]],
     stops: list[str],
     limit: int,
     cancelled: threading.Event,
+    parser: ToolCallParser,
     emit: _Coalescer,
 ) -> Finished:
-    """Run the decode loop on the worker thread, emitting TextDelta; return the Finished."""
+    """Run the decode loop on the worker thread, emitting deltas; return the Finished."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     matcher = StopMatcher(stops)
     produced = 0
     reason = "stop"
-    tokens = engine.generate(prompt, params)
+
+    def out(text: str) -> None:
+        for part in parser.feed(text):
+            emit(TextDelta(part) if isinstance(part, str) else part)
+
     try:
         for _token, piece in tokens:
             produced += 1
             if cancelled.is_set():
                 reason = "cancelled"
                 break
-            text = matcher.feed(decoder.decode(piece))
-            if text:
-                emit(TextDelta(text))
+            out(matcher.feed(decoder.decode(piece)))
             if matcher.stopped:
                 break
             if produced >= limit:
@@ -245,8 +318,10 @@ def _generate(
     finally:
         tokens.close()  # type: ignore[attr-defined]
     if not matcher.stopped:
-        tail = matcher.feed(decoder.decode(b"", final=True)) + matcher.flush()
-        if tail:
-            emit(TextDelta(tail))
+        out(matcher.feed(decoder.decode(b"", final=True)) + matcher.flush())
+    for part in parser.finish():
+        emit(TextDelta(part) if isinstance(part, str) else part)
     emit.flush()
+    if parser.calls and reason == "stop":
+        reason = "tool_calls"
     return Finished(reason, produced)
