@@ -246,6 +246,7 @@ class HermesParser(ToolCallParser):
         self._buf = ""
         self._call: _Call | None = None
         self._block = ""
+        self._block_ws = ""
 
     def _feed(self, text: str) -> None:
         self._buf += text
@@ -260,7 +261,9 @@ class HermesParser(ToolCallParser):
             self._emit(self._buf[:idx])
             self._buf = self._buf[idx + len(marker) :]
             if self._call is None:
-                self._call, self._block = _Call(self), ""
+                # NOTE: whitespace before a block belongs to it: dropped with a call, kept
+                # if the block turns out to be text.
+                self._call, self._block, self._block_ws, self._ws = _Call(self), "", self._ws, ""
             else:
                 self._close()
 
@@ -274,6 +277,7 @@ class HermesParser(ToolCallParser):
     def _close(self) -> None:
         assert self._call is not None
         if not self._call.close():
+            self._ws = self._block_ws
             self.content(self.START + self._block + self.END)
         self._call = None
 
@@ -283,6 +287,7 @@ class HermesParser(ToolCallParser):
         if self._call is not None:  # NOTE: many models end the last call at EOS, unclosed
             # A call cut off mid-JSON (max_tokens) is dropped; other text stays content.
             if not self._call.close() and not self._block.lstrip().startswith("{"):
+                self._ws = self._block_ws
                 self.content(self.START + self._block)
             self._call = None
 
