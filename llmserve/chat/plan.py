@@ -8,6 +8,7 @@ says which tool-call parser and grammar the generation uses.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,8 @@ from llmserve.chat.templates import render, resolve_template, uses_tools
 from llmserve.engine.base import ModelInfo
 from llmserve.errors import InvalidRequestError
 from llmserve.schemas import ChatCompletionRequest, ChatMessage, ToolDefinition
+
+logger = logging.getLogger(__name__)
 
 ToolMode = Literal["none", "auto", "forced"]
 
@@ -204,6 +207,8 @@ def render_chat(
     if plan.needs_tool_template and not uses_tools(template.source):
         # NOTE: no tool-capable template of this family: describe tools in a system message
         # and write calls and results as plain text the generic JSON parser reads back.
+        logger.info("%s does not render tools; describing them in a system message",
+                    template.origin)
         messages, tools, family = _generic_messages(plan.messages, plan.tools), None, "json"
     text = render(
         template.source, messages, bos_token=info.bos_token, eos_token=info.eos_token,
