@@ -7,10 +7,19 @@ stacks llama.cpp uses, one code point at a time.
 from __future__ import annotations
 
 from llmserve.chat import gbnf
-from llmserve.chat.gbnf import ALT, CHAR, CHAR_ALT, CHAR_ANY, CHAR_NOT, CHAR_RNG_UPPER, END
+from llmserve.chat.gbnf_parser import (
+    ALT,
+    CHAR,
+    CHAR_ALT,
+    CHAR_ANY,
+    CHAR_NOT,
+    CHAR_RNG_UPPER,
+    END,
+    Element,
+)
 
 
-def _match(rule: list[gbnf.Element], i: int, ch: int) -> tuple[bool, int]:
+def _match(rule: list[Element], i: int, ch: int) -> tuple[bool, int]:
     """llama_grammar_match_char: (matched, index after the char set)."""
     positive = rule[i][0] in (CHAR, CHAR_ANY)
     assert positive or rule[i][0] == CHAR_NOT

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,19 @@ def test_llama_cpp_agrees(tmp_path: Path) -> None:
                 engine._grammar(grammar)
     finally:
         engine.close()
+
+
+def test_random_text_is_valid_or_400() -> None:
+    rng = random.Random(1)
+    pieces = ["root", " ::= ", "::=", '"a"', '"', "[", "]", "^", "-", "(", ")", "|", "*", "+",
+              "?", "{", "}", ",", "1", "2", "0", "\\", "x", "u", "\n", " ", "#", "b", "a-b", ".",
+              "\\x00", "\\U0010FFFF", "é", "<", "!", "\r"]
+    valid = 0
+    for _ in range(5000):
+        grammar = "root ::= " + "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        try:
+            gbnf.validate(grammar)
+            valid += 1
+        except gbnf.GrammarError:
+            pass
+    assert valid > 10

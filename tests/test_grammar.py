@@ -4,6 +4,7 @@ tool-call grammars checked against the tool-call parsers of the same family."""
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 import pytest
@@ -107,6 +108,9 @@ def test_optional_only_object() -> None:
     {"anyOf": "x"},
     {"$ref": "#/$defs/missing"},
     {"$ref": "https://example.com/schema.json"},
+    {"$ref": {"a": 1}},
+    {"$ref": "#"},
+    {"type": {"a": 1}},
     {"type": "array", "minItems": 3, "maxItems": 1},
     {"type": "string", "maxLength": -1},
     {"properties": {"a": 5}},
@@ -166,3 +170,32 @@ def test_tool_call_grammar_matches_what_the_parser_reads(family: str) -> None:
         assert parse_calls(family, text, step) == ("", calls)
     single = tool_calls_rules(family, [spec], parallel=False)
     assert not accepts(assemble(single.root, single), render_calls(family, CALLS))
+
+
+def test_random_schemas_are_grammars_or_400s() -> None:
+    """Whatever JSON a client sends as a schema: a grammar llama.cpp can take, or a 400."""
+    from llmserve.chat import gbnf
+
+    rng = random.Random(0)
+    atoms: list[Any] = [None, True, False, 0, -1, 5, 2.5, "", "x", "string", "object", "array",
+                        "integer", "#", "#/$defs/a", "#/a/0", [], {}, [1], {"a": 1}]
+    keys = ["type", "properties", "required", "items", "enum", "const", "anyOf", "oneOf",
+            "allOf", "$ref", "$defs", "minItems", "maxItems", "minLength", "maxLength",
+            "additionalProperties", "prefixItems", "nullable", "a"]
+
+    def gen(depth: int = 0) -> Any:
+        r = rng.random()
+        if depth > 3 or r < 0.3:
+            return rng.choice(atoms)
+        if r < 0.45:
+            return [gen(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(keys): gen(depth + 1) for _ in range(rng.randint(0, 4))}
+
+    made = 0
+    for _ in range(3000):
+        try:
+            gbnf.validate(grammar_for(gen()))
+            made += 1
+        except SchemaError:
+            pass
+    assert made > 100

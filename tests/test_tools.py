@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from llmserve.chat.tools import ToolCallDelta, detect_family, make_parser
+from llmserve.chat.tools import PARSERS, ToolCallDelta, detect_family, make_parser
 
 Call = tuple[str, Any]
 
@@ -145,3 +145,21 @@ def test_real_model_output() -> None:
 ])
 def test_detect_family(template: str, family: str) -> None:
     assert detect_family(template) == family
+
+
+@pytest.mark.parametrize("family", [*sorted(PARSERS), None])
+def test_random_markup_never_breaks_a_parser(family: str | None) -> None:
+    rng = random.Random(2)
+    pieces = ["<tool_call>", "</tool_call>", "<tool", "_call>", "{", "}", "[", "]", '"', "\\",
+              '"name"', ": ", '"arguments"', '"parameters"', ", ", '"f"', "x", " ", "\n",
+              "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "<|python_tag|>", ";", '{"tool_calls": [',
+              "1", "null", '"function"']
+    for _ in range(1500):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        cuts = sorted(rng.sample(range(1, max(len(text), 2)), min(3, max(len(text) - 1, 0))))
+        chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        parser = make_parser(family)
+        out = [p for c in chunks for p in parser.feed(c)] + parser.finish()
+        assert_openai_shape([p for p in out if isinstance(p, ToolCallDelta)])
+        if family is None:
+            assert "".join(p for p in out if isinstance(p, str)) == text

@@ -169,7 +169,7 @@ class _Converter:
             return self.visit(self.merge_all(schema), hint, depth)
         kind = schema.get("type")
         if isinstance(kind, list):
-            if not kind or any(k not in TYPES for k in kind):
+            if not kind or any(not isinstance(k, str) or k not in TYPES for k in kind):
                 raise self.error(f"unknown type in {kind!r}")
             alts = [self.visit({**schema, "type": k}, f"{hint}-{k}", depth) for k in kind]
             return self.add(hint, " | ".join(alts))
@@ -180,8 +180,8 @@ class _Converter:
                 kind = "array"
             else:
                 return self.primitive("value")
-        if kind not in TYPES:
-            raise self.error(f"unknown type {kind!r}")
+        if not isinstance(kind, str) or kind not in TYPES:
+            raise self.error(f"unknown type {kind!r:.60}")
         if kind == "object":
             return self.object(schema, hint, depth)
         if kind == "array":
@@ -196,19 +196,9 @@ class _Converter:
         return self.primitive(str(kind))
 
     def ref(self, ref: Any, depth: int) -> str:
-        if not isinstance(ref, str) or not ref.startswith("#"):
-            raise self.error(f"only local $ref (#/...) is supported, got {ref!r:.60}")
+        target = self.resolve(ref)
         if ref in self.refs:
             return self.refs[ref]
-        target: Any = self.doc
-        for part in [p for p in ref[1:].split("/") if p]:
-            part = part.replace("~1", "/").replace("~0", "~")
-            if isinstance(target, Mapping) and part in target:
-                target = target[part]
-            elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
-                target = target[int(part)]
-            else:
-                raise self.error(f"$ref {ref!r} does not resolve")
         tail = ref.rsplit("/", 1)[-1] or "root-ref"
         name = self.refs[ref] = self.fresh(tail)
         self.rules[name] = self.visit(target, tail, depth)
@@ -219,8 +209,11 @@ class _Converter:
         if not isinstance(subs, list) or not subs:
             raise self.error("allOf must be a non-empty list")
         merged: dict[str, Any] = {k: v for k, v in schema.items() if k != "allOf"}
-        props: dict[str, Any] = dict(merged.get("properties") or {})
-        required: list[str] = list(merged.get("required") or [])
+        props = merged.get("properties") or {}
+        required = merged.get("required") or []
+        if not isinstance(props, Mapping) or not isinstance(required, list):
+            raise self.error("properties must be an object and required a list")
+        props, required = dict(props), list(required)
         for sub in subs:
             if isinstance(sub, Mapping) and "$ref" in sub:
                 sub = self.resolve(sub["$ref"])
@@ -240,13 +233,18 @@ class _Converter:
         return merged
 
     def resolve(self, ref: Any) -> Any:
+        """The schema a local `$ref` (a JSON pointer into this document) points at."""
         if not isinstance(ref, str) or not ref.startswith("#"):
             raise self.error(f"only local $ref (#/...) is supported, got {ref!r:.60}")
         target: Any = self.doc
         for part in [p for p in ref[1:].split("/") if p]:
-            if not isinstance(target, Mapping) or part not in target:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(target, Mapping) and part in target:
+                target = target[part]
+            elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                target = target[int(part)]
+            else:
                 raise self.error(f"$ref {ref!r} does not resolve")
-            target = target[part]
         return target
 
     def object(self, schema: Mapping[str, Any], hint: str, depth: int) -> str:
@@ -306,7 +304,12 @@ def schema_fragment(schema: Any, prefix: str, param: str) -> Fragment:
         root = converter.visit(schema, "root")
     except RecursionError as exc:
         raise converter.error("nested too deeply") from exc
-    return Fragment(root, converter.rules)
+    fragment = Fragment(root, converter.rules)
+    try:
+        assemble(root, fragment)
+    except gbnf.GrammarError as exc:  # e.g. {"$ref": "#"}: a rule made only of itself
+        raise converter.error(exc.message.removeprefix("invalid grammar: ")) from exc
+    return fragment
 
 
 def assemble(root: str, *fragments: Fragment, extra: Mapping[str, str] | None = None) -> str:
