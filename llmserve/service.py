@@ -128,7 +128,6 @@ def sampling_params(req: SamplingFields) -> SamplingParams:
         frequency_penalty=req.frequency_penalty,
         repeat_penalty=req.repeat_penalty,
         ignore_eos=req.ignore_eos,
-        grammar=req.grammar,
     )
 
 
