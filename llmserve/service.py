@@ -1,7 +1,8 @@
 """Chat and text completions: the request flow, readable in one place (no HTTP here).
 
-request -> resolve model -> [worker thread: ensure model, render, tokenize, check context,
-generate, detokenize, stop strings] -> events -> the route turns them into JSON or SSE.
+request -> plan (tools, tool_choice, response_format, grammar: 400s) -> resolve model ->
+[worker thread: ensure model, render, tokenize, check context, generate (with a grammar),
+detokenize, stop strings, tool-call parser] -> events -> the route turns them into JSON or SSE.
 """
 
 from __future__ import annotations
