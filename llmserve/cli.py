@@ -40,6 +40,9 @@ def _serve_parser(sub: Any) -> None:
     _flag(p, "models_dir", type=Path, help="folder of GGUF files (default models)")
     _flag(p, "cache_dir", type=Path, help="prompt cache folder (default cache)")
     _flag(p, "templates_dir", type=Path, help="chat template overrides (default templates)")
+    _flag(p, "chat_template",
+          help="chat template for every model: a name in the templates dir (chatml, gemma, "
+               "llama3, mistral), a .jinja file, or inline Jinja (default: per model)")
     _flag(p, "n_ctx", type=int, help="context length in tokens, 0 = the model's (default 4096)")
     _flag(p, "n_gpu_layers", type=int, help="layers to offload to the GPU, -1 = all (default 0)")
     _flag(p, "n_threads", type=int, help="CPU threads (default: llama.cpp's choice)")
@@ -141,6 +144,7 @@ def serve(settings: Settings) -> int:
 
     from llmserve.catalog.library import ModelLibrary
     from llmserve.catalog.manifest import ManifestError
+    from llmserve.chat.templates import load_override
     from llmserve.errors import LlmserveError
     from llmserve.http.app import create_app
 
@@ -152,6 +156,11 @@ def serve(settings: Settings) -> int:
         return _fail("; ".join(exc.lines()))
     except LlmserveError as exc:
         return _fail(f"{exc.message} (models dir: {settings.models_dir})")
+    if settings.chat_template:
+        try:
+            load_override(settings.chat_template, settings.templates_dir)
+        except LlmserveError as exc:
+            return _fail(exc.message)
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     return 0

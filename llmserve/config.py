@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     models_dir: Path = Path("models")
     cache_dir: Path = Path("cache")
     templates_dir: Path = Path("templates")
+    chat_template: str | None = None
     n_ctx: int = Field(default=4096, ge=0)
     n_gpu_layers: int = 0
     n_threads: int | None = Field(default=None, ge=1)

@@ -49,6 +49,45 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+class FunctionDefinition(BaseModel):
+    model_config = _LENIENT
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    model_config = _LENIENT
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = _LENIENT
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = _LENIENT
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    json_schema: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = _LENIENT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class StreamOptions(BaseModel):
     model_config = _LENIENT
     include_usage: bool = False
@@ -75,6 +114,8 @@ class SamplingFields(BaseModel):
     user: str | None = None
     # llama-server compatible: keep generating past end-of-generation tokens (benchmarks).
     ignore_eos: bool = False
+    # llama-server compatible: a GBNF grammar the output must match.
+    grammar: str | None = None
     # Ollama compatible: how long the model stays loaded after this request ("5m", 300, 0 =
     # unload right after, negative = forever); parsed to seconds (math.inf for forever).
     keep_alive: float | None = None
@@ -106,8 +147,10 @@ class SamplingFields(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -143,5 +186,5 @@ class RestoreCacheRequest(BaseModel):
     model_config = _LENIENT
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolDefinition] | None = None
     dry_run: bool = False

@@ -43,11 +43,16 @@ FakeFactory = Callable[..., "contextlib.AbstractAsyncContextManager[httpx.AsyncC
 
 @pytest.fixture
 def fake_client(fake_models_dir: Path, tmp_path: Path) -> FakeFactory:
-    """Factory: `async with fake_client(script=[...], n_ctx=..) as (client)`."""
+    """Factory: `async with fake_client(script=[...], n_ctx=..) as (client)`.
+
+    `settings_kw` overrides server settings (e.g. {"stream_interval_ms": 0}).
+    """
     from llmserve.http.app import create_app
 
     @contextlib.asynccontextmanager
-    async def make(**engine_kw: Any) -> AsyncIterator[httpx.AsyncClient]:
+    async def make(
+        settings_kw: dict[str, Any] | None = None, **engine_kw: Any
+    ) -> AsyncIterator[httpx.AsyncClient]:
         engines: list[FakeEngine] = []
 
         def factory(path: Path, settings: Settings) -> FakeEngine:
@@ -57,7 +62,7 @@ def fake_client(fake_models_dir: Path, tmp_path: Path) -> FakeFactory:
 
         settings = Settings(
             model_name="alpha.gguf", models_dir=fake_models_dir, cache_dir=tmp_path / "cache",
-            templates_dir=tmp_path / "templates", no_announce=True,
+            templates_dir=tmp_path / "templates", no_announce=True, **(settings_kw or {}),
         )
         app = create_app(settings, engine_factory=factory)
         async with app.router.lifespan_context(app):
@@ -141,3 +146,13 @@ def smol_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
         yield server
     finally:
         server.stop()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # NOTE: llama_cpp._utils opens /dev/null twice at import and never closes it; tests that
+    # load an engine in-process would otherwise end with ResourceWarnings at interpreter exit.
+    utils = sys.modules.get("llama_cpp._utils")
+    for name in ("outnull_file", "errnull_file"):
+        handle = getattr(utils, name, None)
+        if handle is not None:
+            handle.close()

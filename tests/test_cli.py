@@ -47,6 +47,19 @@ def test_invalid_setting_exits_2(tmp_path: Path) -> None:
     assert "port" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_unknown_chat_template_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "here.gguf").write_bytes(b"x")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "--model_name", "here.gguf",
+         "--models_dir", str(tmp_path), "--chat-template", "no-such-template"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert "no-such-template" in proc.stderr and "Traceback" not in proc.stderr
+    args = build_parser().parse_args(["serve", "--chat_template", "chatml"])
+    assert _settings(args).chat_template == "chatml"
+
+
 def test_fake_app_never_imports_llama_cpp(tmp_path: Path) -> None:
     code = (
         "import sys; from pathlib import Path; from llmserve.config import Settings;"

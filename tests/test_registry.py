@@ -12,7 +12,6 @@ import httpx
 import pytest
 
 from llmserve.config import Settings
-from llmserve.engine.base import SamplingParams
 from llmserve.engine.fake import FakeEngine
 from tests.ggufgen import tiny_llama
 
@@ -22,16 +21,11 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
 class RecordingEngine(FakeEngine):
-    """A FakeEngine that remembers its load settings and every request's sampling params."""
+    """A FakeEngine that remembers its load settings (FakeEngine records `params`)."""
 
     def __init__(self, path: Path, settings: Settings):
         super().__init__(path)
         self.settings = settings
-        self.params: list[SamplingParams] = []
-
-    def generate(self, prompt: list[int], params: SamplingParams) -> Any:
-        self.params.append(params)
-        return super().generate(prompt, params)
 
 
 @pytest.fixture

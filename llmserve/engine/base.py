@@ -25,6 +25,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repeat_penalty: float = 1.0
     ignore_eos: bool = False
+    grammar: str | None = None  # GBNF, already checked by llmserve.chat.gbnf
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class Engine(Protocol):
     def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[tuple[int, bytes]]:
         """Yield (token id, its bytes) until end-of-generation (or forever with ignore_eos).
 
+        Raises before returning the iterator if the engine rejects params (a grammar).
         The caller stops early by closing the iterator.
         """
         ...

@@ -38,6 +38,8 @@ class FakeEngine:
         self.generated = 0  # tokens produced, for cancellation tests
         self.closed = False
         self.thread_ids: set[int] = set()
+        self.params: list[SamplingParams] = []  # every generate call's params, for tests
+        self.prompts: list[str] = []  # every generate call's prompt, as text
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         """One token per character."""
@@ -61,6 +63,11 @@ class FakeEngine:
 
     def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[tuple[int, bytes]]:
         """Replay the script (cycling forever with ignore_eos)."""
+        self.params.append(params)
+        self.prompts.append(self.detokenize(prompt))
+        return self._replay(params)
+
+    def _replay(self, params: SamplingParams) -> Iterator[tuple[int, bytes]]:
         self.thread_ids.add(threading.get_ident())
         i = 0
         while params.ignore_eos or i < len(self.script):

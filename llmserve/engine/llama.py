@@ -13,12 +13,18 @@ from typing import Any
 import llama_cpp
 from llama_cpp import _internals
 from llama_cpp.llama_cache import LlamaDiskCache
+from llama_cpp.llama_grammar import LlamaGrammar
 
 from llmserve.config import Settings
 from llmserve.engine.base import MIN_EVAL, ModelInfo, SamplingParams
-from llmserve.errors import InternalError, ModelLoadError
+from llmserve.errors import InternalError, InvalidRequestError, ModelLoadError
 
 logger = logging.getLogger(__name__)
+
+# Control tokens that mark tool calls: rendered as text so the tool-call parsers see them
+# (other control tokens render empty).
+TOOL_MARKERS = ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]",
+                "<|python_tag|>")
 
 
 def _fingerprint(path: Path, llm: llama_cpp.Llama) -> str:
@@ -65,6 +71,7 @@ class LlamaEngine:
             n_embd=model.n_embd(),
             metadata=meta,
         )
+        self._markers = self._marker_tokens()
 
     @classmethod
     def load(cls, path: Path, settings: Settings) -> LlamaEngine:
@@ -100,6 +107,14 @@ class LlamaEngine:
             n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, size, 0, special)
         return buf.raw[: max(n, 0)]
 
+    def _marker_tokens(self) -> dict[int, bytes]:
+        out: dict[int, bytes] = {}
+        for marker in TOOL_MARKERS:
+            tokens = self.tokenize(marker, add_special=False, parse_special=True)
+            if len(tokens) == 1:
+                out[tokens[0]] = marker.encode()
+        return out
+
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         """Text to token ids."""
         return list(self._llm.tokenize(text.encode("utf-8"), add_special, parse_special))
@@ -116,11 +131,29 @@ class LlamaEngine:
         """The bytes one token stands for (special tokens render empty)."""
         piece = self._piece_cache.get(token)
         if piece is None:
-            piece = self._piece_cache[token] = self._piece(token)
+            piece = self._markers.get(token) or self._piece(token)
+            self._piece_cache[token] = piece
         return piece
 
     def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[tuple[int, bytes]]:
         """Sample tokens after the prompt, reusing the longest matching KV prefix."""
+        grammar = self._grammar(params.grammar) if params.grammar else None
+        return self._generate(prompt, params, grammar)
+
+    def _grammar(self, text: str) -> LlamaGrammar:
+        # NOTE: llama-cpp-python adds whatever llama.cpp returns to the sampler chain, and a
+        # grammar llama.cpp cannot parse comes back NULL and crashes the process at the first
+        # token. chat/gbnf.py rejects those first; this check is the last line of defence.
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, text.encode(), b"root")
+        if not sampler:
+            raise InvalidRequestError("llama.cpp could not parse the grammar", param="grammar",
+                                      code="invalid_grammar")
+        llama_cpp.llama_sampler_free(sampler)
+        return LlamaGrammar.from_string(text, verbose=False)
+
+    def _generate(
+        self, prompt: list[int], params: SamplingParams, grammar: LlamaGrammar | None
+    ) -> Iterator[tuple[int, bytes]]:
         llm = self._llm
         keep = len(prompt) - MIN_EVAL
         if llm.n_tokens > keep and self.live_tokens()[:keep] == prompt[: max(keep, 0)]:
@@ -135,6 +168,7 @@ class LlamaEngine:
             repeat_penalty=params.repeat_penalty,
             frequency_penalty=params.frequency_penalty,
             presence_penalty=params.presence_penalty,
+            grammar=grammar,
         )
         try:
             for token in tokens:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -37,7 +38,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # NOTE: pydantic puts union members in loc ("literal['none','auto']", "NamedToolChoice");
+    # the OpenAI param is the field path without them.
+    loc = [str(p) for p in first.get("loc", ())
+           if p != "body" and not re.search(r"[\[\]()',]|^[A-Z]", str(p))]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON", None

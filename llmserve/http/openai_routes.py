@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
 
 from llmserve.http.deps import ManagerDep, ServiceDep
 from llmserve.schemas import ChatCompletionRequest, CompletionRequest
-from llmserve.service import Finished, Generation, TextDelta
+from llmserve.service import Finished, Generation, Message, TextDelta, ToolCallDelta
 
 router = APIRouter()
 v1_router = APIRouter(prefix="/v1")
+T = TypeVar("T")
 
 
 def _usage(gen: Generation, completion_tokens: int) -> dict[str, Any]:
@@ -27,16 +28,31 @@ def _usage(gen: Generation, completion_tokens: int) -> dict[str, Any]:
     }
 
 
-def _chat_choice(text: str, reason: str) -> dict[str, Any]:
-    message = {"role": "assistant", "content": text}
-    return {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+def _chat_choice(reply: Message) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": reply.content}
+    if reply.tool_calls:
+        message["content"] = reply.content or None
+        message["tool_calls"] = reply.tool_calls
+    return {"index": 0, "message": message, "logprobs": None,
+            "finish_reason": reply.finished.finish_reason}
+
+
+def _tool_call_delta(delta: ToolCallDelta) -> dict[str, Any]:
+    """OpenAI's streamed tool call: id, type and name only in a call's first delta."""
+    call: dict[str, Any] = {"index": delta.index, "function": {"arguments": delta.arguments}}
+    if delta.id is not None:
+        call.update(id=delta.id, type="function")
+        call["function"]["name"] = delta.name
+    return {"tool_calls": [call]}
 
 
 def _text_choice(text: str, reason: str) -> dict[str, Any]:
     return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
 
 
-async def _collect_unless_gone(gen: Generation, request: Request) -> tuple[str, Finished]:
+async def _collect_unless_gone(
+    gen: Generation, request: Request, collect: Callable[[], Awaitable[T]]
+) -> T:
     """Collect the whole output, cancelling generation if the client goes away."""
 
     async def watch() -> None:
@@ -48,7 +64,7 @@ async def _collect_unless_gone(gen: Generation, request: Request) -> tuple[str, 
 
     watcher = asyncio.create_task(watch())
     try:
-        return await gen.collect()
+        return await collect()
     finally:
         watcher.cancel()
 
@@ -69,6 +85,8 @@ def _sse(
             async for event in gen:
                 if isinstance(event, TextDelta):
                     yield {"data": json.dumps(chunk({"content": event.text}, None))}
+                elif isinstance(event, ToolCallDelta):
+                    yield {"data": json.dumps(chunk(_tool_call_delta(event), None))}
                 elif isinstance(event, Finished):
                     completion_tokens = event.completion_tokens
                     yield {"data": json.dumps(chunk({}, event.finish_reason))}
@@ -108,13 +126,19 @@ async def chat_completions(
 
         first = {"role": "assistant", "content": ""}
         return _sse(gen, chunk, first, include_usage)
-    text, finished = await _collect_unless_gone(gen, request)
+    reply = await _collect_unless_gone(gen, request, gen.collect_message)
     return {
         "id": gen.id, "object": "chat.completion", "created": gen.created, "model": gen.model,
         "system_fingerprint": None,
-        "choices": [_chat_choice(text, finished.finish_reason)],
-        "usage": _usage(gen, finished.completion_tokens),
+        "choices": [_chat_choice(reply)],
+        "usage": _usage(gen, reply.finished.completion_tokens),
     }
+
+
+@router.post("/apply-template")
+async def apply_template(body: ChatCompletionRequest, service: ServiceDep) -> dict[str, Any]:
+    """The prompt a chat request renders to (and its token count), without generating."""
+    return await service.apply_template(body)
 
 
 @router.post("/completions", response_model=None)
@@ -139,7 +163,7 @@ async def completions(
 
         first = {"content": prefix} if prefix else None
         return _sse(gen, chunk, first, include_usage)
-    text, finished = await _collect_unless_gone(gen, request)
+    text, finished = await _collect_unless_gone(gen, request, gen.collect)
     return {
         "id": gen.id, "object": "text_completion", "created": gen.created, "model": gen.model,
         "choices": [_text_choice(prefix + text, finished.finish_reason)],

@@ -1,0 +1,241 @@
+"""A chat request's messages, tools, tool_choice and output constraints, checked up front.
+
+`plan_chat` raises every 400 a chat request can earn before any engine work; `render_chat`
+(on the engine thread, once the model is known) picks the template, renders the prompt and
+says which tool-call parser and grammar the generation uses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from llmserve.chat import gbnf
+from llmserve.chat.grammar import (
+    PRIMITIVES,
+    Fragment,
+    SchemaError,
+    ToolSpec,
+    assemble,
+    schema_fragment,
+    tool_calls_rules,
+)
+from llmserve.chat.templates import render, resolve_template, uses_tools
+from llmserve.engine.base import ModelInfo
+from llmserve.errors import InvalidRequestError
+from llmserve.schemas import ChatCompletionRequest, ChatMessage, ToolDefinition
+
+logger = logging.getLogger(__name__)
+
+ToolMode = Literal["none", "auto", "forced"]
+
+GENERIC_TOOLS_PROMPT = (
+    "You can call functions. Their signatures are given as JSON:\n{tools}\n\n"
+    'To call functions, reply with only this JSON: {{"tool_calls": [{{"name": '
+    '<function-name>, "arguments": <args-json-object>}}]}}'
+)
+
+
+@dataclass(frozen=True)
+class ChatPlan:
+    """What a chat request asks for, validated."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None  # rendered into the prompt
+    specs: list[ToolSpec]  # every tool, with its argument rules
+    tool_mode: ToolMode
+    forced: list[ToolSpec]  # tool_choice required (all) or named (one)
+    parallel: bool
+    content: Fragment | None  # response_format rules
+    raw_grammar: str | None
+
+    @property
+    def needs_tool_template(self) -> bool:
+        """Tools to render, or tool calls/results in the history."""
+        return bool(self.tools) or any(
+            m.get("tool_calls") or m["role"] == "tool" for m in self.messages
+        )
+
+    def parser_family(self, family: str) -> str | None:
+        """The tool-call parser to run on the output (None: plain text)."""
+        return family if self.tool_mode != "none" else None
+
+    def grammar(self, family: str) -> str | None:
+        """The GBNF grammar constraining the output for this template family, if any."""
+        if self.raw_grammar is not None:
+            return self.raw_grammar
+        if self.tool_mode == "forced":
+            calls = tool_calls_rules(family, self.forced, self.parallel)
+            return assemble(calls.root, calls)
+        if self.content is None:
+            return None
+        if self.tool_mode == "auto":
+            calls = tool_calls_rules(family, self.specs, self.parallel)
+            return assemble(f"{self.content.root} | {calls.root}", self.content, calls)
+        return assemble(self.content.root, self.content)
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the dicts HF chat templates expect: content a string, arguments parsed."""
+    out: list[dict[str, Any]] = []
+    open_ids: set[str] | None = None  # ids of the calls tool messages may answer now
+    for i, m in enumerate(messages):
+        role = "system" if m.role == "developer" else m.role
+        d: dict[str, Any] = {"role": role, "content": m.text()}
+        if m.name is not None:
+            d["name"] = m.name
+        if m.tool_calls:
+            d["tool_calls"] = [_call_dict(i, j, tc) for j, tc in enumerate(m.tool_calls)]
+            open_ids = {tc.id for tc in m.tool_calls}
+        elif role == "tool":
+            if open_ids is None:
+                raise InvalidRequestError(
+                    f"messages[{i}] has role 'tool' but does not follow an assistant message "
+                    "with tool_calls", param=f"messages.{i}",
+                )
+            known = open_ids - {""}
+            if m.tool_call_id is not None and known and m.tool_call_id not in known:
+                raise InvalidRequestError(
+                    f"messages[{i}].tool_call_id {m.tool_call_id!r} answers no call of the "
+                    f"preceding assistant message (ids: {', '.join(sorted(known))})",
+                    param=f"messages.{i}.tool_call_id",
+                )
+            d["tool_call_id"] = m.tool_call_id
+        elif role != "function":
+            open_ids = None
+        out.append(d)
+    return out
+
+
+def _call_dict(i: int, j: int, tc: Any) -> dict[str, Any]:
+    try:
+        arguments = json.loads(tc.function.arguments or "{}")
+    except ValueError as exc:
+        raise InvalidRequestError(
+            f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON",
+            param=f"messages.{i}.tool_calls.{j}.function.arguments",
+        ) from exc
+    return {"id": tc.id, "type": "function",
+            "function": {"name": tc.function.name, "arguments": arguments}}
+
+
+def _tool_spec(i: int, tool: ToolDefinition) -> ToolSpec:
+    fn = tool.function
+    param = f"tools.{i}.function.parameters"
+    schema = fn.parameters
+    if schema is None:
+        return ToolSpec(fn.name, Fragment("no-args", {"no-args": '"{}"'}))
+    if schema.get("type", "object") != "object":
+        raise SchemaError(f"tools[{i}].function.parameters must be an object schema", param=param)
+    return ToolSpec(fn.name, schema_fragment(schema, f"t{i}-", param))
+
+
+def _content_rules(req: ChatCompletionRequest) -> Fragment | None:
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return Fragment("object", {k: PRIMITIVES[k] for k in PRIMITIVES if k != "ws"})
+    if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+        raise InvalidRequestError(
+            "response_format json_schema needs json_schema.schema",
+            param="response_format.json_schema",
+        )
+    return schema_fragment(fmt.json_schema.json_schema, "rf-", "response_format.json_schema")
+
+
+def plan_chat(req: ChatCompletionRequest) -> ChatPlan:
+    """Validate a chat request's messages, tools, tool_choice and output format (400s)."""
+    messages = message_dicts(req.messages)
+    tools = req.tools or []
+    names = [t.function.name for t in tools]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise InvalidRequestError(f"duplicate tool names: {', '.join(dupes)}", param="tools")
+    specs = [_tool_spec(i, t) for i, t in enumerate(tools)]
+    choice = req.tool_choice or ("auto" if tools else "none")
+    forced: list[ToolSpec] = []
+    mode: ToolMode = "none" if choice == "none" or not tools else "auto"
+    if choice == "required":
+        forced, mode = specs, "forced"
+    elif not isinstance(choice, str):
+        forced = [s for s in specs if s.name == choice.function.name]
+        mode = "forced"
+        if not forced:
+            raise InvalidRequestError(
+                f"tool_choice names function {choice.function.name!r}, which is not in tools"
+                f" ({', '.join(names) or 'none given'})", param="tool_choice",
+            )
+    if mode == "forced" and not tools:
+        raise InvalidRequestError("tool_choice requires tools", param="tool_choice")
+    content = _content_rules(req)
+    if req.grammar is not None:
+        gbnf.validate(req.grammar)
+        if content is not None or mode == "forced":
+            raise InvalidRequestError(
+                "grammar cannot be combined with response_format or a forced tool_choice",
+                param="grammar",
+            )
+    return ChatPlan(
+        messages=messages,
+        tools=[t.model_dump(exclude_none=True) for t in tools] if mode != "none" else None,
+        # NOTE: a named tool_choice means one call to that function.
+        specs=specs, tool_mode=mode, forced=forced,
+        parallel=req.parallel_tool_calls and isinstance(choice, str),
+        content=content, raw_grammar=req.grammar,
+    )
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    """The prompt text, the template it came from, and the tool-call family it implies."""
+
+    text: str
+    origin: str
+    family: str
+
+
+def render_chat(
+    info: ModelInfo, plan: ChatPlan, templates_dir: Path, override: str | None
+) -> RenderedChat:
+    """Render the plan's messages with the model's template (on the engine thread)."""
+    template = resolve_template(info, templates_dir, override, tools=plan.needs_tool_template)
+    messages, tools, family = plan.messages, plan.tools, template.family
+    if plan.needs_tool_template and not uses_tools(template.source):
+        # NOTE: no tool-capable template of this family: describe tools in a system message
+        # and write calls and results as plain text the generic JSON parser reads back.
+        logger.info("%s does not render tools; describing them in a system message",
+                    template.origin)
+        messages, tools, family = _generic_messages(plan.messages, plan.tools), None, "json"
+    text = render(
+        template.source, messages, bos_token=info.bos_token, eos_token=info.eos_token,
+        add_generation_prompt=True, tools=tools,
+    )
+    return RenderedChat(text, template.origin, family)
+
+
+def _generic_messages(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                     for c in m["tool_calls"]]
+            out.append({"role": "assistant", "content": json.dumps({"tool_calls": calls})})
+        elif m["role"] == "tool":
+            out.append({"role": "user",
+                        "content": f"Result of call {m.get('tool_call_id') or ''}: {m['content']}"})
+        else:
+            out.append(m)
+    if tools:
+        listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+        prompt = GENERIC_TOOLS_PROMPT.format(tools=listing)
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + prompt}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
