@@ -111,7 +111,7 @@ def test_llama_cpp_agrees(tmp_path: Path) -> None:
     engine = LlamaEngine.load(require_model(SMOL), Settings(n_ctx=256))
     try:
         for grammar in VALID:
-            engine._grammar(grammar)
+            engine._grammar(grammar).close()
         for grammar in PARSE_ERRORS:
             with pytest.raises(InvalidRequestError):
                 engine._grammar(grammar)

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 from llama_cpp import _internals
 from llama_cpp.llama_cache import LlamaDiskCache
-from llama_cpp.llama_grammar import LlamaGrammar
 
 from llmserve.config import Settings
 from llmserve.engine.base import MIN_EVAL, ModelInfo, SamplingParams
@@ -41,6 +41,62 @@ def _fingerprint(path: Path, llm: llama_cpp.Llama) -> str:
         f"{params.flash_attn_type}|{params.swa_full}".encode()
     )
     return h.hexdigest()
+
+
+class _GrammarGate:
+    """A GBNF grammar as llama.cpp's common sampler uses it: check the sampled token only."""
+
+    def __init__(self, vocab: Any, text: str):
+        # NOTE: a grammar llama.cpp cannot parse comes back NULL (and would crash the first
+        # sample). chat/gbnf.py rejects those first; this check is the last line of defence.
+        self._smpl = llama_cpp.llama_sampler_init_grammar(vocab, text.encode(), b"root")
+        if not self._smpl:
+            raise InvalidRequestError("llama.cpp could not parse the grammar", param="grammar",
+                                      code="invalid_grammar")
+        self._one = (llama_cpp.llama_token_data * 1)()
+        self._one_array = llama_cpp.llama_token_data_array(
+            data=self._one, size=1, selected=-1, sorted=False
+        )
+        self._full: _internals.LlamaTokenDataArray | None = None
+
+    def allows(self, token: int) -> bool:
+        """Whether the grammar accepts token next."""
+        entry: Any = self._one[0]
+        entry.id, entry.logit, entry.p = token, 0.0, 0.0
+        self._one_array.size, self._one_array.selected = 1, -1
+        llama_cpp.llama_sampler_apply(self._smpl, ctypes.byref(self._one_array))
+        return bool(np.isfinite(entry.logit))
+
+    def mask(self, logits: Any, n_vocab: int) -> None:
+        """Set the logit of every token the grammar rejects to -inf, in llama.cpp's buffer."""
+        values = np.ctypeslib.as_array(logits, shape=(n_vocab,))
+        if self._full is None:
+            self._full = _internals.LlamaTokenDataArray(n_vocab=n_vocab)
+        self._full.copy_logits(values)
+        llama_cpp.llama_sampler_apply(self._smpl, ctypes.byref(self._full.candidates))
+        values[np.isneginf(self._full.candidates_data.logit)] = -np.inf
+
+    def sampler(self, llm: llama_cpp.Llama) -> Any:
+        """A replacement for llm.sample (Llama.generate calls it with idx=...)."""
+
+        def sample(**kwargs: Any) -> int:
+            ridx = kwargs["idx"] - llm.n_tokens
+            assert llm._sampler is not None
+            token = int(llm._sampler.sample(llm._ctx, ridx))
+            if not self.allows(token):
+                logits = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, ridx)
+                self.mask(logits, llm.n_vocab())
+                token = int(llm._sampler.sample(llm._ctx, ridx))
+            llama_cpp.llama_sampler_accept(self._smpl, token)
+            return token
+
+        return sample
+
+    def close(self) -> None:
+        """Free the grammar sampler."""
+        if self._smpl:
+            llama_cpp.llama_sampler_free(self._smpl)
+            self._smpl = None
 
 
 class LlamaEngine:
@@ -137,28 +193,25 @@ class LlamaEngine:
 
     def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[tuple[int, bytes]]:
         """Sample tokens after the prompt, reusing the longest matching KV prefix."""
-        grammar = self._grammar(params.grammar) if params.grammar else None
-        return self._generate(prompt, params, grammar)
+        gate = self._grammar(params.grammar) if params.grammar else None
+        return self._generate(prompt, params, gate)
 
-    def _grammar(self, text: str) -> LlamaGrammar:
-        # NOTE: llama-cpp-python adds whatever llama.cpp returns to the sampler chain, and a
-        # grammar llama.cpp cannot parse comes back NULL and crashes the process at the first
-        # token. chat/gbnf.py rejects those first; this check is the last line of defence.
-        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, text.encode(), b"root")
-        if not sampler:
-            raise InvalidRequestError("llama.cpp could not parse the grammar", param="grammar",
-                                      code="invalid_grammar")
-        llama_cpp.llama_sampler_free(sampler)
-        return LlamaGrammar.from_string(text, verbose=False)
+    def _grammar(self, text: str) -> _GrammarGate:
+        return _GrammarGate(self._vocab, text)
 
     def _generate(
-        self, prompt: list[int], params: SamplingParams, grammar: LlamaGrammar | None
+        self, prompt: list[int], params: SamplingParams, gate: _GrammarGate | None
     ) -> Iterator[tuple[int, bytes]]:
         llm = self._llm
         keep = len(prompt) - MIN_EVAL
         if llm.n_tokens > keep and self.live_tokens()[:keep] == prompt[: max(keep, 0)]:
             self._truncate(max(keep, 0))
         llm.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
+        if gate is not None:
+            # NOTE: llama-cpp-python's grammar sampler checks every vocabulary entry on every
+            # token; like llama.cpp's common sampler we sample first and check only the chosen
+            # token, masking and resampling when the grammar rejects it.
+            llm.sample = gate.sampler(llm)  # type: ignore[method-assign]
         tokens = llm.generate(
             prompt,
             top_k=params.top_k,
@@ -168,7 +221,6 @@ class LlamaEngine:
             repeat_penalty=params.repeat_penalty,
             frequency_penalty=params.frequency_penalty,
             presence_penalty=params.presence_penalty,
-            grammar=grammar,
         )
         try:
             for token in tokens:
@@ -177,6 +229,9 @@ class LlamaEngine:
                 yield token, self.token_bytes(token)
         finally:
             tokens.close()
+            if gate is not None:
+                del llm.sample
+                gate.close()
 
     def live_tokens(self) -> list[int]:
         """Tokens whose KV is in the context now."""
