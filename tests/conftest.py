@@ -41,6 +41,19 @@ def fake_models_dir(tmp_path: Path) -> Path:
 FakeFactory = Callable[..., "contextlib.AbstractAsyncContextManager[httpx.AsyncClient]"]
 
 
+@contextlib.asynccontextmanager
+async def app_client(app: Any, *, ready: bool = True) -> AsyncIterator[httpx.AsyncClient]:
+    """An in-process client for app with its lifespan running (and, if ready, a model loaded)."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            for _ in range(200 if ready else 0):
+                if (await client.get("/health")).status_code == 200:
+                    break
+                await _sleep(0.01)
+            yield client
+
+
 @pytest.fixture
 def fake_client(fake_models_dir: Path, tmp_path: Path) -> FakeFactory:
     """Factory: `async with fake_client(script=[...], n_ctx=..) as (client)`.
@@ -65,16 +78,10 @@ def fake_client(fake_models_dir: Path, tmp_path: Path) -> FakeFactory:
             templates_dir=tmp_path / "templates", no_announce=True, **(settings_kw or {}),
         )
         app = create_app(settings, engine_factory=factory)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                client.engines = engines  # type: ignore[attr-defined]
-                client.app = app  # type: ignore[attr-defined]
-                for _ in range(200):
-                    if (await client.get("/health")).status_code == 200:
-                        break
-                    await _sleep(0.01)
-                yield client
+        async with app_client(app) as client:
+            client.engines = engines  # type: ignore[attr-defined]
+            client.app = app  # type: ignore[attr-defined]
+            yield client
 
     return make
 

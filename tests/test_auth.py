@@ -15,6 +15,7 @@ from llmserve.config import Settings
 from llmserve.engine.fake import FakeEngine
 from llmserve.http.app import create_app
 from llmserve.http.auth import is_loopback_host, key_matches, presented_keys
+from tests.conftest import app_client
 
 pytestmark = pytest.mark.anyio
 
@@ -40,13 +41,8 @@ PROTECTED = [r for r in _routes() if r not in PUBLIC]
 async def keyed_client(models_dir: Path, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
     s = Settings(model_name="alpha.gguf", models_dir=models_dir, no_announce=True, **settings)
     app = create_app(s, engine_factory=lambda p, _: FakeEngine(p))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            for _ in range(200):
-                if (await client.get("/health")).status_code == 200:
-                    break
-            yield client
+    async with app_client(app) as client:
+        yield client
 
 
 def _auth_error(resp: httpx.Response) -> None:

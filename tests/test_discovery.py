@@ -17,7 +17,7 @@ from llmserve.config import Settings
 from llmserve.discovery import Node, async_discover, txt_records
 from llmserve.engine.fake import FakeEngine
 from llmserve.http.app import create_app
-from tests.conftest import ROOT, SMOL, ServerProcess, free_port
+from tests.conftest import ROOT, SMOL, ServerProcess, app_client, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -78,16 +78,10 @@ async def test_server_starts_when_multicast_fails(
     settings = Settings(port=free_port(), models_dir=fake_models_dir, model_name="alpha.gguf")
     app = create_app(settings, engine_factory=lambda p, _: FakeEngine(p))
     with caplog.at_level(logging.WARNING, logger="llmserve"):
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-                for _ in range(200):
-                    if (await client.get("/health")).status_code == 200:
-                        break
-                    await asyncio.sleep(0.01)
-                chat = await client.post(
-                    "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}
-                )
+        async with app_client(app) as client:
+            chat = await client.post(
+                "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}
+            )
             await asyncio.sleep(0.05)
     assert chat.status_code == 200
     warnings = [

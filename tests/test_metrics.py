@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -13,6 +12,7 @@ from llmserve.config import Settings
 from llmserve.engine.fake import FakeEngine
 from llmserve.http.app import create_app
 from llmserve.metrics import Metrics
+from tests.conftest import app_client
 
 pytestmark = pytest.mark.anyio
 
@@ -68,17 +68,12 @@ async def test_streamed_and_refused_requests_are_counted(fake_models_dir: Path) 
                         api_key=["k"])
     app = create_app(settings, engine_factory=lambda p, _: FakeEngine(p))
     key = {"X-API-Key": "k"}
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            for _ in range(200):
-                if (await client.get("/health")).status_code == 200:
-                    break
-            refused = await client.post("/v1/chat/completions", json=CHAT)
-            streamed = await client.post(
-                "/v1/chat/completions", json={**CHAT, "stream": True}, headers=key
-            )
-            text = (await client.get("/metrics", headers=key)).text
+    async with app_client(app) as client:
+        refused = await client.post("/v1/chat/completions", json=CHAT)
+        streamed = await client.post(
+            "/v1/chat/completions", json={**CHAT, "stream": True}, headers=key
+        )
+        text = (await client.get("/metrics", headers=key)).text
     assert refused.status_code == 401 and streamed.status_code == 200
     assert value(text, "llmserve_requests_total",
                  route="/v1/chat/completions", status="401") == 1
