@@ -46,7 +46,11 @@ def _serve_parser(sub: Any) -> None:
     _flag(p, "n_ctx", type=int, help="context length in tokens, 0 = the model's (default 4096)")
     _flag(p, "n_gpu_layers", type=int, help="layers to offload to the GPU, -1 = all (default 0)")
     _flag(p, "n_threads", type=int, help="CPU threads (default: llama.cpp's choice)")
-    _flag(p, "n_batch", type=int, help="prompt batch size (default 512)")
+    _flag(p, "n_batch", type=int, help="tokens per decode step, all sequences (default 512)")
+    _flag(p, "parallel", type=int,
+          help="sequences decoded together in one context; they share --n_ctx (default 4)")
+    _flag(p, "max_queue", type=int,
+          help="requests waiting for a free sequence before a 503 (default 256)")
     _flag(p, "prompt_cache", choices=["tiered", "ram", "llama_disk", "off"],
           help="prompt cache: RAM + disk tiers, RAM only, llama-cpp-python's LlamaDiskCache, "
                "or none (default tiered)")

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     n_gpu_layers: int = 0
     n_threads: int | None = Field(default=None, ge=1)
     n_batch: int = Field(default=512, ge=1)
+    # Continuous batching: sequences decoded together (llama-server's -np) and the wait queue.
+    parallel: int = Field(default=4, ge=1, le=256)
+    max_queue: int = Field(default=256, ge=0)
     prompt_cache: PromptCache = "tiered"
     cache_ram_bytes: int = Field(default=2 << 30, ge=0)
     cache_disk_bytes: int = Field(default=10 << 30, ge=0)

@@ -8,6 +8,7 @@ LlmserveError
  +-- NotFoundError              404 not_found_error
  |    +-- ModelNotFoundError    404 code=model_not_found
  +-- ModelNotReadyError         503 service_unavailable
+ +-- QueueFullError             503 service_unavailable code=queue_full (Retry-After)
  +-- ModelLoadError             500 server_error code=model_load_failed
  +-- InternalError              500 server_error
 """
@@ -75,6 +76,13 @@ class ModelNotReadyError(LlmserveError):
     status = 503
     type = "service_unavailable"
     code = "model_not_ready"
+
+
+class QueueFullError(LlmserveError):
+    status = 503
+    type = "service_unavailable"
+    code = "queue_full"
+    retry_after = 1  # seconds, sent as Retry-After
 
 
 class ModelLoadError(LlmserveError):

@@ -12,7 +12,7 @@ from llmserve.engine.base import Engine
 from llmserve.errors import ContextLengthError, InvalidRequestError
 from llmserve.extra_schemas import EmbeddingRequest
 from llmserve.metrics import Metrics
-from llmserve.scheduler import Worker
+from llmserve.scheduler import Scheduler
 
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
 
@@ -54,7 +54,7 @@ def _unit_float32(vector: list[float]) -> bytes:
 class ExtraService:
     """The routes beyond chat: every model call runs on the engine thread."""
 
-    def __init__(self, manager: ModelManager, worker: Worker, metrics: Metrics | None = None):
+    def __init__(self, manager: ModelManager, worker: Scheduler, metrics: Metrics | None = None):
         self.manager = manager
         self.worker = worker
         self.metrics = metrics

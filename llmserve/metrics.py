@@ -98,6 +98,17 @@ class Metrics:
             "llmserve_queue_depth", "Jobs waiting for or running on the engine thread",
             registry=r,
         )
+        self.active_sequences = Gauge(
+            "llmserve_active_sequences", "Sequences in the batch now (all models)", registry=r
+        )
+        self.batch_tokens = Histogram(
+            "llmserve_batch_tokens", "Tokens in each llama_decode step (decode + prompt)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048), registry=r,
+        )
+        self.queue_wait = Histogram(
+            "llmserve_queue_wait_seconds", "From a request's arrival to its admission",
+            buckets=_SECONDS, registry=r,
+        )
         self.cache_hits = Counter(
             "llmserve_prompt_cache_hits", "Prompts that reused cached KV state", registry=r
         )
@@ -110,10 +121,13 @@ class Metrics:
         )
 
     def track(
-        self, *, queue_depth: Callable[[], float], loaded: Callable[[], Iterable[LoadedModel]]
+        self, *, queue_depth: Callable[[], float], loaded: Callable[[], Iterable[LoadedModel]],
+        active_sequences: Callable[[], float] | None = None,
     ) -> None:
         """Read queue depth and loaded models from their owners at scrape time."""
         self.queue_depth.set_function(queue_depth)
+        if active_sequences is not None:
+            self.active_sequences.set_function(active_sequences)
         self.registry.register(_ModelCollector(loaded))
 
     def render(self) -> bytes:
@@ -142,6 +156,13 @@ class Metrics:
         self.completion_tokens.labels(model).inc(completion_tokens)
         if completion_tokens > 1 and decode_seconds > 0:
             self.tokens_per_second.labels(model).observe((completion_tokens - 1) / decode_seconds)
+
+    def scheduled(self, kind: str, value: float) -> None:
+        """Scheduler hook (engine thread): batch tokens per step, queue wait seconds."""
+        if kind == "batch_tokens":
+            self.batch_tokens.observe(value)
+        elif kind == "queue_wait":
+            self.queue_wait.observe(value)
 
     def embedded(self, model: str, tokens: int) -> None:
         """Inputs totalling `tokens` tokens were embedded."""

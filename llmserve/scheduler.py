@@ -1,18 +1,30 @@
-"""One worker thread owns the engine: every model operation runs there, in arrival order.
+"""The scheduler: one engine thread runs a continuous-batching loop over every request.
 
-NOTE: llama.cpp contexts are not thread-safe, and a FIFO single worker also makes a model
-switch wait for in-flight work without any extra locking.
+Each turn of the loop: run the calls that arrived (tokenize, load, switch...) and admit
+waiting requests in arrival order while sequences are free; drop what was cancelled; then one
+decode step per model with live sequences (every decoding sequence's next token plus prompt
+chunks within --n_batch), and feed each sampled token to its request's output processor.
+
+NOTE: llama.cpp contexts are not thread-safe, so this one thread owns all of them; calls and
+admissions keep their arrival order, so a model switch still waits for the work before it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from llmserve.engine.base import BatchEngine, Engine, KVFullError, SamplingParams, Seq
+from llmserve.errors import ContextLengthError, QueueFullError
 
 logger = logging.getLogger(__name__)
 
@@ -22,24 +34,41 @@ Emit = Callable[[Any], None]
 _END = object()
 
 
+class Busy(Exception):  # noqa: N818 - a signal, not an error
+    """A call or admission must wait: the model it would evict still has live sequences."""
+
+
 class _Failure:
     def __init__(self, exc: BaseException):
         self.exc = exc
 
 
 class EventStream:
-    """Events emitted by a job on the worker thread, consumed on the event loop."""
+    """Events of one request, emitted on the engine thread and consumed on the event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self.cancelled = threading.Event()
 
+    def put(self, item: Any) -> None:
+        """From any thread."""
+        # NOTE: the loop may already be closed at shutdown; nobody is listening then.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def fail(self, exc: BaseException) -> None:
+        self.put(_Failure(exc))
+
+    def end(self) -> None:
+        self.put(_END)
+
     def cancel(self) -> None:
-        """Ask the job to stop at its next token."""
+        """Ask the request to stop at its next token (or never to start)."""
         self.cancelled.set()
 
     async def next(self) -> Any:
-        """The next event; raises the job's exception; StopAsyncIteration at the end."""
+        """The next event; raises the request's exception; StopAsyncIteration at the end."""
         item = await self._queue.get()
         if item is _END:
             self._queue.put_nowait(_END)  # stay ended for later readers
@@ -55,70 +84,305 @@ class EventStream:
         return await self.next()
 
 
-class Worker:
-    """A single engine thread with a FIFO queue."""
+class Runner(Protocol):
+    """What the loop needs of a request (llmserve.request.Request)."""
 
-    def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmserve-engine")
-        self.queued = 0  # jobs submitted and not finished (queue depth)
+    stream: EventStream
+    queued_at: float
+    engine: Any  # a BatchEngine once admitted
+    seqs: list[Seq]  # the open sequences
+
+    def admit(self) -> bool: ...
+    def waiting(self, seq: Seq) -> bool: ...
+    def on_token(self, seq: Seq, token: int, piece: bytes | None) -> bool: ...
+    def on_ready(self, seq: Seq) -> bool: ...
+    def finish(self, reason: str) -> None: ...
+
+
+@dataclass(eq=False)
+class _Call:
+    fn: Callable[[], Any]
+    future: Future[Any] = field(default_factory=Future)
+
+
+class IteratorBatch:
+    """A BatchEngine over an engine that only has generate() (the tests' FakeEngine)."""
+
+    def __init__(self, engine: Engine, n_parallel: int):
+        self.engine = engine
+        self.info = engine.info
+        self.n_parallel = n_parallel
+        self._live: set[int] = set()
+
+    def open_seq(self, prompt: list[int], params: SamplingParams, *,
+                 prefill_only: bool = False) -> Seq | None:
+        free = [i for i in range(self.n_parallel) if i not in self._live]
+        if not free:
+            return None
+        # NOTE: one token always pending, so the loop steps it until the iterator ends.
+        seq = Seq(free[0], list(prompt), len(prompt), params, prefill_only,
+                  n_past=len(prompt) - (0 if prefill_only else 1))
+        seq.handle = iter(()) if prefill_only else self.engine.generate(prompt, params)
+        self._live.add(seq.slot)
+        return seq
+
+    def step(self, seqs: list[Seq], n_batch: int) -> list[tuple[Seq, int, bytes | None]]:
+        out: list[tuple[Seq, int, bytes | None]] = []
+        for seq in seqs:
+            try:
+                token, piece = next(seq.handle)
+            except StopIteration:
+                out.append((seq, -1, None))
+                continue
+            seq.tokens.append(token)
+            seq.n_past += 1
+            out.append((seq, token, piece))
+        return out
+
+    def close_seq(self, seq: Seq) -> None:
+        close = getattr(seq.handle, "close", None)
+        if close is not None:
+            close()
+        self._live.discard(seq.slot)
+
+
+class Scheduler:
+    """The engine thread: a FIFO of calls and requests, and the batch loop."""
+
+    def __init__(self, max_queue: int = 256, n_batch: int = 512) -> None:
+        self.max_queue = max_queue
+        self.n_batch = n_batch
+        self._cv = threading.Condition()
+        self._inbox: deque[Any] = deque()
+        self._waiting: deque[Any] = deque()
+        self._active: list[Runner] = []
         self._after: list[Callable[[], None]] = []
+        self._stopping = False
+        self.heartbeat = time.monotonic()  # last time the loop went round
+        self.busy_since: float | None = None  # when the current step started
+        self.steps = 0
+        self.observers: list[Callable[[str, float], None]] = []  # metrics hooks
+        self._thread = threading.Thread(target=self._loop, name="llmserve-engine", daemon=True)
+        self._thread.start()
+
+    # -- the event-loop side -----------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Calls and requests waiting or running."""
+        return len(self._inbox) + len(self._waiting) + len(self._active)
+
+    @property
+    def waiting_requests(self) -> int:
+        return sum(1 for x in (*self._inbox, *self._waiting) if not isinstance(x, _Call))
+
+    @property
+    def active_sequences(self) -> int:
+        return sum(len(r.seqs) for r in list(self._active))
 
     def after_each_job(self, hook: Callable[[], None]) -> None:
-        """Run hook on the worker thread after every job, before its caller hears it ended."""
+        """Run hook on the engine thread after every call."""
         self._after.append(hook)
 
-    def _run_hooks(self) -> None:
-        for hook in self._after:
-            try:
-                hook()
-            except Exception:  # a hook must never break the worker
-                logger.exception("after-job hook failed")
+    def _push(self, item: Any) -> None:
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("the scheduler is shut down")
+            self._inbox.append(item)
+            self._cv.notify()
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn(*args) on the worker thread and return its result."""
-        loop = asyncio.get_running_loop()
+        """Run fn(*args) on the engine thread, between decode steps, in arrival order."""
+        item = _Call(lambda: fn(*args))
+        self._push(item)
+        return await asyncio.wrap_future(item.future)
 
-        def run() -> T:
-            try:
-                return fn(*args)
-            finally:
-                self._run_hooks()
-
-        self.queued += 1
-        try:
-            return await loop.run_in_executor(self._executor, run)
-        finally:
-            self.queued -= 1
-
-    def stream(self, job: Callable[[Emit, threading.Event], None]) -> EventStream:
-        """Start job(emit, cancelled) on the worker; its emitted events arrive on the stream."""
-        loop = asyncio.get_running_loop()
-        stream = EventStream()
-
-        def put(item: Any) -> None:
-            # NOTE: the loop may already be closed at shutdown; nobody is listening then.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(stream._queue.put_nowait, item)
-
-        def run() -> None:
-            try:
-                if not stream.cancelled.is_set():
-                    job(put, stream.cancelled)
-            except BaseException as exc:
-                put(_Failure(exc))
-            finally:
-                self._run_hooks()
-                put(_END)
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(self._done)
-
-        self.queued += 1
-        self._executor.submit(run)
-        return stream
-
-    def _done(self) -> None:
-        self.queued -= 1
+    def submit(self, request: Runner) -> None:
+        """Queue a request (503 when --max_queue requests already wait)."""
+        if self.waiting_requests >= self.max_queue:
+            raise QueueFullError(
+                f"{self.max_queue} requests are already waiting for a free sequence; retry later"
+            )
+        request.queued_at = time.monotonic()
+        self._push(request)
 
     def shutdown(self) -> None:
-        """Stop accepting work and wait for the running job."""
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        """Cancel everything and stop the thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    def cancel_all(self) -> None:
+        """On the engine thread: end every request (shutdown)."""
+        for req in list(self._active):
+            self._end(req, "cancelled")
+        for item in list(self._waiting):
+            if not isinstance(item, _Call):
+                self._waiting.remove(item)
+                item.stream.end()
+
+    # -- the engine thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._inbox or self._active or self._stopping or self._waiting):
+                    self._cv.wait(timeout=1.0)
+                    self.heartbeat = time.monotonic()
+                self._waiting.extend(self._inbox)
+                self._inbox.clear()
+                stopping = self._stopping
+            if stopping:
+                self._stop()
+                return
+            stepped = False
+            try:
+                self._admit()
+                self._drop_cancelled()
+                stepped = self._step()
+            except Exception:  # NOTE: never let the loop die; each request fails alone
+                logger.exception("scheduler loop error")
+            self.heartbeat = time.monotonic()
+            if not stepped and (self._waiting or self._active):
+                with self._cv:  # waiting on a drain or a fork: do not spin
+                    if not self._inbox:
+                        self._cv.wait(timeout=0.005)
+
+    def _stop(self) -> None:
+        self.cancel_all()
+        for item in self._waiting:
+            if isinstance(item, _Call):
+                item.future.cancel()
+
+    def _run_call(self, item: _Call) -> None:
+        try:
+            result = item.fn()
+        except Busy:
+            raise
+        except BaseException as exc:
+            item.future.set_exception(exc)
+        else:
+            item.future.set_result(result)
+        finally:
+            for hook in self._after:
+                try:
+                    hook()
+                except Exception:  # a hook must never break the loop
+                    logger.exception("after-call hook failed")
+
+    def _admit(self) -> None:
+        slots_full = False
+        for item in list(self._waiting):
+            if isinstance(item, _Call):
+                try:
+                    self._run_call(item)
+                except Busy:
+                    return  # everything after it waits too (arrival order)
+                self._waiting.remove(item)
+                continue
+            if item.stream.cancelled.is_set():
+                self._waiting.remove(item)
+                item.stream.end()  # the client left while it waited: never started
+                continue
+            if slots_full:
+                continue
+            try:
+                admitted = item.admit()
+            except Busy:
+                return
+            except BaseException as exc:
+                self._waiting.remove(item)
+                item.stream.fail(exc)
+                item.stream.end()
+                continue
+            if not admitted:
+                slots_full = True  # later requests wait; later calls still run
+                continue
+            self._waiting.remove(item)
+            self._active.append(item)
+            wait = time.monotonic() - item.queued_at
+            for observe in self.observers:
+                observe("queue_wait", wait)
+            for seq in list(item.seqs):
+                if seq.prefill_only and seq.pending == 0:
+                    self._ready(item, seq)
+
+    def _drop_cancelled(self) -> None:
+        for req in list(self._active):
+            if req.stream.cancelled.is_set():
+                self._end(req, "cancelled")
+
+    def _end(self, req: Runner, reason: str) -> None:
+        if req in self._active:
+            self._active.remove(req)
+            req.finish(reason)
+
+    def _ready(self, req: Runner, seq: Seq) -> None:
+        if req.on_ready(seq):
+            self._end(req, "stop")
+
+    def _step(self) -> bool:
+        by_engine: dict[int, tuple[Any, list[tuple[Runner, Seq]]]] = {}
+        for req in self._active:
+            engine = req.engine
+            entry = by_engine.setdefault(id(engine), (engine, []))
+            entry[1].extend((req, s) for s in req.seqs if not req.waiting(s) and s.pending)
+        stepped = False
+        for engine, pairs in by_engine.values():
+            if not pairs:
+                continue
+            stepped = True
+            owner = {id(s): r for r, s in pairs}
+            self.busy_since = time.monotonic()
+            try:
+                results = engine.step([s for _, s in pairs], self.n_batch)
+            except KVFullError as exc:
+                victim = pairs[-1][0]  # the newest request gives way
+                logger.warning("%s; ending the newest request with finish_reason length", exc)
+                self._end(victim, "length")
+                continue
+            except Exception as exc:
+                logger.exception("decode step failed")
+                for req in {id(r): r for r, _ in pairs}.values():
+                    req.stream.fail(exc)
+                    self._end(req, "error")
+                continue
+            finally:
+                self.busy_since = None
+            self.steps += 1
+            batch_tokens = getattr(getattr(engine, "batch", None), "last_batch_tokens", len(pairs))
+            for observe in self.observers:
+                observe("batch_tokens", float(batch_tokens))
+            for seq, token, *rest in results:
+                piece = rest[0] if rest else self._piece(engine, seq, token)
+                req = owner[id(seq)]
+                if req in self._active and req.on_token(seq, token, piece):
+                    self._end(req, "done")
+            for req, seq in pairs:
+                if seq.prefill_only and seq.pending == 0 and req in self._active:
+                    self._ready(req, seq)
+        return stepped
+
+    @staticmethod
+    def _piece(engine: Any, seq: Seq, token: int) -> bytes | None:
+        if not seq.params.ignore_eos and engine.is_eog(token):
+            return None
+        return bytes(engine.token_bytes(token))
+
+
+def replace_seed(params: SamplingParams, i: int) -> SamplingParams:
+    """The sampling parameters of choice i of n: a seeded request gets seed+i."""
+    if i == 0 or params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=params.seed + i)
+
+
+def check_context(n_prompt: int, n_ctx: int) -> None:
+    """400 context_length_exceeded when the prompt leaves no room to generate."""
+    if n_prompt >= n_ctx:
+        raise ContextLengthError(
+            f"the prompt is {n_prompt} tokens but the model's context is {n_ctx} "
+            "tokens; shorten the messages or start the server with a larger --n_ctx",
+            param="messages",
+        )

@@ -108,7 +108,7 @@ class SamplingFields(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repeat_penalty: float = Field(default=1.0, ge=0.0)
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=256)  # up to --parallel (checked by the service)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -1,20 +1,21 @@
 """Chat and text completions: the request flow, readable in one place (no HTTP here).
 
 request -> plan (tools, tool_choice, response_format, grammar: 400s) -> resolve model ->
-[worker thread: ensure model, render, tokenize, check context, restore the cached prefix,
-generate (with a grammar), detokenize, stop strings, tool-call parser] -> events -> the route
-turns them into JSON or SSE; after Finished the job saves the prompt cache.
+a Request (llmserve/request.py) queued on the scheduler (llmserve/scheduler.py) ->
+[engine thread, batch loop: admit (ensure model, render, tokenize, check context, take n
+sequences, prompt KV from the slot / a live sibling / the prefix cache, llmserve/sharing.py)
+-> one llama_decode per step for every sequence -> per-sequence sampler -> output processor
+(UTF-8, stop strings, tool-call parser; llmserve/output.py) -> events] -> the route turns them
+into JSON or SSE; after a choice's Finished its prompt and reply go to the prompt cache.
 """
 
 from __future__ import annotations
 
-import codecs
-import dataclasses
+import asyncio
 import logging
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,13 +23,14 @@ from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import ModelManager
 from llmserve.chat import gbnf
 from llmserve.chat.plan import ChatPlan, RenderedChat, plan_chat, render_chat
-from llmserve.chat.stops import StopMatcher
-from llmserve.chat.tools import ToolCallDelta, ToolCallParser, make_parser
+from llmserve.chat.tools import ToolCallDelta
 from llmserve.config import Settings
-from llmserve.engine.base import MIN_EVAL, Engine, SamplingParams
-from llmserve.errors import ContextLengthError
+from llmserve.engine.base import BatchEngine, Engine, SamplingParams, common_prefix
+from llmserve.errors import InvalidRequestError
 from llmserve.metrics import Metrics
-from llmserve.scheduler import Emit, EventStream, Worker
+from llmserve.output import Emit, Finished, Prompt, Started, TextDelta
+from llmserve.request import Env, Request
+from llmserve.scheduler import EventStream, IteratorBatch, Scheduler, check_context
 from llmserve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -39,36 +41,6 @@ from llmserve.schemas import (
 __all__ = ["Finished", "Generation", "Message", "Started", "TextDelta", "ToolCallDelta"]
 
 logger = logging.getLogger(__name__)
-Job = Callable[[Emit, threading.Event], None]
-
-
-@dataclass(frozen=True)
-class Started:
-    """The prompt was accepted: generation is about to start."""
-
-    model: str
-    prompt_tokens: int
-    cached_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    text: str
-
-
-@dataclass(frozen=True)
-class Finished:
-    finish_reason: str
-    completion_tokens: int
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A tokenized prompt and how to treat the output: grammar, tool-call family."""
-
-    tokens: list[int]
-    grammar: str | None = None
-    tool_family: str | None = None
 
 
 @dataclass
@@ -81,14 +53,16 @@ class Message:
 
 
 class Generation:
-    """A running generation: header data, then TextDelta/ToolCallDelta events, one Finished."""
+    """A running generation: header data, then TextDelta/ToolCallDelta events, and one
+    Finished per choice (each event carries its choice index)."""
 
-    def __init__(self, id_: str, started: Started, stream: EventStream):
+    def __init__(self, id_: str, started: Started, stream: EventStream, n: int = 1):
         self.id = id_
         self.created = int(time.time())
         self.model = started.model
         self.prompt_tokens = started.prompt_tokens
         self.cached_tokens = started.cached_tokens
+        self.n = n
         self._stream = stream
 
     def cancel(self) -> None:
@@ -96,41 +70,56 @@ class Generation:
         self._stream.cancel()
 
     async def __aiter__(self) -> AsyncIterator[TextDelta | ToolCallDelta | Finished]:
-        # NOTE: the job goes on after Finished (it saves the prompt cache); the response
-        # does not wait for that.
+        # NOTE: the request goes on after the last Finished (it saves the prompt cache); the
+        # response does not wait for that.
+        done: set[int] = set()
         async for event in self._stream:
-            yield event
             if isinstance(event, Finished):
+                done.add(event.choice)
+                if event.choice == 0 and event.cached_tokens is not None:
+                    self.cached_tokens = event.cached_tokens  # final once the prompt is in
+            yield event
+            if len(done) >= self.n:
                 return
 
     async def collect(self) -> tuple[str, Finished]:
-        """Wait for the whole text and the finish event."""
-        parts: list[str] = []
-        finished = Finished("stop", 0)
+        """Wait for the whole text and the finish event (choice 0)."""
+        texts, finishes = await self.collect_texts()
+        return texts[0], finishes[0]
+
+    async def collect_texts(self) -> tuple[list[str], list[Finished]]:
+        """Every choice's whole text and Finished."""
+        parts: list[list[str]] = [[] for _ in range(self.n)]
+        finishes = [Finished("stop", 0, i) for i in range(self.n)]
         async for event in self:
             if isinstance(event, TextDelta):
-                parts.append(event.text)
+                parts[event.choice].append(event.text)
             elif isinstance(event, Finished):
-                finished = event
-        return "".join(parts), finished
+                finishes[event.choice] = event
+        return ["".join(p) for p in parts], finishes
 
     async def collect_message(self) -> Message:
-        """Wait for the whole reply, tool calls assembled from their deltas."""
-        parts: list[str] = []
-        calls: dict[int, dict[str, Any]] = {}
-        finished = Finished("stop", 0)
+        """Wait for the whole reply (choice 0), tool calls assembled from their deltas."""
+        return (await self.collect_messages())[0]
+
+    async def collect_messages(self) -> list[Message]:
+        """Every choice's whole reply."""
+        parts: list[list[str]] = [[] for _ in range(self.n)]
+        calls: list[dict[int, dict[str, Any]]] = [{} for _ in range(self.n)]
+        finishes = [Finished("stop", 0, i) for i in range(self.n)]
         async for event in self:
             if isinstance(event, TextDelta):
-                parts.append(event.text)
+                parts[event.choice].append(event.text)
             elif isinstance(event, ToolCallDelta):
-                call = calls.setdefault(event.index, {
+                call = calls[event.choice].setdefault(event.index, {
                     "id": event.id, "type": "function",
                     "function": {"name": event.name, "arguments": ""},
                 })
                 call["function"]["arguments"] += event.arguments
             elif isinstance(event, Finished):
-                finished = event
-        return Message("".join(parts), [calls[i] for i in sorted(calls)], finished)
+                finishes[event.choice] = event
+        return [Message("".join(parts[i]), [calls[i][k] for k in sorted(calls[i])], finishes[i])
+                for i in range(self.n)]
 
 
 def sampling_params(
@@ -160,26 +149,27 @@ def sampling_params(
     )
 
 
-def _check_context(n_prompt: int, n_ctx: int) -> None:
-    if n_prompt >= n_ctx:
-        raise ContextLengthError(
-            f"the prompt is {n_prompt} tokens but the model's context is {n_ctx} "
-            "tokens; shorten the messages or start the server with a larger --n_ctx",
-            param="messages",
-        )
-
-
 class ChatService:
     """Creates chat and text completions on the active (or requested) model."""
 
     def __init__(
-        self, settings: Settings, manager: ModelManager, worker: Worker, cache: PrefixCache
+        self, settings: Settings, manager: ModelManager, worker: Scheduler, cache: PrefixCache
     ):
         self.settings = settings
         self.manager = manager
         self.worker = worker
         self.cache = cache
         self.metrics: Metrics | None = None  # set by create_app; see _metered
+        self._adapters: dict[int, IteratorBatch] = {}  # engines without batching (the fake)
+        self.env = Env(manager, cache, settings.stream_interval_ms / 1000, self._batch_for)
+
+    def _batch_for(self, engine: Engine) -> BatchEngine:
+        if hasattr(engine, "step"):
+            return engine  # type: ignore[return-value]
+        adapter = self._adapters.get(id(engine))
+        if adapter is None or adapter.engine is not engine:
+            adapter = self._adapters[id(engine)] = IteratorBatch(engine, self.settings.parallel)
+        return adapter
 
     async def chat(self, req: ChatCompletionRequest) -> Generation:
         """Start a chat completion; raises request errors before any output exists."""
@@ -218,27 +208,33 @@ class ChatService:
     async def restore_cache(self, req: RestoreCacheRequest) -> dict[str, Any]:
         """Pre-warm the prompt cache with a conversation's prompt (or just report, dry_run).
 
-        The prompt is rendered exactly as a chat request with these messages and tools."""
+        The prompt is rendered exactly as a chat request with these messages and tools; the
+        warm-up is a prefill-only request in the batch, so decoding sequences go on."""
         plan = plan_chat(
             ChatCompletionRequest(model=req.model, messages=req.messages, tools=req.tools)
         )
         filename = self.manager.resolve(req.model) if req.model else None
+        start = time.perf_counter()
 
-        def job() -> dict[str, Any]:
-            start = time.perf_counter()
-            engine = self.manager.ensure(filename)
-            tokens = _chat_tokens(engine, self._render(engine, plan).text)
-            _check_context(len(tokens), engine.info.n_ctx)
-            cached, evaluated = self.cache.warm(engine, tokens, dry_run=req.dry_run)
-            return {
-                "model": engine.info.name,
-                "prompt_tokens": len(tokens),
-                "cached_tokens": cached,
-                "evaluated_tokens": evaluated,
-                "seconds": round(time.perf_counter() - start, 4),
-            }
+        def prompt(engine: Engine) -> Prompt:
+            return Prompt(_chat_tokens(engine, self._render(engine, plan).text))
 
-        return await self.worker.call(job)
+        if req.dry_run:
+            def peek() -> dict[str, Any]:
+                engine = self.manager.ensure(filename)
+                tokens = prompt(engine).tokens
+                check_context(len(tokens), engine.info.n_ctx)
+                live = max((common_prefix(s.live(), tokens) for s in engine.batch.slots), default=0) \
+                    if hasattr(engine, "batch") else 0
+                return _warm_result(engine.info.name, len(tokens), self.cache.peek(
+                    engine, tokens, live), 0, start)
+            return await self.worker.call(peek)
+        gen = await self._submit("warm", filename, None, prompt, SamplingParams(), None, [],
+                                 prefill_only=True)
+        _texts, finishes = await gen.collect_texts()
+        cached = finishes[0].cached_tokens or 0
+        return _warm_result(gen.model, gen.prompt_tokens, cached, gen.prompt_tokens - cached,
+                            start)
 
     def _render(self, engine: Engine, plan: ChatPlan) -> RenderedChat:
         return render_chat(
@@ -265,72 +261,68 @@ class ChatService:
         max_tokens: int | None,
     ) -> Generation:
         filename = self.manager.resolve(req.model) if req.model else None
+        if req.n > self.settings.parallel:
+            raise InvalidRequestError(
+                f"n is {req.n} but the server decodes at most {self.settings.parallel} "
+                "sequences at once (--parallel)", param="n",
+            )
         params = sampling_params(req, self.manager.sampling_defaults(filename))
-        stops = req.stop_list()
-        gen_id = f"{prefix}-{uuid.uuid4().hex}"
+        return await self._submit(prefix, filename, req.keep_alive, build_prompt, params,
+                                  max_tokens, req.stop_list(), n=req.n)
 
-        def job(emit: Emit, cancelled: threading.Event) -> None:
-            engine = self.manager.ensure(filename, req.keep_alive)
-            prompt = build_prompt(engine)
-            tokens = prompt.tokens
-            n_ctx = engine.info.n_ctx
-            _check_context(len(tokens), n_ctx)
-            budget = n_ctx - len(tokens)
-            limit = min(max_tokens, budget) if max_tokens else budget
-            start = time.perf_counter()
-            # a cache hit still re-evaluates the prompt's last MIN_EVAL tokens (see engine.base)
-            cached = min(self.cache.prepare(engine, tokens), max(len(tokens) - MIN_EVAL, 0))
-            # NOTE: generate() checks the grammar before Started, so a bad one is still a 400.
-            output = engine.generate(tokens, dataclasses.replace(params, grammar=prompt.grammar))
-            emit(Started(engine.info.name, len(tokens), cached))
-            finished = _generate(
-                output, stops, limit, cancelled, make_parser(prompt.tool_family),
-                _Coalescer(emit, self.settings.stream_interval_ms / 1000),
-                on_first=lambda: self.cache.after_prompt(engine, tokens),
-            )
-            logger.info(
-                "%s finished (%s): %d prompt + %d completion tokens in %.2f s",
-                gen_id, finished.finish_reason, len(tokens), finished.completion_tokens,
-                time.perf_counter() - start,
-            )
-            emit(finished)
-            self.cache.tokens_evaluated += len(tokens) - cached
-            self.cache.save(engine, tokens)  # after Finished: off the response's critical path
-
-        stream = self.worker.stream(_metered(job, self.metrics) if self.metrics else job)
-        first = await stream.next()  # raises the job's error (404/400) before any output
-        return Generation(gen_id, first, stream)
+    async def _submit(
+        self, prefix: str, filename: str | None, keep_alive: float | None,
+        build_prompt: Callable[[Engine], Prompt], params: SamplingParams,
+        max_tokens: int | None, stops: list[str], *, n: int = 1, prefill_only: bool = False,
+    ) -> Generation:
+        stream = EventStream(asyncio.get_running_loop())
+        emit = stream.put if self.metrics is None else _metered(stream.put, self.metrics)
+        request = Request(
+            f"{prefix}-{uuid.uuid4().hex}", self.env, stream, emit, filename, keep_alive,
+            build_prompt, params, max_tokens, stops, n=n, prefill_only=prefill_only,
+        )
+        self.worker.submit(request)
+        try:
+            first = await stream.next()  # raises the request's error (404/400) before output
+        except BaseException:
+            stream.cancel()
+            raise
+        return Generation(request.id, first, stream, n)
 
 
-def _metered(job: Job, metrics: Metrics) -> Job:
-    """Feed a generation job's events to the metrics: tokens, time to first text, speed."""
+def _metered(emit: Emit, metrics: Metrics) -> Emit:
+    """Feed a request's events to the metrics: tokens, time to first text, speed."""
     t0 = time.perf_counter()
+    model, first = "", 0.0
 
-    def run(emit: Emit, cancelled: threading.Event) -> None:
-        model, first = "", 0.0
+    def observe(event: Any) -> None:
+        nonlocal model, first
+        now = time.perf_counter()
+        if isinstance(event, Started):
+            model = event.model
+            metrics.generation_started(model, event.prompt_tokens)
+        elif isinstance(event, TextDelta) and not first:
+            first = now
+            metrics.first_token(model, now - t0)
+        elif isinstance(event, Finished) and event.choice == 0:
+            if event.cached_tokens:
+                metrics.cache_hit(event.cached_tokens)
+            else:
+                metrics.cache_miss()
+            metrics.generation_finished(
+                model, event.completion_tokens, now - first if first else 0.0
+            )
+        emit(event)
 
-        def observe(event: Any) -> None:
-            nonlocal model, first
-            now = time.perf_counter()
-            if isinstance(event, Started):
-                model = event.model
-                metrics.generation_started(model, event.prompt_tokens)
-                if event.cached_tokens:
-                    metrics.cache_hit(event.cached_tokens)
-                else:
-                    metrics.cache_miss()
-            elif isinstance(event, TextDelta) and not first:
-                first = now
-                metrics.first_token(model, now - t0)
-            elif isinstance(event, Finished):
-                metrics.generation_finished(
-                    model, event.completion_tokens, now - first if first else 0.0
-                )
-            emit(event)
+    return observe
 
-        job(observe, cancelled)
 
-    return run
+def _warm_result(model: str, prompt: int, cached: int, evaluated: int,
+                 start: float) -> dict[str, Any]:
+    return {
+        "model": model, "prompt_tokens": prompt, "cached_tokens": cached,
+        "evaluated_tokens": evaluated, "seconds": round(time.perf_counter() - start, 4),
+    }
 
 
 def _chat_tokens(engine: Engine, text: str) -> list[int]:
@@ -341,87 +333,3 @@ def _chat_tokens(engine: Engine, text: str) -> list[int]:
     return tokens
 
 
-Delta = TextDelta | ToolCallDelta
-
-
-class _Coalescer:
-    """Joins deltas produced within `interval` seconds: text with text, arguments with args.
-
-    NOTE: on a 2-core machine every event-loop and client wake-up preempts a llama.cpp
-    compute thread; emitting every few milliseconds instead of every token keeps decode
-    speed (vLLM's --stream-interval does the same). The first piece goes out at once.
-    """
-
-    def __init__(self, emit: Emit, interval: float):
-        self._emit = emit
-        self._interval = interval
-        self._pending: list[Delta] = []
-        self._last = 0.0
-
-    def __call__(self, delta: Delta) -> None:
-        last = self._pending[-1] if self._pending else None
-        if isinstance(delta, TextDelta) and isinstance(last, TextDelta):
-            self._pending[-1] = TextDelta(last.text + delta.text)
-        elif (
-            isinstance(delta, ToolCallDelta) and isinstance(last, ToolCallDelta)
-            and delta.index == last.index and delta.id is None
-        ):
-            self._pending[-1] = dataclasses.replace(
-                last, arguments=last.arguments + delta.arguments
-            )
-        else:
-            self._pending.append(delta)
-        now = time.perf_counter()
-        if now - self._last >= self._interval:
-            self.flush()
-            self._last = now
-
-    def flush(self) -> None:
-        pending, self._pending = self._pending, []
-        for delta in pending:
-            self._emit(delta)
-
-
-def _generate(
-    tokens: Iterator[tuple[int, bytes]],
-    stops: list[str],
-    limit: int,
-    cancelled: threading.Event,
-    parser: ToolCallParser,
-    emit: _Coalescer,
-    on_first: Callable[[], None] | None = None,
-) -> Finished:
-    """Run the decode loop on the worker thread, emitting deltas; return the Finished."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    matcher = StopMatcher(stops)
-    produced = 0
-    reason = "stop"
-
-    def out(text: str) -> None:
-        for part in parser.feed(text):
-            emit(TextDelta(part) if isinstance(part, str) else part)
-
-    try:
-        for _token, piece in tokens:
-            produced += 1
-            if produced == 1 and on_first is not None:
-                on_first()  # the context holds exactly the prompt now
-            if cancelled.is_set():
-                reason = "cancelled"
-                break
-            out(matcher.feed(decoder.decode(piece)))
-            if matcher.stopped:
-                break
-            if produced >= limit:
-                reason = "length"
-                break
-    finally:
-        tokens.close()  # type: ignore[attr-defined]
-    if not matcher.stopped:
-        out(matcher.feed(decoder.decode(b"", final=True)) + matcher.flush())
-    for part in parser.finish():
-        emit(TextDelta(part) if isinstance(part, str) else part)
-    emit.flush()
-    if parser.calls and reason == "stop":
-        reason = "tool_calls"
-    return Finished(reason, produced)

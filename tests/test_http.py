@@ -160,7 +160,7 @@ async def test_malformed_bodies(fake_client: Any, content: bytes, headers: dict[
         ({**CHAT, "max_tokens": -5}, "max_tokens"),
         ({**CHAT, "max_tokens": "lots"}, "max_tokens"),
         ({**CHAT, "temperature": 9}, "temperature"),
-        ({**CHAT, "n": 3}, "n"),
+        ({**CHAT, "n": 5}, "n"),  # more than --parallel (4)
     ],
 )
 async def test_validation_errors_are_400(fake_client: Any, body: Any, param: str) -> None:

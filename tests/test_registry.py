@@ -240,7 +240,7 @@ async def test_invalid_manifest_is_ignored_by_the_server(models_dir: Path) -> No
 
 def test_suggest_model_prefers_present_then_small(models_dir: Path) -> None:
     from llmserve.catalog.registry import ModelManager
-    from llmserve.scheduler import Worker
+    from llmserve.scheduler import Scheduler
 
     (models_dir / "models.yaml").write_text(
         "models:\n"
@@ -249,7 +249,7 @@ def test_suggest_model_prefers_present_then_small(models_dir: Path) -> None:
         "  other: {path: gamma.gguf, use_cases: [code]}\n"
         "  lonely: {path: missing2.gguf, use_cases: [vision]}\n"
     )
-    manager = ModelManager(Settings(models_dir=models_dir), FakeEngine, Worker())  # type: ignore[arg-type]
+    manager = ModelManager(Settings(models_dir=models_dir), FakeEngine, Scheduler())  # type: ignore[arg-type]
     assert manager.suggest_model("chat") == "big"  # present beats smaller but missing
     assert manager.suggest_model("CODE") == "other"
     assert manager.suggest_model("vision") is None

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from llmserve.cache import kvstate
 from llmserve.cache.prefix import block_keys, tail_key
 from llmserve.cache.store import DiskTier, RamTier
-from llmserve.engine.base import Engine, StatefulEngine
+from llmserve.engine.base import Engine, StatefulEngine, common_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +36,6 @@ class Match:
     blocks: list[str]
     tail: str | None
     window: str | None
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class PrefixCache:
@@ -120,11 +111,12 @@ class PrefixCache:
     # -- lookup ----------------------------------------------------------------------------
 
     def _stateful(self, engine: Engine) -> StatefulEngine | None:
-        if self.mode in ("off", "llama_disk") or not isinstance(engine, StatefulEngine):
+        # NOTE: duck-typed: a batched engine's per-sequence view has the stateful methods.
+        if self.mode in ("off", "llama_disk") or not getattr(engine, "fingerprint", ""):
             return None
-        if not engine.fingerprint or engine.fingerprint in self._broken:
+        if engine.fingerprint in self._broken:  # type: ignore[attr-defined]
             return None
-        return engine
+        return engine  # type: ignore[return-value]
 
     def match(self, engine: Engine, tokens: list[int]) -> Match:
         """The longest restorable cached prefix of tokens (no loading, no scanning)."""
@@ -164,35 +156,29 @@ class PrefixCache:
     def prepare(self, engine: Engine, tokens: list[int]) -> int:
         """Before evaluating tokens: restore the best cached prefix; returns tokens reused."""
         if self.mode == "off":
-            if isinstance(engine, StatefulEngine):
+            if hasattr(engine, "reset"):
                 engine.reset()
             return 0
         if self.mode == "llama_disk":
             reused = int(engine.llama_disk_restore(tokens, self.directory, self.llama_disk_bytes))  # type: ignore[attr-defined]
-            return self._count(reused)
+            return self.count_reuse(reused)
         stateful = self._stateful(engine)
         if stateful is None:
             return 0
-        live = _common_prefix(stateful.live_tokens(), tokens)
+        live = common_prefix(stateful.live_tokens(), tokens)
         found = self.match(stateful, tokens)
         if found.tokens > live and self._restore(stateful, tokens, found):
-            return self._count(found.tokens)
-        return self._count(live)
+            return self.count_reuse(found.tokens)
+        return self.count_reuse(live)
 
-    def warm(self, engine: Engine, tokens: list[int], *, dry_run: bool) -> tuple[int, int]:
-        """/restore_cache: (tokens reused, tokens evaluated) to make the context hold tokens."""
-        if not isinstance(engine, StatefulEngine) or self.mode == "off":
-            return 0, 0 if dry_run else len(tokens)
-        if dry_run:
-            live = _common_prefix(engine.live_tokens(), tokens)
-            return max(self.match(engine, tokens).tokens, live), 0
-        cached = self.prepare(engine, tokens)
-        evaluated = engine.extend(tokens)
-        self.tokens_evaluated += evaluated
-        self.save(engine)
-        return cached, evaluated
+    def peek(self, engine: Engine, tokens: list[int], live: int) -> int:
+        """/restore_cache dry run: prompt tokens a request would reuse (live: in a slot)."""
+        if self.mode == "off":
+            return 0
+        return max(self.match(engine, tokens).tokens, live)
 
-    def _count(self, reused: int) -> int:
+    def count_reuse(self, reused: int) -> int:
+        """Count a request's reused prompt tokens (0: a miss)."""
         if reused:
             self.hits += 1
             self.tokens_reused += reused

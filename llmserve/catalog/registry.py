@@ -1,7 +1,7 @@
 """Resident models: loading, LRU eviction, keep-alive unloading; all on the engine thread.
 
 Several models may be resident at once (--max_loaded_models, --memory_budget). They share the
-one engine thread (scheduler.Worker): llama.cpp contexts are not thread-safe and a 2-core box
+one engine thread (scheduler.Scheduler): llama.cpp contexts are not thread-safe and a 2-core box
 gains nothing from running two models at once, so one FIFO thread stays the simplest correct
 design; a resident model only saves the reload. The "active" model is the most recently used
 one: requests that name no model go to it.
@@ -27,7 +27,7 @@ from llmserve.catalog.spec import LOAD_PARAMS, SAMPLING_PARAMS
 from llmserve.config import Settings
 from llmserve.engine.base import Engine
 from llmserve.errors import ModelLoadError, ModelNotReadyError
-from llmserve.scheduler import Worker
+from llmserve.scheduler import Busy, Scheduler
 
 __all__ = ["EngineFactory", "ModelFile", "ModelManager", "list_model_files", "resolve_model_name"]
 
@@ -59,7 +59,7 @@ class ModelManager:
         self,
         settings: Settings,
         factory: EngineFactory,
-        worker: Worker,
+        worker: Scheduler,
         library: ModelLibrary | None = None,
     ):
         self.settings = settings
@@ -79,6 +79,7 @@ class ModelManager:
         self.error: str | None = None
         self.load_seconds = 0.0
         self.loads = 0  # models loaded since start (a resident switch does not count)
+        self._users: dict[str, int] = {}  # live requests per model (engine thread only)
         worker.after_each_job(self._job_done)
 
     # --- read side (any thread) ---------------------------------------------------------------
@@ -169,13 +170,40 @@ class ModelManager:
             return resident.engine
         return self._load_evicting(name)
 
+    def acquire(self, filename: str | None) -> Engine:
+        """On the engine thread, for a request: the engine, loaded if need be; the model
+        stays resident until release()."""
+        name = filename or self.default_name
+        if name is None:
+            raise ModelNotReadyError(f"no model is loaded ({self.error or 'still starting'})")
+        saved = self._in_use, self._keep_alive
+        try:
+            engine = self.ensure(name)
+        finally:
+            self._in_use, self._keep_alive = saved
+        self._users[name] = self._users.get(name, 0) + 1
+        return engine
+
+    def release(self, name: str, keep_alive: float | None) -> None:
+        """A request on `name` ended: stamp it and apply its keep_alive."""
+        left = self._users.get(name, 1) - 1
+        if left > 0:
+            self._users[name] = left
+        else:
+            self._users.pop(name, None)
+        self._stamp(name, keep_alive)
+
+    def busy(self, name: str) -> bool:
+        """Whether requests are running on the model."""
+        return self._users.get(name, 0) > 0
+
     def _load_evicting(self, name: str) -> Engine:
         previous = self.default_name
         footprint = self._footprint(name)
-        self.state = "loading"
         # NOTE: evict before loading so the models never need more than the budget at once;
         # if the load fails, the active model is loaded again when it was evicted for it.
-        evicted = self._make_room(footprint)
+        evicted = self._make_room(footprint)  # raises Busy while the victims still serve
+        self.state = "loading"
         try:
             engine = self._load(name, footprint)
         except Exception as exc:
@@ -202,7 +230,10 @@ class ModelManager:
             over_count = len(self._resident) >= self.settings.max_loaded_models
             if not over_count and (budget is None or used + footprint <= budget):
                 break
-            victim = next(iter(self._resident))
+            idle = [n for n in self._resident if not self.busy(n)]
+            if not idle:
+                raise Busy(f"every resident model is serving; {footprint} bytes must wait")
+            victim = idle[0]
             logger.info("evicting %s (least recently used) to make room", victim)
             self.unload(victim)
             evicted.append(victim)
@@ -258,24 +289,29 @@ class ModelManager:
         return True
 
     def _job_done(self) -> None:
-        """Worker hook after every job: stamp the model it used and apply its keep-alive."""
+        """Scheduler hook after every call: stamp the model it used and apply its keep-alive."""
         name, keep_alive = self._in_use, self._keep_alive
         self._in_use = self._keep_alive = None
-        resident = self._resident.get(name or "")
-        if name is None or resident is None:
+        if name is not None:
+            self._stamp(name, keep_alive)
+
+    def _stamp(self, name: str, keep_alive: float | None) -> None:
+        resident = self._resident.get(name)
+        if resident is None:
             return
         ttl = keep_alive if keep_alive is not None else self.settings.idle_unload_seconds
         now = time.monotonic()
         resident.last_used = now
         resident.expires_at = None if ttl is None or math.isinf(ttl) else now + ttl
-        if ttl == 0:
+        if ttl == 0 and not self.busy(name):
             self.unload(name)
 
     def unload_expired(self) -> list[str]:
         """On the worker thread: unload every model whose keep-alive ran out."""
         now = time.monotonic()
         with self._lock:
-            due = [n for n, r in self._resident.items() if r.expires_at and r.expires_at <= now]
+            due = [n for n, r in self._resident.items()
+                   if r.expires_at and r.expires_at <= now and not self.busy(n)]
         return [n for n in due if self.unload(n)]
 
     def _next_expiry(self) -> float | None:

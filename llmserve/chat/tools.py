@@ -31,6 +31,7 @@ class ToolCallDelta:
     id: str | None = None
     name: str | None = None
     arguments: str = ""
+    choice: int = 0  # which of the request's n choices
 
 
 Piece = str | ToolCallDelta

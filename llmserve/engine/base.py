@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 # NOTE: llama.cpp's CPU kernels give a slightly different result for a 1-token batch than for
 # the same token inside a larger batch. Re-evaluating at least this many prompt tokens after a
 # cache hit keeps the first sampled token identical to an uncached run (tests/test_cache_real).
 MIN_EVAL = 4
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,69 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Free the model's memory."""
+        ...
+
+
+@dataclass(eq=False)
+class Seq:
+    """One sequence of a batch: the tokens it must hold and how far its KV has got.
+
+    `tokens` is the prompt, then each sampled token appended; the KV holds tokens[:n_past].
+    A sequence needs evaluating while n_past < len(tokens); the step that evaluates its last
+    token samples the next one (unless prefill_only).
+    """
+
+    slot: int
+    tokens: list[int]
+    n_prompt: int
+    params: SamplingParams
+    prefill_only: bool = False
+    n_past: int = 0
+    reused: int = 0  # prompt tokens whose KV came from a cache, a sibling or the slot itself
+    handle: Any = None  # the engine's per-sequence state (its sampler)
+
+    def keep_limit(self) -> int:
+        """The most prompt KV that may be reused: a prompt that samples re-evaluates its last
+        MIN_EVAL tokens, so the first token matches an uncached run."""
+        return self.n_prompt if self.prefill_only else max(self.n_prompt - MIN_EVAL, 0)
+
+    @property
+    def pending(self) -> int:
+        """Tokens still to evaluate."""
+        return len(self.tokens) - self.n_past
+
+
+class KVFullError(Exception):
+    """The KV cache has no room for this step's tokens."""
+
+
+class BatchEngine(Protocol):
+    """An engine that advances several sequences with one decode per step (engine thread)."""
+
+    info: ModelInfo
+    n_parallel: int
+
+    def open_seq(self, prompt: list[int], params: SamplingParams, *,
+                 prefill_only: bool = False) -> Seq | None:
+        """A sequence for prompt in a free slot (None: every slot busy); raises 400 on a bad
+        grammar. Its slot's KV keeps the longest prefix it already held (seq.n_past)."""
+        ...
+
+    def step(self, seqs: list[Seq], n_batch: int) -> list[tuple[Seq, int]]:
+        """One decode: every decoding sequence's next token plus prompt chunks within n_batch;
+        returns the (sequence, token) sampled. Raises KVFullError when nothing fits."""
+        ...
+
+    def close_seq(self, seq: Seq) -> None:
+        """The sequence is done; its slot keeps its KV for a later prompt to reuse."""
+        ...
+
+    def is_eog(self, token: int) -> bool:
+        """Whether token ends generation."""
+        ...
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for."""
         ...
 
 

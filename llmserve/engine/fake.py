@@ -40,6 +40,7 @@ class FakeEngine:
         self.thread_ids: set[int] = set()
         self.params: list[SamplingParams] = []  # every generate call's params, for tests
         self.prompts: list[str] = []  # every generate call's prompt, as text
+        self.trace: list[int] = []  # which generation (index into prompts) made each token
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         """One token per character."""
@@ -65,9 +66,9 @@ class FakeEngine:
         """Replay the script (cycling forever with ignore_eos)."""
         self.params.append(params)
         self.prompts.append(self.detokenize(prompt))
-        return self._replay(params)
+        return self._replay(params, len(self.prompts) - 1)
 
-    def _replay(self, params: SamplingParams) -> Iterator[tuple[int, bytes]]:
+    def _replay(self, params: SamplingParams, gen: int) -> Iterator[tuple[int, bytes]]:
         self.thread_ids.add(threading.get_ident())
         i = 0
         while params.ignore_eos or i < len(self.script):
@@ -76,6 +77,7 @@ class FakeEngine:
             piece = self.script[i % len(self.script)]
             i += 1
             self.generated += 1
+            self.trace.append(gen)
             yield i, piece.encode()
 
     def close(self) -> None:

@@ -1,11 +1,10 @@
-"""LlamaEngine: the one module that imports llama_cpp."""
+"""LlamaEngine: a GGUF model and its batched context (the engine package owns llama_cpp)."""
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
 import logging
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,11 +12,15 @@ from typing import Any
 import llama_cpp
 import numpy as np
 from llama_cpp import _internals
+from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_cache import LlamaDiskCache
+from llama_cpp.llama import LlamaState
 
 from llmserve.config import Settings
-from llmserve.engine.base import MIN_EVAL, ModelInfo, SamplingParams
-from llmserve.errors import InternalError, InvalidRequestError, ModelLoadError
+from llmserve.engine.base import KVFullError, ModelInfo, SamplingParams, Seq, common_prefix
+from llmserve.engine.batch import BatchContext
+from llmserve.engine.sampling import GrammarGate, SeqSampler
+from llmserve.errors import ContextLengthError, InternalError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +28,10 @@ logger = logging.getLogger(__name__)
 # (other control tokens render empty).
 TOOL_MARKERS = ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]",
                 "<|python_tag|>")
+_backend_ready = False
 
 
-def _fingerprint(path: Path, llm: llama_cpp.Llama) -> str:
+def _fingerprint(path: Path, params: Any) -> str:
     """Identifies the weights and KV layout: a cache entry never restores into another model."""
     h = hashlib.blake2b(digest_size=16)
     size = path.stat().st_size
@@ -35,7 +39,6 @@ def _fingerprint(path: Path, llm: llama_cpp.Llama) -> str:
         h.update(f.read(1 << 22))
         f.seek(max(0, size - (1 << 22)))
         h.update(f.read(1 << 22))
-    params = llm.context_params
     h.update(
         f"{size}|{llama_cpp.__version__}|{params.type_k}|{params.type_v}|"
         f"{params.flash_attn_type}|{params.swa_full}".encode()
@@ -43,80 +46,27 @@ def _fingerprint(path: Path, llm: llama_cpp.Llama) -> str:
     return h.hexdigest()
 
 
-class _GrammarGate:
-    """A GBNF grammar as llama.cpp's common sampler uses it: check the sampled token only."""
-
-    def __init__(self, vocab: Any, text: str):
-        # NOTE: a grammar llama.cpp cannot parse comes back NULL (and would crash the first
-        # sample). chat/gbnf.py rejects those first; this check is the last line of defence.
-        self._smpl = llama_cpp.llama_sampler_init_grammar(vocab, text.encode(), b"root")
-        if not self._smpl:
-            raise InvalidRequestError("llama.cpp could not parse the grammar", param="grammar",
-                                      code="invalid_grammar")
-        self._one = (llama_cpp.llama_token_data * 1)()
-        self._one_array = llama_cpp.llama_token_data_array(
-            data=self._one, size=1, selected=-1, sorted=False
-        )
-        self._full: _internals.LlamaTokenDataArray | None = None
-
-    def allows(self, token: int) -> bool:
-        """Whether the grammar accepts token next."""
-        entry: Any = self._one[0]
-        entry.id, entry.logit, entry.p = token, 0.0, 0.0
-        self._one_array.size, self._one_array.selected = 1, -1
-        llama_cpp.llama_sampler_apply(self._smpl, ctypes.byref(self._one_array))
-        return bool(np.isfinite(entry.logit))
-
-    def mask(self, logits: Any, n_vocab: int) -> None:
-        """Set the logit of every token the grammar rejects to -inf, in llama.cpp's buffer."""
-        values = np.ctypeslib.as_array(logits, shape=(n_vocab,))
-        if self._full is None:
-            self._full = _internals.LlamaTokenDataArray(n_vocab=n_vocab)
-        self._full.copy_logits(values)
-        llama_cpp.llama_sampler_apply(self._smpl, ctypes.byref(self._full.candidates))
-        values[np.isneginf(self._full.candidates_data.logit)] = -np.inf
-
-    def sampler(self, llm: llama_cpp.Llama) -> Any:
-        """A replacement for llm.sample (Llama.generate calls it with idx=...)."""
-
-        def sample(**kwargs: Any) -> int:
-            ridx = kwargs["idx"] - llm.n_tokens
-            assert llm._sampler is not None
-            token = int(llm._sampler.sample(llm._ctx, ridx))
-            if not self.allows(token):
-                logits = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, ridx)
-                self.mask(logits, llm.n_vocab())
-                token = int(llm._sampler.sample(llm._ctx, ridx))
-            llama_cpp.llama_sampler_accept(self._smpl, token)
-            return token
-
-        return sample
-
-    def close(self) -> None:
-        """Free the grammar sampler."""
-        if self._smpl:
-            llama_cpp.llama_sampler_free(self._smpl)
-            self._smpl = None
-
-
 class LlamaEngine:
-    """A GGUF model loaded in-process through llama-cpp-python."""
+    """A GGUF model loaded in-process, with one batched context of n_parallel sequences."""
 
-    def __init__(self, llm: llama_cpp.Llama, path: Path, fingerprint: str = ""):
-        self._llm = llm
-        self.fingerprint = fingerprint
+    def __init__(self, model: _internals.LlamaModel, batch: BatchContext, path: Path,
+                 settings: Settings):
+        self._model = model
+        self.batch = batch
+        self.n_parallel = len(batch.slots)
+        self.fingerprint = _fingerprint(path, batch.params)
+        self._verbose = settings.log_level == "debug"
         self._disk_cache: LlamaDiskCache | None = None
         self._embedder: _Embedder | None = None
-        self._vocab = llm._model.vocab
+        self._vocab = model.vocab
         self._piece_cache: dict[int, bytes] = {}
-        meta = dict(llm.metadata)
-        model = llm._model
+        meta = model.metadata()
         bos_id = model.token_bos()
         eos_id = model.token_eos()
         self.info = ModelInfo(
             name=path.name,
             path=str(path),
-            n_ctx=llm.n_ctx(),
+            n_ctx=batch.n_ctx,
             architecture=meta.get("general.architecture", ""),
             chat_template=meta.get("tokenizer.chat_template"),
             bos_token=self._special_text(bos_id),
@@ -132,21 +82,31 @@ class LlamaEngine:
     @classmethod
     def load(cls, path: Path, settings: Settings) -> LlamaEngine:
         """Load a GGUF file with the server's settings."""
+        global _backend_ready
+        if not _backend_ready:
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+        verbose = settings.log_level == "debug"
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 0x7FFFFFFF if settings.n_gpu_layers == -1 else settings.n_gpu_layers
         try:
-            llm = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=settings.n_ctx,
-                n_gpu_layers=settings.n_gpu_layers,
-                n_threads=settings.n_threads,
-                n_batch=settings.n_batch,
-                # NOTE: a full-size sliding-window cache keeps every position, so any prefix of
-                # a Gemma 3 context can be kept or restored (see llmserve/cache/).
-                swa_full=True,
-                verbose=settings.log_level == "debug",
-            )
+            model = _internals.LlamaModel(path_model=str(path), params=params, verbose=verbose)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"cannot load {path.name}: {exc}") from exc
-        return cls(llm, path, _fingerprint(path, llm))
+        try:
+            with suppress_stdout_stderr(disable=verbose):
+                batch = BatchContext(
+                    model.model, n_ctx=settings.n_ctx or model.n_ctx_train(),
+                    n_batch=settings.n_batch, n_parallel=settings.parallel,
+                    n_threads=settings.n_threads,
+                    # NOTE: a full-size sliding-window cache keeps every position, so any
+                    # prefix of a Gemma 3 sequence can be kept, copied or restored.
+                    swa_full=True,
+                )
+        except ValueError as exc:
+            model.close()
+            raise ModelLoadError(f"cannot load {path.name}: {exc}") from exc
+        return cls(model, batch, path, settings)
 
     def _special_text(self, token: int) -> str:
         if token < 0:
@@ -173,7 +133,17 @@ class LlamaEngine:
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         """Text to token ids."""
-        return list(self._llm.tokenize(text.encode("utf-8"), add_special, parse_special))
+        data = text.encode("utf-8")
+        n_max = len(data) + 2 * int(add_special) + 1
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special,
+                                     parse_special)
+        if n < 0:  # NOTE: a negative result is the size the token list needs
+            n_max = -n
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special,
+                                         parse_special)
+        return list(buf[:n])
 
     def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
         """Token ids to text; the bytes are joined before decoding (split UTF-8 survives)."""
@@ -191,133 +161,76 @@ class LlamaEngine:
             self._piece_cache[token] = piece
         return piece
 
+    def is_eog(self, token: int) -> bool:
+        """Whether token ends generation (EOS, EOT and the like)."""
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    # -- sequences ---------------------------------------------------------------------------
+
+    def _grammar(self, text: str) -> GrammarGate:
+        return GrammarGate(self._vocab, text)
+
+    def open_seq(self, prompt: list[int], params: SamplingParams, *,
+                 prefill_only: bool = False) -> Seq | None:
+        """A sequence in a free slot, keeping the KV prefix the slot already shares."""
+        slot = self.batch.acquire(prompt)
+        if slot is None:
+            return None
+        gate = self._grammar(params.grammar) if params.grammar and not prefill_only else None
+        seq = Seq(slot.id, list(prompt), len(prompt), params, prefill_only)
+        seq.handle = SeqSampler(params, self.info.n_vocab, gate)
+        self.batch.bind(slot, seq)
+        return seq
+
+    def step(self, seqs: list[Seq], n_batch: int) -> list[tuple[Seq, int]]:
+        """One decode for every sequence; the tokens sampled."""
+        return self.batch.step(seqs, n_batch)
+
+    def close_seq(self, seq: Seq) -> None:
+        """Free the sequence's sampler; its slot keeps the KV."""
+        if seq.handle is not None:
+            seq.handle.close()
+            seq.handle = None
+        self.batch.release(seq)
+
+    def view(self, seq: Seq) -> SeqView:
+        """The sequence as the prefix cache sees it (one StatefulEngine per sequence)."""
+        return SeqView(self, seq)
+
     def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[tuple[int, bytes]]:
-        """Sample tokens after the prompt, reusing the longest matching KV prefix."""
-        gate = self._grammar(params.grammar) if params.grammar else None
-        return self._generate(prompt, params, gate)
+        """Sample tokens after prompt on a sequence of its own (tests and scripts)."""
+        if len(prompt) >= self.info.n_ctx:
+            raise ContextLengthError(f"the prompt is {len(prompt)} tokens", param="prompt")
+        seq = self.open_seq(prompt, params)
+        if seq is None:
+            raise InternalError("every sequence is busy")
+        return self._run(seq)
 
-    def _grammar(self, text: str) -> _GrammarGate:
-        return _GrammarGate(self._vocab, text)
-
-    def _generate(
-        self, prompt: list[int], params: SamplingParams, gate: _GrammarGate | None
-    ) -> Iterator[tuple[int, bytes]]:
-        llm = self._llm
-        keep = len(prompt) - MIN_EVAL
-        if llm.n_tokens > keep and self.live_tokens()[:keep] == prompt[: max(keep, 0)]:
-            self._truncate(max(keep, 0))
-        llm.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
-        if gate is not None:
-            # NOTE: llama-cpp-python's grammar sampler checks every vocabulary entry on every
-            # token; like llama.cpp's common sampler we sample first and check only the chosen
-            # token, masking and resampling when the grammar rejects it.
-            llm.sample = gate.sampler(llm)  # type: ignore[method-assign]
-        tokens = llm.generate(
-            prompt,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=params.min_p,
-            temp=params.temperature,
-            repeat_penalty=params.repeat_penalty,
-            frequency_penalty=params.frequency_penalty,
-            presence_penalty=params.presence_penalty,
-        )
+    def _run(self, seq: Seq) -> Iterator[tuple[int, bytes]]:
         try:
-            for token in tokens:
-                if not params.ignore_eos and llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    return
-                yield token, self.token_bytes(token)
+            while len(seq.tokens) < self.info.n_ctx:
+                for _seq, token in self.step([seq], self.batch.n_batch):
+                    if not seq.params.ignore_eos and self.is_eog(token):
+                        return
+                    yield token, self.token_bytes(token)
+        except KVFullError:
+            return
         finally:
-            tokens.close()
-            if gate is not None:
-                del llm.sample
-                gate.close()
+            self.close_seq(seq)
 
-    def live_tokens(self) -> list[int]:
-        """Tokens whose KV is in the context now."""
-        return [int(t) for t in self._llm.input_ids[: self._llm.n_tokens]]
+    def reset(self) -> None:
+        """Forget the KV of every idle sequence."""
+        self.batch.clear()
 
-    def get_state(self, *, window_only: bool = False) -> bytes:
-        """The KV state of sequence 0 (window_only: the SWA cache of an iSWA model)."""
-        ctx = self._llm._ctx.ctx
-        flags = llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY if window_only else 0
-        size = llama_cpp.llama_state_seq_get_size_ext(ctx, 0, flags)
-        buf = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data_ext(ctx, buf, size, 0, flags)
-        return bytes(memoryview(buf)[:written])
-
-    def set_state(self, blob: bytes | bytearray, tokens: list[int]) -> bool:
-        """Load a sequence state that holds `tokens`; the next generate evaluates the rest."""
-        llm = self._llm
-        # NOTE: hand llama.cpp the buffer itself (it only reads it) instead of a copy
-        buf: Any
-        if isinstance(blob, bytearray):
-            buf = (ctypes.c_uint8 * len(blob)).from_buffer(blob)
-        else:
-            buf = ctypes.cast(ctypes.c_char_p(blob), ctypes.POINTER(ctypes.c_uint8))
-        if llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buf, len(blob), 0) != len(blob):
-            self.reset()
-            return False
-        llm.n_tokens = len(tokens)
-        llm.input_ids[: len(tokens)] = tokens
-        # NOTE: restored KV has no logits: make generate() evaluate at least one token.
-        llm._requires_eval = True
-        return True
-
-    def extend(self, tokens: list[int]) -> int:
-        """Evaluate what the context lacks of `tokens`; returns how many were evaluated."""
-        llm = self._llm
-        live = self.live_tokens()
-        common = 0
-        for a, b in zip(live, tokens, strict=False):
-            if a != b:
-                break
-            common += 1
-        if common < len(live):
-            self._truncate(common)
-        if common < len(tokens):
-            llm.eval(tokens[common:])
-            llm._requires_eval = False
-        return len(tokens) - common
-
-    def llama_disk_restore(self, tokens: list[int], directory: Path, capacity: int) -> int:
-        """--prompt_cache llama_disk: llama-cpp-python's LlamaDiskCache, used as its
-        create_completion uses it (longest-prefix state restored when it beats the live one)."""
-        cache = self._llama_disk(directory, capacity)
-        llm = self._llm
-        live = int(llama_cpp.Llama.longest_token_prefix(self.live_tokens(), tokens))
-        try:
-            item = cache[tokens]
-        except KeyError:
-            return live
-        cached = int(llama_cpp.Llama.longest_token_prefix(item.input_ids.tolist(), tokens))
-        if cached > live:
-            llm.load_state(item)
-            return cached
-        return live
-
-    def llama_disk_save(self, directory: Path, capacity: int) -> None:
-        """Store the live sequence's full state, as create_completion does."""
-        self._llama_disk(directory, capacity)[self.live_tokens()] = self._llm.save_state()
-
-    def _llama_disk(self, directory: Path, capacity: int) -> LlamaDiskCache:
+    def llama_disk(self, directory: Path, capacity: int) -> LlamaDiskCache:
+        """--prompt_cache llama_disk: llama-cpp-python's LlamaDiskCache, opened on first use."""
         if self._disk_cache is None:
             self._disk_cache = LlamaDiskCache(
                 cache_dir=str(directory / "llama_disk"), capacity_bytes=capacity
             )
         return self._disk_cache
 
-    def _truncate(self, n: int) -> None:
-        """Keep the KV of the first n live tokens only."""
-        llm = self._llm
-        llm._ctx.kv_cache_seq_rm(-1, n, -1)
-        llm.n_tokens = n
-        llm._requires_eval = True
-
-    def reset(self) -> None:
-        """Forget the live tokens (their KV is overwritten by the next eval)."""
-        self._llm.reset()  # type: ignore[no-untyped-call]
-        self._llm._ctx.kv_cache_clear()  # type: ignore[no-untyped-call]
+    # -- embeddings --------------------------------------------------------------------------
 
     @property
     def embedding_loaded(self) -> bool:
@@ -327,7 +240,7 @@ class LlamaEngine:
     def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         """Pooled embeddings from a second context on the same weights (made on first use)."""
         if self._embedder is None:
-            self._embedder = _Embedder(self._llm, self.info)
+            self._embedder = _Embedder(self._model, self.info, self.batch.params)
         return [self._embedder.embed(tokens) for tokens in inputs]
 
     def close(self) -> None:
@@ -335,7 +248,67 @@ class LlamaEngine:
         if self._embedder is not None:
             self._embedder.close()
             self._embedder = None
-        self._llm.close()
+        self.batch.close()
+        self._model.close()
+
+
+class SeqView:
+    """One sequence of a LlamaEngine with the StatefulEngine methods the prefix cache uses."""
+
+    def __init__(self, engine: LlamaEngine, seq: Seq):
+        self.engine = engine
+        self.seq = seq
+        self.info = engine.info
+        self.fingerprint = engine.fingerprint
+
+    def live_tokens(self) -> list[int]:
+        """Tokens whose KV the sequence holds."""
+        return self.seq.tokens[: self.seq.n_past]
+
+    def get_state(self, *, window_only: bool = False) -> bytes:
+        """The sequence's KV state (window_only: the SWA cache of an iSWA model)."""
+        return self.engine.batch.get_state(self.seq.slot, window_only)
+
+    def set_state(self, blob: bytes | bytearray, tokens: list[int]) -> bool:
+        """Load a state that holds `tokens` (a prefix of the sequence's prompt)."""
+        ok = self.engine.batch.set_state(self.seq.slot, blob)
+        self.seq.n_past = len(tokens) if ok else 0
+        return ok
+
+    def extend(self, tokens: list[int]) -> int:
+        """Not used on a batched sequence: the scheduler evaluates prompts."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget the sequence's KV."""
+        self.engine.batch.trim(self.seq.slot, 0)
+        self.seq.n_past = 0
+
+    def llama_disk_restore(self, tokens: list[int], directory: Path, capacity: int) -> int:
+        """Restore LlamaDiskCache's longest-prefix state when it beats the live prefix, as
+        llama-cpp-python's create_completion does."""
+        cache = self.engine.llama_disk(directory, capacity)
+        live = common_prefix(self.live_tokens(), tokens)
+        try:
+            item = cache[tokens]
+        except KeyError:
+            return live
+        cached = common_prefix(item.input_ids.tolist(), tokens)
+        if cached > live and self.set_state(item.llama_state, item.input_ids.tolist()):
+            self.engine.batch.trim(self.seq.slot, cached)
+            self.seq.n_past = cached
+            return cached
+        return live
+
+    def llama_disk_save(self, directory: Path, capacity: int) -> None:
+        """Store the sequence's full state under its tokens."""
+        tokens = self.live_tokens()
+        blob = self.get_state()
+        cache = self.engine.llama_disk(directory, capacity)
+        cache[tokens] = LlamaState(
+            input_ids=np.array(tokens, dtype=np.intc), scores=np.zeros((0, 0), np.single),
+            n_tokens=len(tokens), llama_state=blob, llama_state_size=len(blob), seed=0,
+        )
 
 
 class _Embedder:
@@ -347,7 +320,7 @@ class _Embedder:
     The whole input goes into one micro-batch because pooling needs every token at once.
     """
 
-    def __init__(self, llm: llama_cpp.Llama, info: ModelInfo):
+    def __init__(self, model: _internals.LlamaModel, info: ModelInfo, chat_params: Any):
         declared = info.metadata.get(f"{info.architecture}.pooling_type")
         pooling = (
             llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
@@ -361,10 +334,10 @@ class _Embedder:
         params.n_seq_max = 1
         params.embeddings = True
         params.pooling_type = pooling
-        params.n_threads = llm.context_params.n_threads
-        params.n_threads_batch = llm.context_params.n_threads_batch
+        params.n_threads = chat_params.n_threads
+        params.n_threads_batch = chat_params.n_threads_batch
         try:
-            self._ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+            self._ctx = _internals.LlamaContext(model=model, params=params, verbose=False)
         except ValueError as exc:
             raise ModelLoadError(f"cannot create an embedding context for {info.name}") from exc
         self._batch = _internals.LlamaBatch(

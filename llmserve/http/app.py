@@ -18,10 +18,10 @@ from llmserve import __version__
 from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import EngineFactory, ModelManager
 from llmserve.config import Settings
-from llmserve.errors import LlmserveError, error_body
+from llmserve.errors import LlmserveError, QueueFullError, error_body
 from llmserve.http import admin_routes, openai_routes
 from llmserve.http.ops import Ops
-from llmserve.scheduler import Worker
+from llmserve.scheduler import Scheduler
 from llmserve.service import ChatService
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LlmserveError)
     async def _ours(_: Request, exc: LlmserveError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFullError) else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -80,7 +81,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def create_app(settings: Settings, engine_factory: EngineFactory | None = None) -> FastAPI:
     """The ASGI app; engine_factory defaults to llama.cpp (tests pass a fake)."""
-    worker = Worker()
+    worker = Scheduler(settings.max_queue, settings.n_batch)
     manager = ModelManager(settings, engine_factory or _llama_factory(), worker)
     cache = PrefixCache(
         settings.prompt_cache, settings.cache_dir, settings.cache_ram_bytes,
@@ -99,6 +100,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
             await ops.stop()
             loading.cancel()
             reaper.cancel()
+            await worker.call(worker.cancel_all)  # NOTE: every sequence ends before unloading
             await worker.call(manager.close)
             worker.shutdown()
             cache.close()

@@ -28,12 +28,12 @@ def _usage(gen: Generation, completion_tokens: int) -> dict[str, Any]:
     }
 
 
-def _chat_choice(reply: Message) -> dict[str, Any]:
+def _chat_choice(reply: Message, index: int = 0) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": reply.content}
     if reply.tool_calls:
         message["content"] = reply.content or None
         message["tool_calls"] = reply.tool_calls
-    return {"index": 0, "message": message, "logprobs": None,
+    return {"index": index, "message": message, "logprobs": None,
             "finish_reason": reply.finished.finish_reason}
 
 
@@ -46,8 +46,8 @@ def _tool_call_delta(delta: ToolCallDelta) -> dict[str, Any]:
     return {"tool_calls": [call]}
 
 
-def _text_choice(text: str, reason: str) -> dict[str, Any]:
-    return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+def _text_choice(text: str, reason: str | None, index: int = 0) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
 
 
 async def _collect_unless_gone(
@@ -71,7 +71,7 @@ async def _collect_unless_gone(
 
 def _sse(
     gen: Generation,
-    chunk: Callable[[dict[str, Any] | None, str | None], dict[str, Any]],
+    chunk: Callable[[dict[str, Any] | None, str | None, int], dict[str, Any]],
     first_delta: dict[str, Any] | None,
     include_usage: bool,
 ) -> EventSourceResponse:
@@ -80,18 +80,19 @@ def _sse(
     async def events() -> AsyncIterator[dict[str, str]]:
         try:
             if first_delta is not None:
-                yield {"data": json.dumps(chunk(first_delta, None))}
+                for i in range(gen.n):
+                    yield {"data": json.dumps(chunk(first_delta, None, i))}
             completion_tokens = 0
             async for event in gen:
                 if isinstance(event, TextDelta):
-                    yield {"data": json.dumps(chunk({"content": event.text}, None))}
+                    yield {"data": json.dumps(chunk({"content": event.text}, None, event.choice))}
                 elif isinstance(event, ToolCallDelta):
-                    yield {"data": json.dumps(chunk(_tool_call_delta(event), None))}
+                    yield {"data": json.dumps(chunk(_tool_call_delta(event), None, event.choice))}
                 elif isinstance(event, Finished):
-                    completion_tokens = event.completion_tokens
-                    yield {"data": json.dumps(chunk({}, event.finish_reason))}
+                    completion_tokens += event.completion_tokens
+                    yield {"data": json.dumps(chunk({}, event.finish_reason, event.choice))}
             if include_usage:
-                final = chunk(None, None)
+                final = chunk(None, None, 0)
                 final["choices"] = []
                 final["usage"] = _usage(gen, completion_tokens)
                 yield {"data": json.dumps(final)}
@@ -112,12 +113,12 @@ async def chat_completions(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def chunk(delta: dict[str, Any] | None, reason: str | None) -> dict[str, Any]:
+        def chunk(delta: dict[str, Any] | None, reason: str | None, i: int) -> dict[str, Any]:
             out: dict[str, Any] = {
                 "id": gen.id, "object": "chat.completion.chunk", "created": gen.created,
                 "model": gen.model, "system_fingerprint": None,
                 "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+                    {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
                 ],
             }
             if include_usage:
@@ -126,12 +127,12 @@ async def chat_completions(
 
         first = {"role": "assistant", "content": ""}
         return _sse(gen, chunk, first, include_usage)
-    reply = await _collect_unless_gone(gen, request, gen.collect_message)
+    replies = await _collect_unless_gone(gen, request, gen.collect_messages)
     return {
         "id": gen.id, "object": "chat.completion", "created": gen.created, "model": gen.model,
         "system_fingerprint": None,
-        "choices": [_chat_choice(reply)],
-        "usage": _usage(gen, reply.finished.completion_tokens),
+        "choices": [_chat_choice(reply, i) for i, reply in enumerate(replies)],
+        "usage": _usage(gen, sum(r.finished.completion_tokens for r in replies)),
     }
 
 
@@ -151,11 +152,11 @@ async def completions(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def chunk(delta: dict[str, Any] | None, reason: str | None) -> dict[str, Any]:
+        def chunk(delta: dict[str, Any] | None, reason: str | None, i: int) -> dict[str, Any]:
             text = (delta or {}).get("content", "")
             out: dict[str, Any] = {
                 "id": gen.id, "object": "text_completion", "created": gen.created,
-                "model": gen.model, "choices": [_text_choice(text, reason)],  # type: ignore[arg-type]
+                "model": gen.model, "choices": [_text_choice(text, reason, i)],
             }
             if include_usage:
                 out["usage"] = None
@@ -163,11 +164,12 @@ async def completions(
 
         first = {"content": prefix} if prefix else None
         return _sse(gen, chunk, first, include_usage)
-    text, finished = await _collect_unless_gone(gen, request, gen.collect)
+    texts, finishes = await _collect_unless_gone(gen, request, gen.collect_texts)
     return {
         "id": gen.id, "object": "text_completion", "created": gen.created, "model": gen.model,
-        "choices": [_text_choice(prefix + text, finished.finish_reason)],
-        "usage": _usage(gen, finished.completion_tokens),
+        "choices": [_text_choice(prefix + t, f.finish_reason, i)
+                    for i, (t, f) in enumerate(zip(texts, finishes, strict=True))],
+        "usage": _usage(gen, sum(f.completion_tokens for f in finishes)),
     }
 
 

@@ -14,7 +14,7 @@ from llmserve.extra_service import ExtraService
 from llmserve.http import extra_routes, observe
 from llmserve.http.auth import APIKeyMiddleware, is_loopback_host
 from llmserve.metrics import LoadedModel, Metrics
-from llmserve.scheduler import Worker
+from llmserve.scheduler import Scheduler
 from llmserve.service import ChatService
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class Ops:
     """Installs the operations pieces on an app; `start`/`stop` run in its lifespan."""
 
     def __init__(
-        self, app: FastAPI, settings: Settings, manager: ModelManager, worker: Worker,
+        self, app: FastAPI, settings: Settings, manager: ModelManager, worker: Scheduler,
         service: ChatService,
     ):
         self.settings = settings
@@ -43,8 +43,10 @@ class Ops:
         self.keys = settings.api_keys()
         self.metrics = Metrics()
         self.metrics.track(
-            queue_depth=lambda: worker.queued, loaded=lambda: loaded_models(manager)
+            queue_depth=lambda: worker.queued, loaded=lambda: loaded_models(manager),
+            active_sequences=lambda: worker.active_sequences,
         )
+        worker.observers.append(self.metrics.scheduled)
         service.metrics = self.metrics
         self.announcer: Announcer | None = None
         app.state.metrics = self.metrics

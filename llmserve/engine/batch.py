@@ -1,0 +1,202 @@
+"""BatchContext: one llama_context holding up to n_parallel sequences, advanced together.
+
+NOTE: the KV cache is unified (llama.cpp's kv_unified, llama-server's --kv-unified): the
+n_ctx cells are one pool shared by every sequence, and llama_memory_seq_cp makes a prefix live
+in two sequences without a second copy of its cells, so an agent system prompt shared by four
+conversations costs its cells once. Any one sequence may use up to n_ctx tokens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+
+from llmserve.engine.base import KVFullError, Seq, common_prefix
+from llmserve.errors import InternalError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Slot:
+    id: int
+    cached: list[int] = field(default_factory=list)  # tokens in this slot's KV while idle
+    seq: Seq | None = None
+    last_used: float = 0.0
+
+    def live(self) -> list[int]:
+        """Tokens whose KV this slot holds now."""
+        return self.seq.tokens[: self.seq.n_past] if self.seq is not None else self.cached
+
+
+class BatchContext:
+    """The context, its batch and its slots (sequence ids 0 .. n_parallel-1)."""
+
+    def __init__(self, model: Any, *, n_ctx: int, n_batch: int, n_parallel: int,
+                 n_threads: int | None, swa_full: bool):
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_seq_max = n_parallel
+        params.kv_unified = True
+        params.swa_full = swa_full
+        if n_threads is not None:
+            params.n_threads = params.n_threads_batch = n_threads
+        self.params = params
+        self.ctx = llama_cpp.llama_init_from_model(model, params)
+        if not self.ctx:
+            raise ValueError("llama.cpp could not create a context")
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
+        self.n_batch = n_batch
+        self.slots = [_Slot(i) for i in range(n_parallel)]
+        self._batch = llama_cpp.llama_batch_init(max(n_batch, n_parallel), 0, 1)
+        self.steps = 0
+        self.last_batch_tokens = 0
+
+    # -- slots -------------------------------------------------------------------------------
+
+    def acquire(self, prompt: list[int]) -> _Slot | None:
+        """A free slot, preferring the one whose KV shares most with prompt, then the LRU."""
+        free = [s for s in self.slots if s.seq is None]
+        if not free:
+            return None
+        return max(free, key=lambda s: (common_prefix(s.cached, prompt), -s.last_used))
+
+    def bind(self, slot: _Slot, seq: Seq) -> None:
+        """Give slot to seq, keeping the KV of the prefix they share."""
+        keep = min(common_prefix(slot.cached, seq.tokens), seq.keep_limit())
+        self.trim(slot.id, keep)
+        slot.seq, slot.cached = seq, []
+        seq.n_past = seq.reused = keep
+
+    def release(self, seq: Seq) -> None:
+        """The slot of seq becomes free; its KV stays for a later prompt."""
+        slot = self.slots[seq.slot]
+        slot.cached = seq.tokens[: seq.n_past]
+        slot.seq = None
+        slot.last_used = time.monotonic()
+
+    def siblings(self, seq: Seq) -> list[_Slot]:
+        """Every other slot."""
+        return [s for s in self.slots if s.id != seq.slot]
+
+    # -- KV operations -----------------------------------------------------------------------
+
+    def trim(self, slot: int, n: int) -> None:
+        """Keep the KV of the first n positions of slot only."""
+        llama_cpp.llama_memory_seq_rm(self.mem, slot, n, -1)
+        s = self.slots[slot]
+        if s.seq is None:
+            s.cached = s.cached[:n]
+
+    def copy(self, src: int, seq: Seq, n: int) -> None:
+        """Make seq hold the first n positions of slot src (shared cells, no copy)."""
+        llama_cpp.llama_memory_seq_rm(self.mem, seq.slot, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self.mem, src, seq.slot, 0, n)
+        seq.n_past = seq.reused = n
+
+    def get_state(self, slot: int, window_only: bool) -> bytes:
+        """The KV state of one sequence (llama_state_seq_get_data layout)."""
+        flags = llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY if window_only else 0
+        size = llama_cpp.llama_state_seq_get_size_ext(self.ctx, slot, flags)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data_ext(self.ctx, buf, size, slot, flags)
+        return bytes(memoryview(buf)[:written])
+
+    def set_state(self, slot: int, blob: bytes | bytearray) -> bool:
+        """Load a sequence state into slot; False (slot emptied) if llama.cpp refuses it."""
+        buf: Any
+        if isinstance(blob, bytearray):  # NOTE: llama.cpp only reads it: no copy
+            buf = (ctypes.c_uint8 * len(blob)).from_buffer(blob)
+        else:
+            buf = ctypes.cast(ctypes.c_char_p(blob), ctypes.POINTER(ctypes.c_uint8))
+        ok = llama_cpp.llama_state_seq_set_data_ext(self.ctx, buf, len(blob), slot, 0) == len(blob)
+        if not ok:
+            self.trim(slot, 0)
+        return bool(ok)
+
+    def drop_idle(self) -> int:
+        """Free the KV of every idle slot; returns how many held any."""
+        n = 0
+        for s in self.slots:
+            if s.seq is None and s.cached:
+                self.trim(s.id, 0)
+                n += 1
+        return n
+
+    def clear(self) -> None:
+        """Forget every idle slot's KV."""
+        for s in self.slots:
+            if s.seq is None:
+                self.trim(s.id, 0)
+
+    # -- decoding ----------------------------------------------------------------------------
+
+    def step(self, seqs: list[Seq], n_batch: int) -> list[tuple[Seq, int]]:
+        """One llama_decode over every sequence's next tokens within n_batch; sample."""
+        # NOTE: decoding sequences (one token each) go first so a long prompt never holds
+        # them back for more than one chunk; prompts fill the rest of the batch in order.
+        order = sorted(seqs, key=lambda s: s.pending > 1)
+        budget = min(n_batch, self.n_batch)
+        plan: list[tuple[Seq, int]] = []
+        for seq in order:
+            n = min(seq.pending, budget)
+            if n <= 0:
+                continue
+            plan.append((seq, n))
+            budget -= n
+        if not plan:
+            return []
+        rc = self._decode(plan)
+        if rc == 1 and self.drop_idle():
+            rc = self._decode(plan)
+        if rc == 1:
+            raise KVFullError(f"no room in the KV cache for {sum(n for _, n in plan)} tokens")
+        if rc != 0:
+            raise InternalError(f"llama_decode failed ({rc})")
+        self.steps += 1
+        out: list[tuple[Seq, int]] = []
+        idx = 0
+        for seq, n in plan:
+            idx += n
+            seq.n_past += n
+            if seq.pending == 0 and not seq.prefill_only:
+                token = seq.handle.sample(self.ctx, idx - 1)
+                seq.tokens.append(token)
+                out.append((seq, token))
+        return out
+
+    def _decode(self, plan: list[tuple[Seq, int]]) -> int:
+        b = self._batch
+        i = 0
+        for seq, n in plan:
+            start = seq.n_past
+            tokens = seq.tokens
+            last = start + n == len(tokens) and not seq.prefill_only
+            for pos in range(start, start + n):
+                b.token[i] = tokens[pos]
+                b.pos[i] = pos
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq.slot
+                b.logits[i] = 0
+                i += 1
+            if last:
+                b.logits[i - 1] = 1
+        b.n_tokens = i
+        self.last_batch_tokens = i
+        return int(llama_cpp.llama_decode(self.ctx, b))
+
+    def close(self) -> None:
+        """Free the batch and the context."""
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self.ctx:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None

@@ -1,0 +1,171 @@
+"""A generation request as the batch loop advances it: prompt, sampling, stops, limit, n,
+keep_alive; its sequences and one output processor per choice. Runs on the engine thread."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmserve.cache.manager import PrefixCache
+from llmserve.catalog.registry import ModelManager
+from llmserve.chat.tools import make_parser
+from llmserve.engine.base import BatchEngine, Engine, SamplingParams, Seq
+from llmserve.output import Coalescer, Emit, Finished, OutputProcessor, Prompt, Started
+from llmserve.scheduler import EventStream, check_context, replace_seed
+from llmserve.sharing import Wait, resolve, setup, shares
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Env:
+    """What every request needs from the server (built once by the service)."""
+
+    manager: ModelManager
+    cache: PrefixCache
+    stream_interval: float
+    batch_for: Callable[[Engine], BatchEngine]
+
+
+@dataclass(eq=False)
+class Request:
+    """One chat/text completion (or a prefill-only cache warm-up) in the batch loop."""
+
+    id: str
+    env: Env
+    stream: EventStream
+    emit: Emit
+    model: str | None  # file name; None: the active model
+    keep_alive: float | None
+    build_prompt: Callable[[Engine], Prompt]
+    params: SamplingParams
+    max_tokens: int | None
+    stops: list[str]
+    n: int = 1
+    prefill_only: bool = False
+    queued_at: float = 0.0
+    # set at admission
+    engine: Any = None
+    raw: Any = None
+    prompt: Prompt | None = None
+    seqs: list[Seq] = field(default_factory=list)  # the open ones
+    all_seqs: list[Seq] = field(default_factory=list)
+    outputs: list[OutputProcessor] = field(default_factory=list)
+    waits: dict[int, Wait] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+    started_at: float = 0.0
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def admit(self) -> bool:
+        """Load the model, build and check the prompt, take n sequences; False: no free ones.
+
+        Raises the request's errors (4xx) and scheduler.Busy (a model must drain first)."""
+        raw = self.env.manager.acquire(self.model)
+        if self.prompt is None or raw is not self.raw:
+            self.raw, self.prompt = raw, self.build_prompt(raw)
+        engine = self.env.batch_for(raw)
+        tokens = self.prompt.tokens
+        check_context(len(tokens), raw.info.n_ctx)
+        if engine.n_parallel < self.n:
+            raise RuntimeError("n is larger than --parallel")  # checked before queueing
+        params = SamplingParams(**{**self.params.__dict__, "grammar": self.prompt.grammar})
+        seqs: list[Seq] = []
+        for i in range(self.n):
+            seq = engine.open_seq(tokens, replace_seed(params, i), prefill_only=self.prefill_only)
+            if seq is None:
+                for s in seqs:
+                    engine.close_seq(s)
+                return False
+            seqs.append(seq)
+        self.engine, self.seqs, self.all_seqs = engine, list(seqs), seqs
+        self.started_at = time.perf_counter()
+        cache = self.env.cache
+        wait = setup(raw, seqs[0], cache)
+        if wait is not None:
+            self.waits[id(seqs[0])] = wait
+        if shares(raw):
+            for seq in seqs[1:]:  # n > 1: the other choices fork the first one's prompt
+                self.waits[id(seq)] = Wait(seqs[0], seq.keep_limit())
+        budget = raw.info.n_ctx - len(tokens)
+        limit = min(self.max_tokens, budget) if self.max_tokens else budget
+        family = self.prompt.tool_family
+        self.outputs = [
+            OutputProcessor(i, self.stops, limit, make_parser(family),
+                            Coalescer(self.emit, self.env.stream_interval))
+            for i in range(self.n)
+        ]
+        self.reasons = [""] * self.n
+        self.emit(Started(raw.info.name, len(tokens), seqs[0].reused))
+        return True
+
+    def waiting(self, seq: Seq) -> bool:
+        """Whether seq still waits for a sibling's prompt (forking from it once it is in)."""
+        wait = self.waits.get(id(seq))
+        if wait is None:
+            return False
+        if not resolve(self.raw, seq, wait, self.env.cache):
+            return True
+        del self.waits[id(seq)]
+        return False
+
+    # -- progress ----------------------------------------------------------------------------
+
+    def on_token(self, seq: Seq, token: int, piece: bytes | None) -> bool:
+        """A token sampled for seq (piece None: end of generation); True when all are done."""
+        i = self.all_seqs.index(seq)
+        out = self.outputs[i]
+        if out.done:
+            return self._all_done()
+        if i == 0 and out.produced == 0 and hasattr(self.raw, "view"):
+            self.env.cache.after_prompt(self.raw.view(seq), seq.tokens[: seq.n_prompt])
+        reason = "stop" if piece is None else out.feed(piece)
+        if reason:
+            self._finish_choice(i, reason)
+        return self._all_done()
+
+    def on_ready(self, seq: Seq) -> bool:
+        """A prefill-only sequence holds its prompt: save it; the request is done."""
+        self._finish_choice(self.all_seqs.index(seq), "stop")
+        return True
+
+    def _all_done(self) -> bool:
+        return all(self.reasons)
+
+    def _finish_choice(self, i: int, reason: str) -> None:
+        seq = self.all_seqs[i]
+        finished = self.outputs[i].finish(reason, seq.reused)
+        self.reasons[i] = finished.finish_reason
+        self.emit(finished)
+        if i == 0:  # after Finished: off the response's critical path
+            self.env.cache.save(self.raw.view(seq) if hasattr(self.raw, "view") else self.raw,
+                                seq.tokens[: seq.n_prompt])
+        self.waits.pop(id(seq), None)
+        self.engine.close_seq(seq)
+        self.seqs.remove(seq)
+
+    def finish(self, reason: str) -> None:
+        """The request leaves the batch (all done, cancelled, out of KV room or failed)."""
+        for i, seq in enumerate(self.all_seqs):
+            if seq in self.seqs:
+                if reason == "error":
+                    self.reasons[i] = "error"
+                    self.engine.close_seq(seq)
+                    self.seqs.remove(seq)
+                else:
+                    self._finish_choice(i, reason)
+        tokens = self.prompt.tokens if self.prompt else []
+        evaluated = sum(s.n_prompt - s.reused for s in self.all_seqs)
+        self.env.cache.tokens_evaluated += evaluated
+        logger.info(
+            "%s finished (%s): %d prompt + %d completion tokens in %.2f s",
+            self.id, self.reasons[0] if self.reasons else reason, len(tokens),
+            sum(o.produced for o in self.outputs), time.perf_counter() - self.started_at,
+        )
+        if self.raw is not None:
+            self.env.manager.release(self.raw.info.name, self.keep_alive)
+        self.stream.end()
+
