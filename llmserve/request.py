@@ -13,7 +13,7 @@ from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import ModelManager
 from llmserve.chat.tools import make_parser
 from llmserve.engine.base import BatchEngine, Engine, SamplingParams, Seq
-from llmserve.output import Coalescer, Emit, Finished, OutputProcessor, Prompt, Started
+from llmserve.output import Coalescer, Emit, OutputProcessor, Prompt, Started
 from llmserve.scheduler import EventStream, check_context, replace_seed
 from llmserve.sharing import Wait, resolve, setup, shares
 
@@ -65,6 +65,35 @@ class Request:
 
         Raises the request's errors (4xx) and scheduler.Busy (a model must drain first)."""
         raw = self.env.manager.acquire(self.model)
+        try:
+            seqs = self._open(raw)
+        except BaseException:
+            self.env.manager.release(raw.info.name, None, stamp=False)
+            raise
+        if seqs is None:
+            self.env.manager.release(raw.info.name, None, stamp=False)
+            return False
+        engine = self.env.batch_for(raw)
+        tokens = seqs[0].tokens[: seqs[0].n_prompt]
+        self.engine, self.seqs, self.all_seqs = engine, list(seqs), seqs
+        self.started_at = time.perf_counter()
+        if shares(raw):
+            for seq in seqs[1:]:  # n > 1: the other choices fork the first one's prompt
+                self.waits[id(seq)] = Wait(seqs[0], seq.keep_limit())
+        budget = raw.info.n_ctx - len(tokens)
+        limit = min(self.max_tokens, budget) if self.max_tokens else budget
+        assert self.prompt is not None
+        family = self.prompt.tool_family
+        self.outputs = [
+            OutputProcessor(i, self.stops, limit, make_parser(family),
+                            Coalescer(self.emit, self.env.stream_interval))
+            for i in range(self.n)
+        ]
+        self.reasons = [""] * self.n
+        self.emit(Started(raw.info.name, len(tokens), seqs[0].reused))
+        return True
+
+    def _open(self, raw: Engine) -> list[Seq] | None:
         if self.prompt is None or raw is not self.raw:
             self.raw, self.prompt = raw, self.build_prompt(raw)
         engine = self.env.batch_for(raw)
@@ -79,28 +108,16 @@ class Request:
             if seq is None:
                 for s in seqs:
                     engine.close_seq(s)
-                return False
+                self.waits.clear()
+                return None
+            if i == 0:
+                # NOTE: before the other choices open, so a sequence only ever waits for
+                # one admitted before it (no cycles)
+                wait = setup(raw, seq, self.env.cache)
+                if wait is not None:
+                    self.waits[id(seq)] = wait
             seqs.append(seq)
-        self.engine, self.seqs, self.all_seqs = engine, list(seqs), seqs
-        self.started_at = time.perf_counter()
-        cache = self.env.cache
-        wait = setup(raw, seqs[0], cache)
-        if wait is not None:
-            self.waits[id(seqs[0])] = wait
-        if shares(raw):
-            for seq in seqs[1:]:  # n > 1: the other choices fork the first one's prompt
-                self.waits[id(seq)] = Wait(seqs[0], seq.keep_limit())
-        budget = raw.info.n_ctx - len(tokens)
-        limit = min(self.max_tokens, budget) if self.max_tokens else budget
-        family = self.prompt.tool_family
-        self.outputs = [
-            OutputProcessor(i, self.stops, limit, make_parser(family),
-                            Coalescer(self.emit, self.env.stream_interval))
-            for i in range(self.n)
-        ]
-        self.reasons = [""] * self.n
-        self.emit(Started(raw.info.name, len(tokens), seqs[0].reused))
-        return True
+        return seqs
 
     def waiting(self, seq: Seq) -> bool:
         """Whether seq still waits for a sibling's prompt (forking from it once it is in)."""

@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from llmserve.engine.base import BatchEngine, Engine, KVFullError, SamplingParams, Seq
+from llmserve.engine.base import Engine, KVFullError, SamplingParams, Seq
 from llmserve.errors import ContextLengthError, QueueFullError
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ Emit = Callable[[Any], None]
 _END = object()
 
 
-class Busy(Exception):  # noqa: N818 - a signal, not an error
+class Busy(Exception):
     """A call or admission must wait: the model it would evict still has live sequences."""
 
 
@@ -126,8 +126,14 @@ class IteratorBatch:
         self._live.add(seq.slot)
         return seq
 
-    def step(self, seqs: list[Seq], n_batch: int) -> list[tuple[Seq, int, bytes | None]]:
-        out: list[tuple[Seq, int, bytes | None]] = []
+    def is_eog(self, token: int) -> bool:
+        return token < 0
+
+    def token_bytes(self, token: int) -> bytes:
+        return b""  # NOTE: step() returns each token's bytes itself
+
+    def step(self, seqs: list[Seq], n_batch: int) -> list[tuple[Any, ...]]:
+        out: list[tuple[Any, ...]] = []
         for seq in seqs:
             try:
                 token, piece = next(seq.handle)

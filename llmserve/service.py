@@ -224,8 +224,8 @@ class ChatService:
                 engine = self.manager.ensure(filename)
                 tokens = prompt(engine).tokens
                 check_context(len(tokens), engine.info.n_ctx)
-                live = max((common_prefix(s.live(), tokens) for s in engine.batch.slots), default=0) \
-                    if hasattr(engine, "batch") else 0
+                slots = engine.batch.slots if hasattr(engine, "batch") else []
+                live = max((common_prefix(s.live(), tokens) for s in slots), default=0)
                 return _warm_result(engine.info.name, len(tokens), self.cache.peek(
                     engine, tokens, live), 0, start)
             return await self.worker.call(peek)

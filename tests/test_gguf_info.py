@@ -103,7 +103,7 @@ engine = LlamaEngine.load(Path(sys.argv[1]), Settings(n_ctx=256, n_threads=1))
 info = engine.info
 print(json.dumps({"metadata": info.metadata, "bos": [info.bos_token_id, info.bos_token],
                   "eos": info.eos_token, "template": info.chat_template,
-                  "n_params": engine._llm._model.n_params()}))
+                  "n_params": engine._model.n_params()}))
 engine.close()
 """
 

@@ -4,6 +4,7 @@ requests whose client left while they waited (no llama.cpp here)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from typing import Any
 
@@ -28,7 +29,7 @@ async def test_concurrent_requests_interleave(fake_client: Any) -> None:
         trace = client.engines[0].trace
     assert [r.json()["choices"][0]["message"]["content"] for r in results] == ["x" * 30] * 2
     assert sorted(trace) == [0] * 30 + [1] * 30
-    switches = sum(1 for a, b in zip(trace, trace[1:], strict=False) if a != b)
+    switches = sum(1 for a, b in itertools.pairwise(trace) if a != b)
     assert switches > 20  # one token of each per step, not one request after the other
 
 

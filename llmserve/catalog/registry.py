@@ -184,14 +184,15 @@ class ModelManager:
         self._users[name] = self._users.get(name, 0) + 1
         return engine
 
-    def release(self, name: str, keep_alive: float | None) -> None:
-        """A request on `name` ended: stamp it and apply its keep_alive."""
+    def release(self, name: str, keep_alive: float | None, *, stamp: bool = True) -> None:
+        """A request on `name` ended (stamp it and apply its keep_alive) or never started."""
         left = self._users.get(name, 1) - 1
         if left > 0:
             self._users[name] = left
         else:
             self._users.pop(name, None)
-        self._stamp(name, keep_alive)
+        if stamp:
+            self._stamp(name, keep_alive)
 
     def busy(self, name: str) -> bool:
         """Whether requests are running on the model."""

@@ -141,9 +141,10 @@ class BatchEngine(Protocol):
         grammar. Its slot's KV keeps the longest prefix it already held (seq.n_past)."""
         ...
 
-    def step(self, seqs: list[Seq], n_batch: int) -> list[tuple[Seq, int]]:
+    def step(self, seqs: list[Seq], n_batch: int) -> list[tuple[Any, ...]]:
         """One decode: every decoding sequence's next token plus prompt chunks within n_batch;
-        returns the (sequence, token) sampled. Raises KVFullError when nothing fits."""
+        returns (sequence, token) sampled, or (sequence, token, bytes or None at the end).
+        Raises KVFullError when nothing fits."""
         ...
 
     def close_seq(self, seq: Seq) -> None:

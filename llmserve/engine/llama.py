@@ -13,8 +13,8 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals
 from llama_cpp._utils import suppress_stdout_stderr
-from llama_cpp.llama_cache import LlamaDiskCache
 from llama_cpp.llama import LlamaState
+from llama_cpp.llama_cache import LlamaDiskCache
 
 from llmserve.config import Settings
 from llmserve.engine.base import KVFullError, ModelInfo, SamplingParams, Seq, common_prefix
@@ -104,7 +104,7 @@ class LlamaEngine:
                     swa_full=True,
                 )
         except ValueError as exc:
-            model.close()
+            model.close()  # type: ignore[no-untyped-call]
             raise ModelLoadError(f"cannot load {path.name}: {exc}") from exc
         return cls(model, batch, path, settings)
 
@@ -249,7 +249,7 @@ class LlamaEngine:
             self._embedder.close()
             self._embedder = None
         self.batch.close()
-        self._model.close()
+        self._model.close()  # type: ignore[no-untyped-call]
 
 
 class SeqView:

@@ -90,11 +90,16 @@ class SeqSampler:
         self._gate = gate
         self._n_vocab = n_vocab
         self._cands: _Candidates | None = None
-        add = lambda s: llama_cpp.llama_sampler_chain_add(self._chain, s)  # noqa: E731
+        chain = self._chain
+
+        def add(smpl: Any) -> None:
+            llama_cpp.llama_sampler_chain_add(chain, smpl)
+
         p = params
         if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
             add(llama_cpp.llama_sampler_init_penalties(
-                PENALTY_LAST_N, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
+                n_vocab, PENALTY_LAST_N, p.repeat_penalty, p.frequency_penalty,
+                p.presence_penalty))
         if p.temperature <= 0:
             add(llama_cpp.llama_sampler_init_greedy())
             return
