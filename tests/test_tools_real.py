@@ -82,7 +82,11 @@ def test_required_stream_and_non_stream(client: openai.OpenAI) -> None:
     check_call(call)
     content, calls, reason = stream_calls(client, **kw)
     assert (content, reason) == ("", "tool_calls")
-    assert calls == [(call.function.name, call.function.arguments)]
+    # NOTE: the second request reuses the first one's prompt KV; on SmolLM2 (Q4_1) that can
+    # flip a later near-tie (README, "Batched output vs solo output"), so compare the call.
+    [(name, arguments)] = calls
+    assert name == call.function.name
+    check_args(name, arguments)
 
 
 def test_named_function_with_stream_helper(client: openai.OpenAI) -> None:

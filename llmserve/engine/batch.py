@@ -44,9 +44,6 @@ class BatchContext:
         params.n_batch = params.n_ubatch = n_batch
         params.n_seq_max = n_parallel
         params.kv_unified = True
-        # NOTE: off, as llama-cpp-python's Llama has it: with it on (llama.cpp's auto), a
-        # re-evaluated prompt tail gives slightly different logits on CPU (cached != uncached).
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.swa_full = swa_full
         if n_threads is not None:
             params.n_threads = params.n_threads_batch = n_threads

@@ -12,6 +12,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 from llama_cpp import _internals
+from llama_cpp import _logger as llama_logger
 from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama import LlamaState
 from llama_cpp.llama_cache import LlamaDiskCache
@@ -87,6 +88,9 @@ class LlamaEngine:
             llama_cpp.llama_backend_init()
             _backend_ready = True
         verbose = settings.log_level == "debug"
+        # NOTE: llama.cpp logs through llama-cpp-python's logger; quiet unless debugging
+        # (Llama(verbose=False) did this before; the batch loop would print every restore).
+        llama_logger.set_verbose(verbose)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0x7FFFFFFF if settings.n_gpu_layers == -1 else settings.n_gpu_layers
         try:
