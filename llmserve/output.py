@@ -26,9 +26,20 @@ class Started:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One sampled token's log-probability and the most likely alternatives at its place."""
+
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
     text: str
     choice: int = 0
+    # the logprobs of the tokens up to this text (when the request asked for them)
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,7 +79,8 @@ class Coalescer:
     def __call__(self, delta: Delta) -> None:
         last = self._pending[-1] if self._pending else None
         if isinstance(delta, TextDelta) and isinstance(last, TextDelta):
-            self._pending[-1] = TextDelta(last.text + delta.text, delta.choice)
+            self._pending[-1] = TextDelta(last.text + delta.text, delta.choice,
+                                          last.logprobs + delta.logprobs)
         elif (
             isinstance(delta, ToolCallDelta) and isinstance(last, ToolCallDelta)
             and delta.index == last.index and delta.id is None
@@ -102,6 +114,7 @@ class OutputProcessor:
         self._matcher = StopMatcher(stops)
         self._parser = parser
         self._emit = emit
+        self._logprobs: list[TokenLogprob] = []  # not yet attached to a TextDelta
 
     def _out(self, text: str) -> None:
         for part in self._parser.feed(text):
@@ -109,13 +122,16 @@ class OutputProcessor:
 
     def _send(self, part: str | ToolCallDelta) -> None:
         if isinstance(part, str):
-            self._emit(TextDelta(part, self.choice))
+            logprobs, self._logprobs = tuple(self._logprobs), []
+            self._emit(TextDelta(part, self.choice, logprobs))
         else:
             self._emit(dataclasses.replace(part, choice=self.choice) if self.choice else part)
 
-    def feed(self, piece: bytes) -> str | None:
+    def feed(self, piece: bytes, logprob: TokenLogprob | None = None) -> str | None:
         """One sampled token's bytes; returns the finish reason once the output is complete."""
         self.produced += 1
+        if logprob is not None:
+            self._logprobs.append(logprob)
         self._out(self._matcher.feed(self._decoder.decode(piece)))
         if self._matcher.stopped:
             return "stop"
@@ -131,6 +147,8 @@ class OutputProcessor:
                       + self._matcher.flush())
         for part in self._parser.finish():
             self._send(part)
+        if self._logprobs:  # NOTE: tokens whose text was held back or became a tool call
+            self._send("")
         self._emit.flush()
         if self._parser.calls and reason == "stop":
             reason = "tool_calls"

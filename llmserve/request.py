@@ -13,7 +13,7 @@ from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import ModelManager
 from llmserve.chat.tools import make_parser
 from llmserve.engine.base import BatchEngine, Engine, SamplingParams, Seq
-from llmserve.output import Coalescer, Emit, OutputProcessor, Prompt, Started
+from llmserve.output import Coalescer, Emit, OutputProcessor, Prompt, Started, TokenLogprob
 from llmserve.scheduler import EventStream, check_context, replace_seed
 from llmserve.sharing import Wait, resolve, setup, shares
 
@@ -139,10 +139,18 @@ class Request:
             return self._all_done()
         if i == 0 and out.produced == 0 and hasattr(self.raw, "view"):
             self.env.cache.after_prompt(self.raw.view(seq), seq.tokens[: seq.n_prompt])
-        reason = "stop" if piece is None else out.feed(piece)
+        reason = "stop" if piece is None else out.feed(piece, self._logprob(seq, piece))
         if reason:
             self._finish_choice(i, reason)
         return self._all_done()
+
+    def _logprob(self, seq: Seq, piece: bytes) -> TokenLogprob | None:
+        if seq.logprob is None:
+            return None
+        logprob, top = seq.logprob
+        seq.logprob = None
+        return TokenLogprob(piece, logprob,
+                            tuple((bytes(self.raw.token_bytes(t)), lp) for t, lp in top))
 
     def on_ready(self, seq: Seq) -> bool:
         """A prefill-only sequence holds its prompt: save it; the request is done."""

@@ -28,7 +28,7 @@ from llmserve.config import Settings
 from llmserve.engine.base import BatchEngine, Engine, SamplingParams, common_prefix
 from llmserve.errors import InvalidRequestError
 from llmserve.metrics import Metrics
-from llmserve.output import Emit, Finished, Prompt, Started, TextDelta
+from llmserve.output import Emit, Finished, Prompt, Started, TextDelta, TokenLogprob
 from llmserve.request import Env, Request
 from llmserve.scheduler import EventStream, IteratorBatch, Scheduler, check_context
 from llmserve.schemas import (
@@ -38,7 +38,9 @@ from llmserve.schemas import (
     SamplingFields,
 )
 
-__all__ = ["Finished", "Generation", "Message", "Started", "TextDelta", "ToolCallDelta"]
+__all__ = [
+    "Finished", "Generation", "Message", "Started", "TextDelta", "TokenLogprob", "ToolCallDelta",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class Message:
     content: str
     tool_calls: list[dict[str, Any]]
     finished: Finished
+    logprobs: list[TokenLogprob] | None = None  # when the request asked for them
 
 
 class Generation:
@@ -64,6 +67,7 @@ class Generation:
         self.cached_tokens = started.cached_tokens
         self.n = n
         self._stream = stream
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]  # filled as it runs
 
     def cancel(self) -> None:
         """Stop generating within a token."""
@@ -74,7 +78,9 @@ class Generation:
         # response does not wait for that.
         done: set[int] = set()
         async for event in self._stream:
-            if isinstance(event, Finished):
+            if isinstance(event, TextDelta) and event.logprobs:
+                self.logprobs[event.choice].extend(event.logprobs)
+            elif isinstance(event, Finished):
                 done.add(event.choice)
                 if event.choice == 0 and event.cached_tokens is not None:
                     self.cached_tokens = event.cached_tokens  # final once the prompt is in
@@ -118,7 +124,8 @@ class Generation:
                 call["function"]["arguments"] += event.arguments
             elif isinstance(event, Finished):
                 finishes[event.choice] = event
-        return [Message("".join(parts[i]), [calls[i][k] for k in sorted(calls[i])], finishes[i])
+        return [Message("".join(parts[i]), [calls[i][k] for k in sorted(calls[i])], finishes[i],
+                        self.logprobs[i])
                 for i in range(self.n)]
 
 
@@ -146,6 +153,7 @@ def sampling_params(
         frequency_penalty=pick("frequency_penalty"),
         repeat_penalty=pick("repeat_penalty"),
         ignore_eos=req.ignore_eos,
+        logprobs=req.logprobs_count(),
     )
 
 

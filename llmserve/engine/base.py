@@ -36,6 +36,7 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     ignore_eos: bool = False
     grammar: str | None = None  # GBNF, already checked by llmserve.chat.gbnf
+    logprobs: int | None = None  # report each sampled token's logprob and this many top ones
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ class Seq:
     n_past: int = 0
     reused: int = 0  # prompt tokens whose KV came from a cache, a sibling or the slot itself
     handle: Any = None  # the engine's per-sequence state (its sampler)
+    # the last sampled token's logprob and the top (id, logprob) pairs, when params.logprobs
+    logprob: tuple[float, list[tuple[int, float]]] | None = None
 
     def keep_limit(self) -> int:
         """The most prompt KV that may be reused: a prompt that samples re-evaluates its last

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 from llmserve.engine.base import KVFullError, Seq, common_prefix
 from llmserve.errors import InternalError
@@ -54,6 +55,7 @@ class BatchContext:
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
         self.n_batch = n_batch
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model)))
         self.slots = [_Slot(i) for i in range(n_parallel)]
         self._batch = llama_cpp.llama_batch_init(max(n_batch, n_parallel), 0, 1)
         self.steps = 0
@@ -168,9 +170,26 @@ class BatchContext:
             seq.n_past += n
             if seq.pending == 0 and not seq.prefill_only:
                 token = seq.handle.sample(self.ctx, idx - 1)
+                if seq.params.logprobs is not None:
+                    seq.logprob = self._logprobs(idx - 1, token, seq.params.logprobs)
                 seq.tokens.append(token)
                 out.append((seq, token))
         return out
+
+    def _logprobs(self, idx: int, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+        """token's log-probability under the model's raw logits at batch index idx (before
+        temperature, penalties or grammar, as llama-server reports them), and the top ones."""
+        n_vocab = self.n_vocab
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, idx),
+                                       shape=(n_vocab,)).astype(np.float64)
+        peak = logits.max()
+        lse = peak + np.log(np.exp(logits - peak).sum())
+        best: list[tuple[int, float]] = []
+        if top > 0:
+            ids = np.argpartition(-logits, top - 1)[:top]
+            ids = ids[np.argsort(-logits[ids], kind="stable")]
+            best = [(int(i), float(logits[i] - lse)) for i in ids]
+        return float(logits[token] - lse), best
 
     def _decode(self, plan: list[tuple[Seq, int]]) -> int:
         b = self._batch

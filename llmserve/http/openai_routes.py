@@ -11,12 +11,22 @@ from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
 
 from llmserve.http.deps import ManagerDep, ServiceDep
+from llmserve.http.logprobs import chat_logprobs, completion_logprobs
 from llmserve.schemas import ChatCompletionRequest, CompletionRequest
-from llmserve.service import Finished, Generation, Message, TextDelta, ToolCallDelta
+from llmserve.service import (
+    Finished,
+    Generation,
+    Message,
+    TextDelta,
+    TokenLogprob,
+    ToolCallDelta,
+)
 
 router = APIRouter()
 v1_router = APIRouter(prefix="/v1")
 T = TypeVar("T")
+# (delta, finish_reason, choice index, the delta's token logprobs) -> one streamed chunk
+Chunk = Callable[..., dict[str, Any]]
 
 
 def _usage(gen: Generation, completion_tokens: int) -> dict[str, Any]:
@@ -28,12 +38,13 @@ def _usage(gen: Generation, completion_tokens: int) -> dict[str, Any]:
     }
 
 
-def _chat_choice(reply: Message, index: int = 0) -> dict[str, Any]:
+def _chat_choice(reply: Message, index: int, logprobs: bool) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": reply.content}
     if reply.tool_calls:
         message["content"] = reply.content or None
         message["tool_calls"] = reply.tool_calls
-    return {"index": index, "message": message, "logprobs": None,
+    return {"index": index, "message": message,
+            "logprobs": chat_logprobs(reply.logprobs or []) if logprobs else None,
             "finish_reason": reply.finished.finish_reason}
 
 
@@ -46,8 +57,9 @@ def _tool_call_delta(delta: ToolCallDelta) -> dict[str, Any]:
     return {"tool_calls": [call]}
 
 
-def _text_choice(text: str, reason: str | None, index: int = 0) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+def _text_choice(text: str, reason: str | None, index: int = 0,
+                 logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
 
 async def _collect_unless_gone(
@@ -71,7 +83,7 @@ async def _collect_unless_gone(
 
 def _sse(
     gen: Generation,
-    chunk: Callable[[dict[str, Any] | None, str | None, int], dict[str, Any]],
+    chunk: Chunk,
     first_delta: dict[str, Any] | None,
     include_usage: bool,
 ) -> EventSourceResponse:
@@ -85,7 +97,8 @@ def _sse(
             completion_tokens = 0
             async for event in gen:
                 if isinstance(event, TextDelta):
-                    yield {"data": json.dumps(chunk({"content": event.text}, None, event.choice))}
+                    yield {"data": json.dumps(
+                        chunk({"content": event.text}, None, event.choice, event.logprobs))}
                 elif isinstance(event, ToolCallDelta):
                     yield {"data": json.dumps(chunk(_tool_call_delta(event), None, event.choice))}
                 elif isinstance(event, Finished):
@@ -110,15 +123,18 @@ async def chat_completions(
 ) -> dict[str, Any] | EventSourceResponse:
     """OpenAI chat completion, streamed as SSE when `stream` is true."""
     gen = await service.chat(body)
+    logprobs = body.logprobs_count() is not None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def chunk(delta: dict[str, Any] | None, reason: str | None, i: int) -> dict[str, Any]:
+        def chunk(delta: dict[str, Any] | None, reason: str | None, i: int,
+                  tokens: tuple[TokenLogprob, ...] = ()) -> dict[str, Any]:
+            lp = chat_logprobs(tokens) if logprobs and tokens else None
             out: dict[str, Any] = {
                 "id": gen.id, "object": "chat.completion.chunk", "created": gen.created,
                 "model": gen.model, "system_fingerprint": None,
                 "choices": [
-                    {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+                    {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
                 ],
             }
             if include_usage:
@@ -131,7 +147,7 @@ async def chat_completions(
     return {
         "id": gen.id, "object": "chat.completion", "created": gen.created, "model": gen.model,
         "system_fingerprint": None,
-        "choices": [_chat_choice(reply, i) for i, reply in enumerate(replies)],
+        "choices": [_chat_choice(reply, i, logprobs) for i, reply in enumerate(replies)],
         "usage": _usage(gen, sum(r.finished.completion_tokens for r in replies)),
     }
 
@@ -149,14 +165,21 @@ async def completions(
     """OpenAI text completion, streamed as SSE when `stream` is true."""
     gen = await service.complete(body)
     prefix = body.prompt_text() if body.echo else ""
+    logprobs = body.logprobs_count() is not None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        offsets = [len(prefix)] * gen.n
 
-        def chunk(delta: dict[str, Any] | None, reason: str | None, i: int) -> dict[str, Any]:
+        def chunk(delta: dict[str, Any] | None, reason: str | None, i: int,
+                  tokens: tuple[TokenLogprob, ...] = ()) -> dict[str, Any]:
             text = (delta or {}).get("content", "")
+            lp = None
+            if logprobs and tokens:
+                lp = completion_logprobs(tokens, offsets[i])
+                offsets[i] += sum(len(t) for t in lp["tokens"])
             out: dict[str, Any] = {
                 "id": gen.id, "object": "text_completion", "created": gen.created,
-                "model": gen.model, "choices": [_text_choice(text, reason, i)],
+                "model": gen.model, "choices": [_text_choice(text, reason, i, lp)],
             }
             if include_usage:
                 out["usage"] = None
@@ -167,8 +190,11 @@ async def completions(
     texts, finishes = await _collect_unless_gone(gen, request, gen.collect_texts)
     return {
         "id": gen.id, "object": "text_completion", "created": gen.created, "model": gen.model,
-        "choices": [_text_choice(prefix + t, f.finish_reason, i)
-                    for i, (t, f) in enumerate(zip(texts, finishes, strict=True))],
+        "choices": [
+            _text_choice(prefix + t, f.finish_reason, i,
+                         completion_logprobs(gen.logprobs[i], len(prefix)) if logprobs else None)
+            for i, (t, f) in enumerate(zip(texts, finishes, strict=True))
+        ],
         "usage": _usage(gen, sum(f.completion_tokens for f in finishes)),
     }
 
