@@ -154,9 +154,9 @@ def test_agents_sdk_runs_a_tool(server: ServerProcess) -> None:
         client = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused",
                                     max_retries=0)
         agent = Agent(
-            name="weather", instructions="Answer weather questions with the get_weather tool.",
+            name="weather", instructions="Use the get_weather tool, then answer in one sentence.",
             tools=[get_weather], model=OpenAIResponsesModel(model=SMOL, openai_client=client),
-            model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=60),
+            model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=200),
         )
         try:
             return await Runner.run(agent, ASK, max_turns=4)
