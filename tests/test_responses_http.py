@@ -237,6 +237,8 @@ async def test_text_format_uses_grammars(fake_client: Any) -> None:
     assert grammars[0] is None and grammars[1] and grammars[2]
     assert grammars[1] != grammars[2] and "integer" in grammars[2]
     assert typed.json()["text"]["format"]["name"] == "thing"
+    assert obj.json()["text"] == {"format": {"type": "json_object"}}
+    assert plain.json()["text"] == {"format": {"type": "text"}}
     assert json.loads(Response.model_validate(typed.json()).output_text) == {"a": 1}
 
 

@@ -252,7 +252,10 @@ def response_format(text: TextConfig | None) -> ResponseFormat | None:
 
 def text_echo(text: TextConfig | None) -> dict[str, Any]:
     """The response's `text` field: the format asked for (text by default)."""
-    out: dict[str, Any] = {"format": (text.format if text and text.format else {"type": "text"})}
+    fmt = dict(text.format) if text is not None and text.format else {"type": "text"}
+    if fmt.get("type") == "json_schema":
+        fmt.setdefault("name", "response")  # NOTE: the SDK's type requires a name
+    out: dict[str, Any] = {"format": fmt}
     if text is not None and text.verbosity is not None:
         out["verbosity"] = text.verbosity
     return out
