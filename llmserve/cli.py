@@ -59,6 +59,9 @@ def _serve_parser(sub: Any) -> None:
     _flag(p, "cache_block_tokens", type=int, help="tokens per cache block (default 64)")
     _flag(p, "stream_interval_ms", type=float,
           help="join tokens produced within this many ms into one SSE chunk (default 20)")
+    _flag(p, "responses_max", type=int,
+          help="stored Responses API responses kept (oldest dropped first; 0 = none; "
+               "default 1000)")
     _flag(p, "log_level", choices=["critical", "error", "warning", "info", "debug"],
           help="log level (default info)")
     _flag(p, "manifest", type=Path, help="models.yaml (default <models_dir>/models.yaml)")

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     cache_block_tokens: int = Field(default=64, ge=8, le=4096)
     stream_interval_ms: float = Field(default=20.0, ge=0.0, le=1000.0)
     log_level: LogLevel = "info"
+    # OpenAI Responses (issue 10): stored responses kept in <cache_dir>/responses, oldest dropped.
+    responses_max: int = Field(default=1000, ge=0)
     @field_validator("cache_ram_bytes", "cache_disk_bytes", mode="before")
     @classmethod
     def _sizes(cls, value: str | int) -> int:

@@ -1,0 +1,77 @@
+"""OpenAI Responses routes: create (JSON or semantic SSE), retrieve, delete, input_items."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from sse_starlette.sse import EventSourceResponse
+
+from llmserve.config import Settings
+from llmserve.http.openai_routes import _collect_unless_gone
+from llmserve.responses.schemas import InputItemsQuery, ResponsesRequest
+from llmserve.responses.service import ResponseRun, ResponsesService
+from llmserve.responses.store import ResponseStore
+from llmserve.service import ChatService
+
+router = APIRouter(prefix="/v1")
+
+
+def _responses(request: Request) -> ResponsesService:
+    service: ResponsesService = request.app.state.responses
+    return service
+
+
+ResponsesDep = Annotated[ResponsesService, Depends(_responses)]
+
+
+def install(app: FastAPI, settings: Settings, chat: ChatService) -> None:
+    """The store (<cache_dir>/responses, --responses_max), the service and the routes."""
+    store = ResponseStore(settings.cache_dir / "responses", settings.responses_max)
+    app.state.responses = ResponsesService(chat, store)
+    app.include_router(router)
+
+
+def _sse(run: ResponseRun) -> EventSourceResponse:
+    async def events() -> AsyncIterator[dict[str, str]]:
+        try:
+            async for event in run.events():
+                yield {"event": event["type"], "data": json.dumps(event, ensure_ascii=False)}
+        finally:
+            # NOTE: runs when the client disconnects too: stop the generation promptly.
+            run.gen.cancel()
+
+    return EventSourceResponse(events(), ping=15)
+
+
+@router.post("/responses", response_model=None)
+async def create_response(
+    body: ResponsesRequest, request: Request, service: ResponsesDep
+) -> dict[str, Any] | EventSourceResponse:
+    """OpenAI Responses: create a response, streamed as semantic SSE events when `stream`."""
+    run = await service.create(body)
+    if body.stream:
+        return _sse(run)
+    return await _collect_unless_gone(run.gen, request, run.collect)
+
+
+@router.get("/responses/{response_id}")
+async def get_response(response_id: str, service: ResponsesDep) -> dict[str, Any]:
+    """A stored response."""
+    return service.get(response_id)
+
+
+@router.delete("/responses/{response_id}")
+async def delete_response(response_id: str, service: ResponsesDep) -> dict[str, Any]:
+    """Delete a stored response."""
+    return service.delete(response_id)
+
+
+@router.get("/responses/{response_id}/input_items")
+async def list_input_items(
+    response_id: str, service: ResponsesDep, query: Annotated[InputItemsQuery, Query()]
+) -> dict[str, Any]:
+    """The input items a stored response was generated from, paginated."""
+    return service.input_items(response_id, query)

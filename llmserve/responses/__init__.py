@@ -1,0 +1,1 @@
+"""OpenAI Responses API: request types, input conversion, the response store, stream events."""
