@@ -14,13 +14,9 @@ ours-at-N / ours-single. Every stream gets a different prompt (also across round
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +24,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
-from _server import running_server
+from _server import free_port, running, running_server, sse_chunks
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPICS = [
@@ -55,11 +51,7 @@ def one_stream(base: str, model: str, text: str, tokens: int, go: threading.Barr
         go.wait()
         out["sent"] = time.perf_counter()
         with client.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
-            resp.raise_for_status()
-            for line in resp.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
+            for chunk in sse_chunks(resp):
                 if chunk.get("usage"):
                     produced = chunk["usage"]["completion_tokens"]
                 if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
@@ -92,44 +84,15 @@ def burst(base: str, model: str, n: int, round_no: int, tokens: int) -> dict[str
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def llama_server(binary: str, model: Path, args: argparse.Namespace) -> Iterator[str]:
-    """Start llama-server on a free loopback port, wait for /health 200, stop it by PID."""
+    """llama-server -np N on a free loopback port (stopped by PID when done)."""
     port = free_port()
     cmd = [binary, "-m", str(model), "-np", str(args.parallel), "-c", str(args.n_ctx),
            "-t", str(args.n_threads), "--host", "127.0.0.1", "--port", str(port),
            *args.llama_args.split()]
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(1200):
-                if proc.poll() is not None:
-                    log.seek(0)
-                    tail = log.read().decode(errors="replace")[-2000:]
-                    raise RuntimeError(f"llama-server exited with {proc.returncode}:\n{tail}")
-                try:
-                    if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.1)
-            else:
-                raise RuntimeError("llama-server did not become healthy in 120 s")
-            yield base
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with running(cmd, port, "llama-server") as base:
+        yield base
 
 
 def main() -> int:

@@ -7,14 +7,13 @@ Prints both figures and the ratio (target >= 0.97). Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import httpx
-from _server import running_server
+from _server import running_server, sse_chunks
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
@@ -52,11 +51,7 @@ def http_decode(base: str, model: str, tokens: int) -> float:
     n = 0
     produced = 0
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=300) as resp:
-        resp.raise_for_status()
-        for line in resp.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        for chunk in sse_chunks(resp):
             if chunk.get("usage"):
                 produced = chunk["usage"]["completion_tokens"]
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):

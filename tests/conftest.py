@@ -142,6 +142,17 @@ class ServerProcess:
         self._log.close()
 
 
+def started_server(log_path: Path, *args: str) -> ServerProcess:
+    """A ServerProcess that is ready (stopped again if it never gets there)."""
+    server = ServerProcess(log_path, *args)
+    try:
+        server.wait_ready()
+    except Exception:
+        server.stop()
+        raise
+    return server
+
+
 @pytest.fixture(scope="session")
 def smol_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One real server on SmolLM2 for the integration tests (Gemma is switched to)."""

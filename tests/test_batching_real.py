@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +63,16 @@ def _solo(engine: Any, prompt: list[int]) -> list[int]:
 
 def _batched(engine: Any, prompts: list[list[int]]) -> list[list[int]]:
     seqs = [engine.open_seq(p, SamplingParams(temperature=0)) for p in prompts]
+    return _drain(engine, seqs, lambda live: live)
+
+
+def _drain(engine: Any, seqs: list[Any], ready: Callable[[list[Any]], list[Any]]
+           ) -> list[list[int]]:
+    """Step the sequences that ready(live) picks until each has TOKENS tokens or ends."""
     outs: dict[int, list[int]] = {id(s): [] for s in seqs}
     live = list(seqs)
     while live:
-        for seq, token in engine.step(live, 512):
+        for seq, token in engine.step(ready(live), 512):
             if engine.is_eog(token) or len(outs[id(seq)]) >= TOKENS:
                 live.remove(seq)
                 engine.close_seq(seq)
@@ -114,23 +120,19 @@ def test_forked_prefix_equals_evaluated(engine: Any) -> None:
         seqs.append(engine.open_seq(p, SamplingParams(temperature=0)))
         waits.append(setup(engine, seqs[-1], cache))
     assert waits[0] is None and waits[1] is not None and waits[2] is not None
-    outs: dict[int, list[int]] = {id(s): [] for s in seqs}
-    live = list(seqs)
-    while live:
-        ready = [s for s, w in zip(seqs, waits, strict=True)
-                 if s in live and (w is None or resolve(engine, s, w, cache))]
+
+    def ready(live: list[Any]) -> list[Any]:
+        picked = [s for s, w in zip(seqs, waits, strict=True)
+                  if s in live and (w is None or resolve(engine, s, w, cache))]
         for i, s in enumerate(seqs):
-            if s in ready:
+            if s in picked:
                 waits[i] = None
-        for seq, token in engine.step(ready, 512):
-            if engine.is_eog(token) or len(outs[id(seq)]) >= TOKENS:
-                live.remove(seq)
-                engine.close_seq(seq)
-            else:
-                outs[id(seq)].append(token)
+        return picked
+
+    outs = _drain(engine, seqs, ready)
     shared = min(len(p) for p in prompts) - 40
     assert all(s.reused >= shared for s in seqs[1:])  # forked, not evaluated
-    _assert_rule(engine, [outs[id(s)] for s in seqs], solo)
+    _assert_rule(engine, outs, solo)
 
 
 def _stream(base: str, body: dict[str, Any], stop_after: int | None = None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from llmserve.engine.base import MIN_EVAL
-from tests.conftest import GEMMA, SMOL, ServerProcess, require_model
+from tests.conftest import GEMMA, SMOL, ServerProcess, require_model, started_server
 
 pytestmark = pytest.mark.real_model
 
@@ -44,14 +44,8 @@ def agent_session(server: ServerProcess, model: str) -> list[tuple[str, int]]:
 
 
 def start(tmp: Path, name: str, *args: str) -> ServerProcess:
-    server = ServerProcess(tmp / f"{name}.log", "--model_name", SMOL, "--n_ctx", "2048",
-                           "--n_threads", "2", *args)
-    try:
-        server.wait_ready()
-    except Exception:
-        server.stop()
-        raise
-    return server
+    return started_server(tmp / f"{name}.log", "--model_name", SMOL, "--n_ctx", "2048",
+                          "--n_threads", "2", *args)
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ def test_reasoning_then_text_then_calls() -> None:
     final = Response.model_validate(events[-1]["response"])
     assert [i.type for i in final.output] == ["reasoning", "message", "function_call",
                                               "function_call"]
-    reasoning, message, first, second = final.output
+    reasoning, _message, first, second = final.output
     assert reasoning.content and reasoning.content[0].text == "let me think more"
     assert final.output_text == "Answer."
     assert (first.arguments, second.arguments) == ('{"x": 1}', "")

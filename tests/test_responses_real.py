@@ -12,7 +12,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import SMOL, ServerProcess, require_model
+from tests.conftest import SMOL, ServerProcess, require_model, started_server
 
 pytestmark = pytest.mark.real_model
 
@@ -27,14 +27,8 @@ ASK = "What is the weather in Paris?"
 
 def start(tmp: Path, name: str, cache_dir: Path) -> ServerProcess:
     require_model(SMOL)
-    server = ServerProcess(tmp / f"{name}.log", "--model_name", SMOL, "--n_ctx", "2048",
-                           "--n_threads", "2", "--cache_dir", str(cache_dir), "--no_announce")
-    try:
-        server.wait_ready()
-    except Exception:
-        server.stop()
-        raise
-    return server
+    return started_server(tmp / f"{name}.log", "--model_name", SMOL, "--n_ctx", "2048",
+                          "--n_threads", "2", "--cache_dir", str(cache_dir), "--no_announce")
 
 
 def sdk(server: ServerProcess) -> openai.OpenAI:
