@@ -222,3 +222,97 @@ async def test_error_after_the_stream_started_is_an_error_event(
     assert data["type"] == "error" and data["error"]["type"] == "api_error"
     assert "engine exploded" in data["error"]["message"]
     assert "message_stop" not in [n for n, _ in events]
+
+
+WEATHER = {"name": "get_weather", "description": "Current weather for a city",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
+                            "required": ["city"]}}
+CALL_SCRIPT = ["Let me look.\n<tool", "_call>\n{\"na", "me\": \"get_wea", "ther\", \"argu",
+               "ments\": {\"ci", "ty\": \"Par", "is\"}}\n</tool_", "call>"]
+
+
+async def test_tool_use_block_and_stop_reason(fake_client: FakeFactory) -> None:
+    async with fake_client(script=CALL_SCRIPT) as client:
+        r = await post(client, body(tools=[WEATHER]))
+    msg = Message.model_validate(r.json())
+    assert [b.type for b in msg.content] == ["text", "tool_use"]
+    assert msg.content[0].text == "Let me look."
+    call = msg.content[1]
+    assert call.type == "tool_use"
+    assert call.id.startswith("toolu_") and call.name == "get_weather"
+    assert call.input == {"city": "Paris"}
+    assert msg.stop_reason == "tool_use"
+
+
+async def test_tool_use_stream(fake_client: FakeFactory) -> None:
+    async with fake_client({"stream_interval_ms": 0}, script=CALL_SCRIPT) as client:
+        r = await post(client, body(tools=[WEATHER], stream=True))
+    events = sse_events(r.text)
+    for name, data in events:
+        if name != "ping":
+            STREAM_EVENT.validate_python(data)
+    starts = [d["content_block"] for n, d in events if n == "content_block_start"]
+    assert [s["type"] for s in starts] == ["text", "tool_use"]
+    assert starts[1]["name"] == "get_weather" and starts[1]["input"] == {}
+    assert starts[1]["id"].startswith("toolu_")
+    pieces = [d["delta"]["partial_json"] for n, d in events
+              if n == "content_block_delta" and d["delta"]["type"] == "input_json_delta"]
+    assert len(pieces) > 1 and json.loads("".join(pieces)) == {"city": "Paris"}
+    assert {d["index"] for n, d in events if n == "content_block_delta"
+            and d["delta"]["type"] == "input_json_delta"} == {1}
+    assert [n for n, _ in events].count("content_block_stop") == 2
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
+@pytest.mark.parametrize(("choice", "forced", "rendered"), [
+    ({"type": "auto"}, False, True),
+    ({"type": "any"}, True, True),
+    ({"type": "tool", "name": "get_weather"}, True, True),
+    ({"type": "none"}, False, False),
+])
+async def test_tool_choice(fake_client: FakeFactory, choice: dict[str, Any], forced: bool,
+                           rendered: bool) -> None:
+    async with fake_client() as client:
+        r = await post(client, body(tools=[WEATHER], tool_choice=choice))
+        assert r.status_code == 200, r.text
+        params = client.engines[0].params[-1]
+        prompt = client.engines[0].prompts[-1]
+    assert (params.grammar is not None) == forced
+    assert ("get_weather" in prompt) == rendered
+
+
+async def test_disable_parallel_tool_use_allows_one_call(fake_client: FakeFactory) -> None:
+    async with fake_client() as client:
+        await post(client, body(tools=[WEATHER], tool_choice={"type": "any"}))
+        several = client.engines[0].params[-1].grammar
+        await post(client, body(tools=[WEATHER], tool_choice={
+            "type": "any", "disable_parallel_tool_use": True}))
+        one = client.engines[0].params[-1].grammar
+    assert several and one and several != one
+
+
+async def test_too_many_cache_breakpoints(fake_client: FakeFactory) -> None:
+    mark = {"type": "ephemeral"}
+    system = [{"type": "text", "text": f"rule {i}", "cache_control": mark} for i in range(5)]
+    async with fake_client() as client:
+        assert_error(await post(client, body(system=system)), 400, "invalid_request_error",
+                     "maximum of 4")
+        system[0]["cache_control"] = {"type": "ephemeral", "ttl": "1h"}
+        r = await post(client, body(system=system[:4]))
+        assert r.status_code == 200, r.text
+
+
+async def test_x_api_key_and_bearer(fake_client: FakeFactory) -> None:
+    async with fake_client({"api_key": ["sekrit"]}) as client:
+        assert_error(await post(client, body()), 401, "authentication_error", "missing")
+        assert_error(await post(client, body(), headers={"x-api-key": "nope"}), 401,
+                     "authentication_error", "invalid")
+        ok = await post(client, body(), headers={"x-api-key": "sekrit"})
+        assert ok.status_code == 200, ok.text
+        ok = await post(client, body(), headers={"Authorization": "Bearer sekrit"})
+        assert ok.status_code == 200, ok.text
+        r = await post(client, body(), "/v1/messages/count_tokens")
+        assert_error(r, 401, "authentication_error")
+        r = await client.post("/v1/chat/completions", json={"messages": []})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert "type" not in r.json()
