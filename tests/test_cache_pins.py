@@ -58,7 +58,7 @@ def test_prefix_cache_pins_blocks_end_and_window(tmp_path: Path) -> None:
     keys = block_keys("fp", tokens, 4)
     tail = tail_key(keys[-1], tokens[8:])
     assert cache.ram is not None
-    assert all(cache.ram.pinned(k) for k in [*keys, tail, "w" + tail, "w" + keys[0]])
+    assert all(cache.ram.pinned(k) for k in [*keys, tail, "w" + tail, "w" + keys[0], "mfp"])
     assert not cache.ram.pinned(block_keys("fp", [9, *tokens[1:]], 4)[0])
     off = PrefixCache("off", tmp_path, 10_000, 0, block_tokens=4)
     assert off.pin(engine, tokens, 60) == 0  # type: ignore[arg-type]

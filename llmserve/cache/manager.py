@@ -173,7 +173,8 @@ class PrefixCache:
             return 0
         keys, tail, _ = self._end(stateful.fingerprint, tokens)
         ends = [*keys, *([tail] if tail else [])]
-        self.ram.pin(ends + ["w" + k for k in ends], seconds)
+        # NOTE: with the layout entry, without which no block is restorable
+        self.ram.pin(["m" + stateful.fingerprint, *ends, *("w" + k for k in ends)], seconds)
         return len(tokens)
 
     # -- request hooks (engine thread) -----------------------------------------------------
