@@ -316,3 +316,17 @@ async def test_x_api_key_and_bearer(fake_client: FakeFactory) -> None:
         r = await client.post("/v1/chat/completions", json={"messages": []})
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         assert "type" not in r.json()
+
+
+async def test_output_config_format_constrains_the_output(fake_client: FakeFactory) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    async with fake_client(script=['{"n": 1}']) as client:
+        r = await post(client, body(output_config={
+            "format": {"type": "json_schema", "schema": schema}, "effort": "low"}))
+        grammar = client.engines[0].params[-1].grammar
+        bad = await post(client, body(output_config={
+            "format": {"type": "json_schema", "schema": {"type": "bogus"}}}))
+    assert r.status_code == 200, r.text
+    assert grammar is not None
+    assert Message.model_validate(r.json()).content[0].text == '{"n": 1}'
+    assert_error(bad, 400, "invalid_request_error")

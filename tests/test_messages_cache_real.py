@@ -71,7 +71,7 @@ async def repeat_after_pressure(client: httpx.AsyncClient, pin_first: bool) -> t
     cache = client.app.state.cache  # type: ignore[attr-defined]
     cache.clear()
     cache.ram.capacity = 1 << 40
-    a = pin_first and "Pinned" or "Plain"
+    a = "Pinned" if pin_first else "Plain"
     first = await ask(client, a, pinned=pin_first)
     cache.ram.capacity = int(cache.ram.bytes * 1.6)
     await ask(client, "Bravo", pinned=False)

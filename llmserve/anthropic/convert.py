@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -38,6 +38,7 @@ from llmserve.schemas import (
     FunctionDefinition,
     FunctionName,
     NamedToolChoice,
+    ResponseFormat,
     ToolCall,
     ToolCallFunction,
     ToolDefinition,
@@ -190,7 +191,7 @@ def _breakpoints(req: CountTokensRequest) -> list[tuple[tuple[int, ...], CacheCo
 def _cut(req: CountTokensRequest, where: tuple[int, ...], base: ChatCompletionRequest
          ) -> ChatCompletionRequest:
     """The conversation up to and including the block at `where` (the prefix to pin)."""
-    choice = "none" if base.tool_choice == "none" else "auto"
+    choice: Literal["none", "auto"] = "none" if base.tool_choice == "none" else "auto"
     if where[0] == 0:
         messages = [ChatMessage(role="user", content="")]
         return ChatCompletionRequest(messages=messages, tools=_tools(req, where[1]),
@@ -223,6 +224,11 @@ def to_chat(req: CountTokensRequest) -> Converted:
         "model": req.model, "messages": _messages(req, history), "tools": _tools(req),
         "tool_choice": tool_choice, "parallel_tool_calls": parallel,
     }
+    if req.output_config is not None and req.output_config.format is not None:
+        fields["response_format"] = ResponseFormat.model_validate({
+            "type": "json_schema",
+            "json_schema": {"name": "output", "schema": req.output_config.format.json_schema},
+        })
     if tool_choice is not None and not req.tools:
         fields["tool_choice"] = None if tool_choice in ("none", "auto") else tool_choice
     if isinstance(req, MessagesRequest):
@@ -245,9 +251,9 @@ def to_chat(req: CountTokensRequest) -> Converted:
     marks = _breakpoints(req)
     if not marks:
         return Converted(chat, prefill, None, 0.0)
-    where, mark = marks[-1]
+    furthest = marks[-1][0]
     seconds = max(m.seconds for _, m in marks)
-    return Converted(chat, prefill, _cut(req, where, chat), seconds)
+    return Converted(chat, prefill, _cut(req, furthest, chat), seconds)
 
 
 def stop_reason(finished: Finished, max_tokens: int | None) -> tuple[str, str | None]:

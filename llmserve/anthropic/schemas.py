@@ -139,6 +139,20 @@ class ThinkingConfig(BaseModel):
     budget_tokens: int | None = Field(default=None, ge=0)
 
 
+class JsonOutputFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    type: Literal["json_schema"]
+    json_schema: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(BaseModel):
+    """`output_config`: `format` (structured outputs) is served; `effort` is accepted."""
+
+    model_config = _LENIENT
+    format: JsonOutputFormat | None = None
+    effort: str | None = None
+
+
 class CountTokensRequest(BaseModel):
     """POST /v1/messages/count_tokens: the prompt part of a Messages request."""
 
@@ -151,6 +165,7 @@ class CountTokensRequest(BaseModel):
     thinking: ThinkingConfig | None = None
     # top-level cache_control: a breakpoint on the last block (Anthropic's automatic caching)
     cache_control: CacheControl | None = None
+    output_config: OutputConfig | None = None
 
 
 class MessagesRequest(CountTokensRequest):
