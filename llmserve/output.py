@@ -48,6 +48,7 @@ class Finished:
     completion_tokens: int
     choice: int = 0
     cached_tokens: int | None = None  # prompt tokens reused, known once the prompt is in
+    stop_sequence: str | None = None  # the stop string that ended the output, if one did
 
 
 @dataclass(frozen=True)
@@ -152,4 +153,4 @@ class OutputProcessor:
         self._emit.flush()
         if self._parser.calls and reason == "stop":
             reason = "tool_calls"
-        return Finished(reason, self.produced, self.choice, cached_tokens)
+        return Finished(reason, self.produced, self.choice, cached_tokens, self._matcher.matched)

@@ -179,20 +179,31 @@ class ChatService:
             adapter = self._adapters[id(engine)] = IteratorBatch(engine, self.settings.parallel)
         return adapter
 
-    async def chat(self, req: ChatCompletionRequest) -> Generation:
-        """Start a chat completion; raises request errors before any output exists."""
+    async def chat(
+        self, req: ChatCompletionRequest,
+        on_prompt: Callable[[Engine, list[int]], list[int]] | None = None,
+    ) -> Generation:
+        """Start a chat completion; raises request errors before any output exists.
+
+        on_prompt sees the engine and the prompt's tokens on the engine thread before they are
+        evaluated, and returns the tokens to use (the Anthropic routes add a prefill and pin
+        cache_control prefixes there)."""
         plan = plan_chat(req)
 
         def prompt(engine: Engine) -> Prompt:
             rendered = self._render(engine, plan)
             family = rendered.family
-            return Prompt(
-                _chat_tokens(engine, rendered.text), plan.grammar(family),
-                plan.parser_family(family),
-            )
+            tokens = _chat_tokens(engine, rendered.text)
+            if on_prompt is not None:
+                tokens = on_prompt(engine, tokens)
+            return Prompt(tokens, plan.grammar(family), plan.parser_family(family))
 
         max_tokens = req.max_completion_tokens or req.max_tokens
         return await self._start("chatcmpl", req, prompt, max_tokens)
+
+    def chat_tokens(self, engine: Engine, plan: ChatPlan) -> list[int]:
+        """The tokens a plan renders to on this engine (engine thread), as chat() does."""
+        return _chat_tokens(engine, self._render(engine, plan).text)
 
     async def apply_template(self, req: ChatCompletionRequest) -> dict[str, Any]:
         """The prompt a chat request renders to, its token count and the template used."""

@@ -48,7 +48,10 @@ async def keyed_client(models_dir: Path, **settings: Any) -> AsyncIterator[httpx
 def _auth_error(resp: httpx.Response) -> None:
     assert resp.status_code == 401, resp.text
     body = resp.json()
-    assert set(body["error"]) == {"message", "type", "param", "code"}
+    if resp.request.url.path.startswith("/v1/messages"):  # Anthropic's error shape there
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"}
+    else:
+        assert set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["type"] == "authentication_error"
     assert resp.headers["www-authenticate"].startswith("Bearer")
 

@@ -35,3 +35,10 @@ def test_nothing_after_stop() -> None:
     m = StopMatcher(["!"])
     assert m.feed("hi!") == "hi"
     assert m.feed("more") == ""
+
+
+def test_matched_names_the_earliest_stop() -> None:
+    m = StopMatcher(["world", "lo w"])
+    assert m.matched is None
+    assert m.feed("hello world") == "hel"
+    assert m.matched == "lo w"

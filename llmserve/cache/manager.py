@@ -151,6 +151,32 @@ class PrefixCache:
                 return Match(end, keys[:n_blocks], tail, "w" + end_key)
         return none
 
+    def uncached(self, engine: Engine, tokens: list[int]) -> int:
+        """Tokens of this prompt that saving it would newly store (its missing blocks and end)."""
+        stateful = self._stateful(engine)
+        if stateful is None:
+            return 0
+        keys, tail, _ = self._end(stateful.fingerprint, tokens)
+        n = sum(self.block for key in keys if not self._has(key))
+        if tail is not None and not self._has(tail):
+            n += len(tokens) - len(keys) * self.block
+        return n
+
+    def pin(self, engine: Engine, tokens: list[int], seconds: float) -> int:
+        """Keep the blocks of this prefix (and its end, with a window there) in RAM past
+        every unpinned entry for `seconds` (Anthropic's cache_control); returns tokens pinned.
+
+        NOTE: the RAM tier only: the disk tier stays plain LRU (diskcache culls by its own
+        index), so a pinned block the disk dropped still serves from RAM."""
+        stateful = self._stateful(engine)
+        if stateful is None or self.ram is None or not tokens:
+            return 0
+        keys, tail, _ = self._end(stateful.fingerprint, tokens)
+        ends = [*keys, *([tail] if tail else [])]
+        # NOTE: with the layout entry, without which no block is restorable
+        self.ram.pin(["m" + stateful.fingerprint, *ends, *("w" + k for k in ends)], seconds)
+        return len(tokens)
+
     # -- request hooks (engine thread) -----------------------------------------------------
 
     def prepare(self, engine: Engine, tokens: list[int]) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import time
 import zlib
 from collections import OrderedDict
 from pathlib import Path
@@ -38,13 +39,38 @@ def unwrap(data: bytes) -> bytes | None:
 
 
 class RamTier:
-    """In-process LRU of bytes with a byte capacity."""
+    """In-process LRU of bytes with a byte capacity; pinned keys are evicted last."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self._items: OrderedDict[str, bytes] = OrderedDict()
         self.bytes = 0
         self._lock = threading.Lock()
+        self._pins: dict[str, float] = {}  # key -> time.monotonic() its pin ends
+
+    def pin(self, keys: list[str], seconds: float) -> None:
+        """Evict these keys (present or still to come) after every unpinned one, for seconds."""
+        until = time.monotonic() + seconds
+        with self._lock:
+            for key in keys:
+                self._pins[key] = max(until, self._pins.get(key, until))
+            if len(self._pins) > 4 * len(self._items) + 4096:  # pins of keys never written
+                now = time.monotonic()
+                self._pins = {k: t for k, t in self._pins.items() if t > now}
+
+    def pinned(self, key: str) -> bool:
+        """Whether key's pin is still on."""
+        return self._pins.get(key, 0.0) > time.monotonic()
+
+    def _victim(self) -> str:
+        # NOTE: a linear scan from the LRU end; the tier holds blocks of ~1 MB or more, so
+        # entries number in the thousands at most.
+        now = time.monotonic()
+        for key in self._items:
+            if self._pins.get(key, 0.0) <= now:
+                self._pins.pop(key, None)
+                return key
+        return next(iter(self._items))  # everything is pinned: the oldest pin goes
 
     def get(self, key: str) -> bytes | None:
         with self._lock:
@@ -66,12 +92,14 @@ class RamTier:
             self._items[key] = value
             self.bytes += len(value)
             while self.bytes > self.capacity and self._items:
-                _, evicted = self._items.popitem(last=False)
-                self.bytes -= len(evicted)
+                victim = self._victim()
+                self._pins.pop(victim, None)
+                self.bytes -= len(self._items.pop(victim))
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._pins.clear()
             self.bytes = 0
 
     def __len__(self) -> int:

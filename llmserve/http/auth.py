@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from llmserve.anthropic.events import error_body as anthropic_error_body
 from llmserve.errors import AuthenticationError
 
 PUBLIC_PATHS = frozenset({"/", "/health"})
@@ -71,8 +72,11 @@ class APIKeyMiddleware:
             error = AuthenticationError(
                 "missing API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`"
             )
+        # NOTE: the Anthropic routes answer in Anthropic's error shape, 401s included.
+        anthropic = _route_path(scope).startswith("/v1/messages")
+        body = anthropic_error_body(error.status, error.message) if anthropic else error.body()
         response = JSONResponse(
-            error.body(), status_code=error.status,
+            body, status_code=error.status,
             headers={"WWW-Authenticate": 'Bearer realm="llmserve"'},
         )
         await response(scope, receive, send)

@@ -1,0 +1,153 @@
+"""Anthropic routes: POST /v1/messages (JSON or SSE) and /v1/messages/count_tokens.
+
+Every error on these routes, validation errors included, takes Anthropic's shape
+(`{"type": "error", "error": {"type", "message"}}`): AnthropicRoute catches them before the
+app's OpenAI-shaped handlers do. The `anthropic-version` header is accepted and not checked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmserve.anthropic.convert import stop_reason
+from llmserve.anthropic.events import MessageBuilder, error_body, message_id, sse, usage
+from llmserve.anthropic.schemas import CountTokensRequest, MessagesRequest
+from llmserve.anthropic.service import MessagesService, PromptFacts, cache_usage, parts
+from llmserve.errors import LlmserveError, QueueFullError
+from llmserve.http.openai_routes import _collect_unless_gone
+from llmserve.service import Finished, Generation
+
+logger = logging.getLogger(__name__)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request"
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return "request body is not valid JSON"
+    # NOTE: pydantic puts union members in loc (tagged-union tags, "list[...]"): drop them.
+    loc = [str(p) for p in first.get("loc", ())
+           if p != "body" and not any(c in str(p) for c in "[]()',")]
+    where = ".".join(loc) or "body"
+    if first.get("type") == "missing":
+        return f"{where}: Field required"
+    return f"{where}: {first.get('msg', 'invalid value')}"
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message), status_code=status, headers=headers)
+
+
+class AnthropicRoute(APIRoute):
+    """An APIRoute whose errors are answered in Anthropic's shape."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                return _error(400, _validation_message(exc))
+            except LlmserveError as exc:
+                retry = {"Retry-After": str(exc.retry_after)} if isinstance(
+                    exc, QueueFullError) else None
+                return _error(exc.status, exc.message, retry)
+            except StarletteHTTPException as exc:
+                return _error(exc.status_code, str(exc.detail))
+            except Exception as exc:
+                logger.exception("unhandled error")
+                return _error(500, f"internal error: {exc}")
+
+        return route
+
+
+def _service(request: Request) -> MessagesService:
+    return MessagesService(request.app.state.service)
+
+
+MessagesDep = Annotated[MessagesService, Depends(_service)]
+router = APIRouter(prefix="/v1", route_class=AnthropicRoute)
+
+
+def _ping() -> ServerSentEvent:
+    return ServerSentEvent(event="ping", data=json.dumps({"type": "ping"}))
+
+
+def _final_usage(gen: Generation, facts: PromptFacts, output_tokens: int) -> dict[str, int]:
+    prompt, read, created = cache_usage(gen, facts)
+    return usage(prompt, output_tokens, read, created)
+
+
+def _stream(gen: Generation, facts: PromptFacts, max_tokens: int) -> EventSourceResponse:
+    builder = MessageBuilder(message_id(), gen.model)
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        try:
+            for event in builder.start(_final_usage(gen, facts, 0)):
+                yield sse(event)
+            finished: Finished | None = None
+            async for part in parts(gen):
+                if isinstance(part, Finished):
+                    finished = part
+                    continue
+                for event in builder.feed(part):
+                    yield sse(event)
+            if finished is None:
+                raise RuntimeError("the generation ended without finishing")
+            reason, sequence = stop_reason(finished, max_tokens)
+            end = _final_usage(gen, facts, finished.completion_tokens)
+            for event in builder.finish(reason, sequence, end):
+                yield sse(event)
+        except Exception as exc:
+            # NOTE: the status line is gone; an `error` event is how Anthropic ends a stream.
+            logger.exception("message stream failed")
+            status = exc.status if isinstance(exc, LlmserveError) else 500
+            message = exc.message if isinstance(exc, LlmserveError) else f"internal error: {exc}"
+            yield {"event": "error", "data": json.dumps(error_body(status, message))}
+        finally:
+            gen.cancel()  # runs on client disconnect too
+
+    return EventSourceResponse(events(), ping=15, ping_message_factory=_ping)
+
+
+@router.post("/messages", response_model=None)
+async def create_message(
+    body: MessagesRequest, request: Request, service: MessagesDep
+) -> dict[str, Any] | EventSourceResponse:
+    """Anthropic Messages: a Message, or its stream of events when `stream` is true."""
+    gen, facts = await service.create(body)
+    if body.stream:
+        return _stream(gen, facts, body.max_tokens)
+
+    async def collect() -> dict[str, Any]:
+        builder = MessageBuilder(message_id(), gen.model)
+        finished = Finished("stop", 0)
+        async for part in parts(gen):
+            if isinstance(part, Finished):
+                finished = part
+            else:
+                builder.feed(part)
+        reason, sequence = stop_reason(finished, body.max_tokens)
+        return builder.message(reason, sequence,
+                               _final_usage(gen, facts, finished.completion_tokens))
+
+    return await _collect_unless_gone(gen, request, collect)
+
+
+@router.post("/messages/count_tokens")
+async def count_tokens(body: CountTokensRequest, service: MessagesDep) -> dict[str, int]:
+    """The prompt's token count, as /v1/messages would render it."""
+    return {"input_tokens": await service.count_tokens(body)}
