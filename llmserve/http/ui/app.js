@@ -1,6 +1,6 @@
 // The chat page: conversations, the model picker, streaming replies, stats, the cache panel.
 // Text from the model or from localStorage only ever reaches the page as text nodes
-// (markdown.js builds elements; nothing here assigns innerHTML).
+// (markdown.js builds elements; no HTML parsing API is used anywhere on the page).
 
 import { Api, ApiError, errorText, sseData } from "./api.js";
 import { renderMarkdown } from "./markdown.js";
@@ -164,6 +164,7 @@ function fillAssistant(art, conv, message, index) {
   for (const node of art.querySelectorAll(":scope > :not(.meta)")) node.remove();
   const live = state.streaming && state.streaming.message === message;
   art.dataset.streaming = live ? "true" : "false";
+  if (message.id) art.dataset.completionId = message.id;
   if (message.reasoning) {
     const details = el("details", "reasoning");
     details.appendChild(el("summary", null, live && !message.content ? "Thinking…" : "Reasoning"));
@@ -338,13 +339,13 @@ async function generate(conv) {
     if (settings[k] !== null) body[k] = settings[k];
   }
   conv.messages.push(message);
+  const controller = new AbortController();
+  state.streaming = { controller, conversation: conv, message };
   touch(conv);
   persist();
   renderSidebar();
   renderMessages();
   const element = ui.messages.lastElementChild;
-  const controller = new AbortController();
-  state.streaming = { controller, conversation: conv, message, element };
   setStreaming(true);
   showBanner("");
   element.scrollIntoView({ block: "end" });
@@ -371,6 +372,7 @@ async function generate(conv) {
       const chunk = JSON.parse(data);
       if (chunk.error) throw new ApiError(chunk.error.message || "stream error", 500);
       if (chunk.model) message.model = chunk.model;
+      if (chunk.id) message.id = String(chunk.id);
       for (const choice of chunk.choices || []) {
         if (choice.index) continue;  // the page asks for one choice
         const delta = choice.delta || {};
@@ -534,8 +536,7 @@ function fillSettings() {
   ui.temperature.value = s.temperature ?? "";
   ui.topP.value = s.top_p ?? "";
   ui.maxTokens.value = s.max_tokens ?? "";
-  ui.temperature.placeholder = ui.topP.placeholder = "model default";
-  ui.maxTokens.placeholder = "up to the context";
+  ui.temperature.placeholder = ui.topP.placeholder = ui.maxTokens.placeholder = "default";
   ui.settings.setAttribute("aria-label", `Settings for ${state.model || "the model"}`);
 }
 

@@ -49,6 +49,7 @@ function cleanMessage(m) {
     out.reasoning = str(m.reasoning);
     out.model = str(m.model);
     out.error = str(m.error);
+    out.id = str(m.id);
     out.tool_calls = Array.isArray(m.tool_calls)
       ? m.tool_calls.map((t) => ({ id: str(t && t.id), name: str(t && t.name),
         arguments: str(t && t.arguments) }))
