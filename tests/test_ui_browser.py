@@ -422,7 +422,8 @@ def test_stored_reply_renders_as_text(page: Page, ui_server: ServerProcess) -> N
     assert details.get_attribute("open") is None  # collapsed
     assert "onerror" in details.locator(".md").text_content()
     assert "Tool call: <img src=x onerror=1>" in reply(page).locator(".tool-call").inner_text()
-    assert page.locator("article.user .text").inner_text() == "<b onclick=window.__xss='user'>hi</b>"
+    user = page.locator("article.user .text").inner_text()
+    assert user == "<b onclick=window.__xss='user'>hi</b>"
     for selector in ("article.user .text", "article.assistant .content",
                      "article.assistant .tool-call"):
         page.locator(selector).first.hover()

@@ -175,7 +175,14 @@ function fillAssistant(art, conv, message, index) {
   }
   const content = el("div", "md content");
   content.appendChild(renderMarkdown(message.content));
-  if (live) content.appendChild(el("span", "cursor", "▍"));
+  if (live) {
+    // the cursor goes at the end of the last paragraph or list item, not on a line of its own
+    let end = content;
+    while (end.lastElementChild && /^(P|UL|OL|LI|BLOCKQUOTE|H[1-6])$/.test(end.lastElementChild.tagName)) {
+      end = end.lastElementChild;
+    }
+    end.appendChild(el("span", "cursor", "▍"));
+  }
   art.appendChild(content);
   if (message.tool_calls.length) {
     const calls = el("div", "tool-calls");
