@@ -594,8 +594,10 @@ async function refreshCache() {
       ["hits", s.hits], ["misses", s.misses],
       ["tokens reused", s.tokens_reused], ["tokens evaluated", s.tokens_evaluated],
     ];
-    if (s.ram) rows.push(["RAM", `${s.ram.entries} entries, ${formatBytes(s.ram.bytes)}`]);
-    if (s.disk) rows.push(["disk", `${s.disk.entries} entries, ${formatBytes(s.disk.bytes)}`]);
+    if (s.ram) rows.push(["RAM entries", s.ram.entries], ["RAM size", formatBytes(s.ram.bytes)]);
+    if (s.disk) {
+      rows.push(["disk entries", s.disk.entries], ["disk size", formatBytes(s.disk.bytes)]);
+    }
     ui.cacheStats.replaceChildren();
     for (const [k, v] of rows) {
       const dt = el("dt", null, k);
@@ -627,5 +629,5 @@ renderSidebar();
 renderMessages();
 refreshStatus();
 refreshAll();
-setInterval(() => { if (!state.switching && !document.hidden) refreshStatus(); }, 5000);
+setInterval(() => { if (!state.switching && !document.hidden) refreshStatus(); }, 15000);
 document.body.dataset.ready = "true";
