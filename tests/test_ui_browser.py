@@ -446,6 +446,70 @@ def test_stored_reply_renders_as_text(page: Page, ui_server: ServerProcess) -> N
     assert_nothing_active(page)
 
 
+PAYLOADS = [
+    "<img src=x onerror=window.__xss=1>",
+    "<svg/onload=window.__xss=1>",
+    "<iframe src=javascript:window.__xss=1>",
+    "[a](javascript:window.__xss=1)",
+    "[a](JaVaScRiPt:window.__xss=1)",
+    "[a](\tjavascript:window.__xss=1)",
+    "[a](java\nscript:window.__xss=1)",
+    "[a](&#106;avascript:window.__xss=1)",
+    "[a](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==)",
+    "[a](//evil.example/x)",
+    "[a](/relative)",
+    "![a](https://evil.example/track.png)",
+    "<https://ok.example/a>",
+    "<javascript:window.__xss=1>",
+    "[x](https://ok.example/\"onmouseover=\"window.__xss=1)",
+    "`<img src=x onerror=window.__xss=1>`",
+    "**<img src=x onerror=window.__xss=1>**",
+    "| <img src=x onerror=window.__xss=1> |\n|---|\n| [a](javascript:x) |",
+    "> <script>window.__xss=1</script>",
+    "- [a](vbscript:x)\n  - <img src=x onerror=window.__xss=1>",
+    "```\n</code></pre><img src=x onerror=window.__xss=1>\n```",
+    "*" * 3000 + "a" + "_" * 3000,
+    "*a " * 2000,
+    "[" * 2000 + "](" * 2000,
+    ">" * 200 + " deep",
+    "".join(f"{'  ' * i}- level {i}\n" for i in range(60)),
+]
+
+
+def test_renderer_keeps_untrusted_text_inert(page: Page, ui_server: ServerProcess) -> None:
+    """markdown.js on hostile inputs: only http(s) links, no other element can act."""
+    open_ui(page, ui_server)
+    result = page.evaluate(
+        """async (payloads) => {
+            const md = await import(new URL('markdown.js', document.baseURI).href);
+            const out = [];
+            for (const text of payloads) {
+                const box = document.createElement('div');
+                box.appendChild(md.renderMarkdown(text));
+                document.getElementById('messages').appendChild(box);
+                const tags = [...box.querySelectorAll('*')].map((n) => n.tagName);
+                const hrefs = [...box.querySelectorAll('a')].map((a) => a.getAttribute('href'));
+                const attrs = [...box.querySelectorAll('*')].flatMap(
+                    (n) => [...n.attributes].map((a) => a.name));
+                out.push({tags: [...new Set(tags)], hrefs, attrs: [...new Set(attrs)]});
+            }
+            return out;
+        }""",
+        PAYLOADS,
+    )
+    allowed_tags = {"P", "BR", "STRONG", "EM", "DEL", "CODE", "PRE", "A", "UL", "OL", "LI",
+                    "BLOCKQUOTE", "H1", "H2", "H3", "H4", "H5", "H6", "HR", "TABLE", "THEAD",
+                    "TBODY", "TR", "TH", "TD", "DIV", "SPAN", "BUTTON"}
+    allowed_attrs = {"class", "href", "rel", "target", "type", "style", "data-lang", "start"}
+    for payload, r in zip(PAYLOADS, result, strict=True):
+        assert set(r["tags"]) <= allowed_tags, (payload[:60], r["tags"])
+        assert set(r["attrs"]) <= allowed_attrs, (payload[:60], r["attrs"])
+        assert all(re.match(r"https?://", h) for h in r["hrefs"]), (payload[:60], r["hrefs"])
+    assert result[PAYLOADS.index("<https://ok.example/a>")]["hrefs"] == ["https://ok.example/a"]
+    assert result[PAYLOADS.index("![a](https://evil.example/track.png)")]["tags"] == ["P", "A"]
+    assert_nothing_active(page)
+
+
 def test_keyboard_and_errors(page: Page, ui_server: ServerProcess) -> None:
     """Shift+Enter adds a line (Enter sends); a refused request shows the server's message."""
     page.route("**/v1/chat/completions", lambda route: route.fulfill(

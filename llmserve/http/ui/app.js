@@ -366,8 +366,11 @@ async function generate(conv) {
     requestAnimationFrame(() => {
       pending = false;
       if (state.streaming && state.streaming.message === message) {
+        // follow the reply only while the user has not scrolled up to read
+        const box = ui.messages;
+        const follow = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
         fillAssistant(element, conv, message, conv.messages.indexOf(message));
-        ui.messages.scrollTop = ui.messages.scrollHeight;
+        if (follow) box.scrollTop = box.scrollHeight;
       }
     });
   };
