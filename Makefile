@@ -7,7 +7,7 @@ ARGS   ?=
 # llama-cpp-python compiles from source; pip caches the wheel it builds.
 # GPU builds: CMAKE_ARGS="-DGGML_CUDA=on" make reinstall-llama  (or -DGGML_METAL=on)
 
-.PHONY: install dev models test-models run test lint bench reinstall-llama clean
+.PHONY: install dev models test-models chromium run test lint bench reinstall-llama clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,10 +29,24 @@ models: install
 test-models: install
 	$(PY) -m llmserve models pull smollm2-135m gemma3-270m
 
+# The browser UI tests (tests/test_ui_browser.py) drive Debian's Chromium through Playwright
+# (Playwright's own browser downloads are not used): installed with apt-get when missing.
+chromium:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium with apt-get (for the browser UI tests)"; \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium || \
+		{ $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }; \
+	else \
+		echo "WARNING: /usr/bin/chromium is missing and apt-get is not available: install" \
+		     "Chromium at /usr/bin/chromium yourself; until then the browser UI tests are skipped." >&2; \
+	fi
+
 run: models
 	$(PY) server.py --model_name $(MODEL) $(ARGS)
 
-test: dev test-models
+test: dev test-models chromium
 	$(PY) -m pytest
 
 lint: dev

@@ -5,20 +5,23 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, RedirectResponse
 
 from llmserve import __version__
 from llmserve.errors import error_body
 from llmserve.http.deps import CacheDep, ManagerDep, ServiceDep
+from llmserve.http.ui_routes import wants_html
 from llmserve.schemas import RestoreCacheRequest, SetModelRequest
 
 router = APIRouter()
 
 
-@router.get("/")
-async def status(manager: ManagerDep) -> dict[str, Any]:
-    """Version, active model and state."""
+@router.get("/", response_model=None)
+async def status(request: Request, manager: ManagerDep) -> dict[str, Any] | RedirectResponse:
+    """Version, active model and state; a browser (Accept: text/html) goes to the chat page."""
+    if wants_html(request.headers.get("accept")):
+        return RedirectResponse(request.url_for("ui_page").path, status_code=303)
     return {
         "name": "llmserve",
         "version": __version__,

@@ -19,7 +19,13 @@ from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import EngineFactory, ModelManager
 from llmserve.config import Settings
 from llmserve.errors import LlmserveError, QueueFullError, error_body
-from llmserve.http import admin_routes, anthropic_routes, openai_routes, responses_routes
+from llmserve.http import (
+    admin_routes,
+    anthropic_routes,
+    openai_routes,
+    responses_routes,
+    ui_routes,
+)
 from llmserve.http.ops import Ops
 from llmserve.scheduler import Scheduler
 from llmserve.service import ChatService
@@ -118,6 +124,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     app.include_router(openai_routes.v1_router)
     responses_routes.install(app, settings, service)  # /v1/responses (issue 10)
     app.include_router(anthropic_routes.router)  # Anthropic-shaped errors on its routes
+    app.include_router(ui_routes.router)
     ops = Ops(app, settings, manager, worker, service)  # keys, metrics, discovery, extra routes
     return app
 

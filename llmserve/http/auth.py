@@ -16,7 +16,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from llmserve.anthropic.events import error_body as anthropic_error_body
 from llmserve.errors import AuthenticationError
 
-PUBLIC_PATHS = frozenset({"/", "/health"})
+PUBLIC_PATHS = frozenset({"/", "/health", "/ui"})
+# NOTE: the browser page's assets (http/ui_routes.py); what the page calls stays protected.
+PUBLIC_PREFIXES = ("/ui/",)
+
+
+def is_public(path: str) -> bool:
+    """Paths served without a key: status, health, and the browser page with its assets."""
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
 
 
 def presented_keys(headers: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
@@ -52,14 +59,14 @@ def is_loopback_host(host: str) -> bool:
 
 
 class APIKeyMiddleware:
-    """Rejects HTTP requests without a valid key, except on PUBLIC_PATHS."""
+    """Rejects HTTP requests without a valid key, except on public paths (is_public)."""
 
     def __init__(self, app: ASGIApp, keys: Sequence[str]):
         self.app = app
         self._keys = [k.encode("utf-8") for k in keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._keys or _route_path(scope) in PUBLIC_PATHS:
+        if scope["type"] != "http" or not self._keys or is_public(_route_path(scope)):
             await self.app(scope, receive, send)
             return
         presented = presented_keys(scope.get("headers", []))
