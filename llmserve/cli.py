@@ -59,6 +59,9 @@ def _serve_parser(sub: Any) -> None:
     _flag(p, "cache_block_tokens", type=int, help="tokens per cache block (default 64)")
     _flag(p, "stream_interval_ms", type=float,
           help="join tokens produced within this many ms into one SSE chunk (default 20)")
+    _flag(p, "reasoning_format", choices=["auto", "deepseek", "none"],
+          help="thinking (<think>, gpt-oss channels) as reasoning_content: auto/deepseek "
+               "when the markup appears, none = left in the content (default auto)")
     _flag(p, "log_level", choices=["critical", "error", "warning", "info", "debug"],
           help="log level (default info)")
     _flag(p, "manifest", type=Path, help="models.yaml (default <models_dir>/models.yaml)")

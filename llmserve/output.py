@@ -1,5 +1,5 @@
 """What a request's events are, and the output processor that turns one sequence's token
-bytes into them: UTF-8 decoding, stop strings, the tool-call parser, chunk coalescing."""
+bytes into them: UTF-8 decoding, stop strings, reasoning, the tool-call parser, coalescing."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from llmserve.chat.reasoning import ReasoningSetup, ReasoningSplitter
 from llmserve.chat.stops import StopMatcher
 from llmserve.chat.tools import ToolCallDelta, ToolCallParser
 
@@ -32,11 +33,20 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class ReasoningDelta:
+    """A piece of the reply's reasoning (thinking), apart from its content."""
+
+    text: str
+    choice: int = 0
+
+
+@dataclass(frozen=True)
 class Finished:
     finish_reason: str
     completion_tokens: int
     choice: int = 0
     cached_tokens: int | None = None  # prompt tokens reused, known once the prompt is in
+    reasoning_tokens: int = 0  # of completion_tokens, those inside the reasoning
 
 
 @dataclass(frozen=True)
@@ -46,9 +56,10 @@ class Prompt:
     tokens: list[int]
     grammar: str | None = None
     tool_family: str | None = None
+    reasoning: ReasoningSetup | None = None  # None: no reasoning parsing (text completions)
 
 
-Delta = TextDelta | ToolCallDelta
+Delta = TextDelta | ReasoningDelta | ToolCallDelta
 
 
 class Coalescer:
@@ -69,6 +80,8 @@ class Coalescer:
         last = self._pending[-1] if self._pending else None
         if isinstance(delta, TextDelta) and isinstance(last, TextDelta):
             self._pending[-1] = TextDelta(last.text + delta.text, delta.choice)
+        elif isinstance(delta, ReasoningDelta) and isinstance(last, ReasoningDelta):
+            self._pending[-1] = ReasoningDelta(last.text + delta.text, delta.choice)
         elif (
             isinstance(delta, ToolCallDelta) and isinstance(last, ToolCallDelta)
             and delta.index == last.index and delta.id is None
@@ -93,19 +106,32 @@ class OutputProcessor:
     """One choice's output: feed it token bytes, then finish() once for its Finished."""
 
     def __init__(self, choice: int, stops: list[str], limit: int, parser: ToolCallParser,
-                 emit: Coalescer):
+                 emit: Coalescer, reasoning: ReasoningSetup | None = None):
         self.choice = choice
         self.limit = limit
         self.produced = 0
+        self.reasoning_tokens = 0
         self.done = False
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._matcher = StopMatcher(stops)
         self._parser = parser
         self._emit = emit
+        self._splitter = ReasoningSplitter(reasoning) if reasoning is not None else None
 
-    def _out(self, text: str) -> None:
-        for part in self._parser.feed(text):
-            self._send(part)
+    def _out(self, text: str, *, final: bool = False) -> None:
+        if self._splitter is None:
+            parts = [(False, text)]
+        else:
+            # NOTE: the tool-call parser sees only the text after (outside) the reasoning.
+            parts = self._splitter.feed(text)
+            if final:
+                parts += self._splitter.finish()
+        for thinking, piece in parts:
+            if thinking:
+                self._emit(ReasoningDelta(piece, self.choice))
+            else:
+                for part in self._parser.feed(piece):
+                    self._send(part)
 
     def _send(self, part: str | ToolCallDelta) -> None:
         if isinstance(part, str):
@@ -116,7 +142,11 @@ class OutputProcessor:
     def feed(self, piece: bytes) -> str | None:
         """One sampled token's bytes; returns the finish reason once the output is complete."""
         self.produced += 1
+        splitter = self._splitter
+        blocks = splitter.blocks if splitter else 0
         self._out(self._matcher.feed(self._decoder.decode(piece)))
+        if splitter and (splitter.thinking or splitter.blocks != blocks):
+            self.reasoning_tokens += 1
         if self._matcher.stopped:
             return "stop"
         if self.produced >= self.limit:
@@ -126,12 +156,13 @@ class OutputProcessor:
     def finish(self, reason: str, cached_tokens: int | None = None) -> Finished:
         """Flush what is held back (UTF-8 tail, stop-string candidates, parser) and end."""
         self.done = True
+        tail = ""
         if not self._matcher.stopped:
-            self._out(self._matcher.feed(self._decoder.decode(b"", final=True))
-                      + self._matcher.flush())
+            tail = self._matcher.feed(self._decoder.decode(b"", final=True)) + self._matcher.flush()
+        self._out(tail, final=True)
         for part in self._parser.finish():
             self._send(part)
         self._emit.flush()
         if self._parser.calls and reason == "stop":
             reason = "tool_calls"
-        return Finished(reason, self.produced, self.choice, cached_tokens)
+        return Finished(reason, self.produced, self.choice, cached_tokens, self.reasoning_tokens)

@@ -23,12 +23,13 @@ from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import ModelManager
 from llmserve.chat import gbnf
 from llmserve.chat.plan import ChatPlan, RenderedChat, plan_chat, render_chat
+from llmserve.chat.reasoning import setup_for
 from llmserve.chat.tools import ToolCallDelta
 from llmserve.config import Settings
 from llmserve.engine.base import BatchEngine, Engine, SamplingParams, common_prefix
 from llmserve.errors import InvalidRequestError
 from llmserve.metrics import Metrics
-from llmserve.output import Emit, Finished, Prompt, Started, TextDelta
+from llmserve.output import Emit, Finished, Prompt, ReasoningDelta, Started, TextDelta
 from llmserve.request import Env, Request
 from llmserve.scheduler import EventStream, IteratorBatch, Scheduler, check_context
 from llmserve.schemas import (
@@ -38,23 +39,26 @@ from llmserve.schemas import (
     SamplingFields,
 )
 
-__all__ = ["Finished", "Generation", "Message", "Started", "TextDelta", "ToolCallDelta"]
+__all__ = ["Finished", "Generation", "Message", "ReasoningDelta", "Started", "TextDelta",
+           "ToolCallDelta"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Message:
-    """A whole chat reply: content, tool calls in OpenAI's shape, and how it finished."""
+    """A whole chat reply: content, tool calls in OpenAI's shape, how it finished, and its
+    reasoning (None: the reply had none)."""
 
     content: str
     tool_calls: list[dict[str, Any]]
     finished: Finished
+    reasoning: str | None = None
 
 
 class Generation:
-    """A running generation: header data, then TextDelta/ToolCallDelta events, and one
-    Finished per choice (each event carries its choice index)."""
+    """A running generation: header data, then TextDelta/ReasoningDelta/ToolCallDelta events,
+    and one Finished per choice (each event carries its choice index)."""
 
     def __init__(self, id_: str, started: Started, stream: EventStream, n: int = 1):
         self.id = id_
@@ -69,7 +73,9 @@ class Generation:
         """Stop generating within a token."""
         self._stream.cancel()
 
-    async def __aiter__(self) -> AsyncIterator[TextDelta | ToolCallDelta | Finished]:
+    async def __aiter__(
+        self,
+    ) -> AsyncIterator[TextDelta | ReasoningDelta | ToolCallDelta | Finished]:
         # NOTE: the request goes on after the last Finished (it saves the prompt cache); the
         # response does not wait for that.
         done: set[int] = set()
@@ -105,11 +111,14 @@ class Generation:
     async def collect_messages(self) -> list[Message]:
         """Every choice's whole reply."""
         parts: list[list[str]] = [[] for _ in range(self.n)]
+        thoughts: list[list[str]] = [[] for _ in range(self.n)]
         calls: list[dict[int, dict[str, Any]]] = [{} for _ in range(self.n)]
         finishes = [Finished("stop", 0, i) for i in range(self.n)]
         async for event in self:
             if isinstance(event, TextDelta):
                 parts[event.choice].append(event.text)
+            elif isinstance(event, ReasoningDelta):
+                thoughts[event.choice].append(event.text)
             elif isinstance(event, ToolCallDelta):
                 call = calls[event.choice].setdefault(event.index, {
                     "id": event.id, "type": "function",
@@ -118,7 +127,8 @@ class Generation:
                 call["function"]["arguments"] += event.arguments
             elif isinstance(event, Finished):
                 finishes[event.choice] = event
-        return [Message("".join(parts[i]), [calls[i][k] for k in sorted(calls[i])], finishes[i])
+        return [Message("".join(parts[i]), [calls[i][k] for k in sorted(calls[i])], finishes[i],
+                        "".join(thoughts[i]) or None)
                 for i in range(self.n)]
 
 
@@ -146,6 +156,7 @@ def sampling_params(
         frequency_penalty=pick("frequency_penalty"),
         repeat_penalty=pick("repeat_penalty"),
         ignore_eos=req.ignore_eos,
+        logit_bias=req.logit_biases(),
     )
 
 
@@ -174,13 +185,14 @@ class ChatService:
     async def chat(self, req: ChatCompletionRequest) -> Generation:
         """Start a chat completion; raises request errors before any output exists."""
         plan = plan_chat(req)
+        reasoning_format = req.reasoning_format or self.settings.reasoning_format
 
         def prompt(engine: Engine) -> Prompt:
             rendered = self._render(engine, plan)
             family = rendered.family
             return Prompt(
                 _chat_tokens(engine, rendered.text), plan.grammar(family),
-                plan.parser_family(family),
+                plan.parser_family(family), setup_for(rendered.text, reasoning_format),
             )
 
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -267,6 +279,8 @@ class ChatService:
                 "sequences at once (--parallel)", param="n",
             )
         params = sampling_params(req, self.manager.sampling_defaults(filename))
+        if params.logit_bias:
+            build_prompt = _vocab_checked(build_prompt, params.logit_bias)
         return await self._submit(prefix, filename, req.keep_alive, build_prompt, params,
                                   max_tokens, req.stop_list(), n=req.n)
 
@@ -301,7 +315,7 @@ def _metered(emit: Emit, metrics: Metrics) -> Emit:
         if isinstance(event, Started):
             model = event.model
             metrics.generation_started(model, event.prompt_tokens)
-        elif isinstance(event, TextDelta) and not first:
+        elif isinstance(event, TextDelta | ReasoningDelta) and not first:
             first = now
             metrics.first_token(model, now - t0)
         elif isinstance(event, Finished) and event.choice == 0:
@@ -315,6 +329,25 @@ def _metered(emit: Emit, metrics: Metrics) -> Emit:
         emit(event)
 
     return observe
+
+
+def _vocab_checked(
+    build_prompt: Callable[[Engine], Prompt], bias: tuple[tuple[int, float], ...]
+) -> Callable[[Engine], Prompt]:
+    """build_prompt, first checking logit_bias's token ids against the model's vocabulary
+    (known once the model is loaded, at admission: still a 400 before any output)."""
+
+    def checked(engine: Engine) -> Prompt:
+        n_vocab = engine.info.n_vocab
+        bad = sorted(t for t, _ in bias if t >= n_vocab)
+        if bad:
+            raise InvalidRequestError(
+                f"logit_bias names token {bad[0]}, outside the vocabulary of "
+                f"{engine.info.name} (token ids 0..{n_vocab - 1})", param="logit_bias",
+            )
+        return build_prompt(engine)
+
+    return checked
 
 
 def _warm_result(model: str, prompt: int, cached: int, evaluated: int,

@@ -36,6 +36,7 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     ignore_eos: bool = False
     grammar: str | None = None  # GBNF, already checked by llmserve.chat.gbnf
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id within the vocab, bias)
 
 
 @dataclass(frozen=True)
