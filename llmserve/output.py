@@ -111,6 +111,7 @@ class OutputProcessor:
         self.limit = limit
         self.produced = 0
         self.reasoning_tokens = 0
+        self._undecided = 0  # tokens of markup that may still open reasoning
         self.done = False
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._matcher = StopMatcher(stops)
@@ -146,7 +147,10 @@ class OutputProcessor:
         blocks = splitter.blocks if splitter else 0
         self._out(self._matcher.feed(self._decoder.decode(piece)))
         if splitter and (splitter.thinking or splitter.blocks != blocks):
-            self.reasoning_tokens += 1
+            self.reasoning_tokens += 1 + self._undecided
+            self._undecided = 0
+        elif splitter:
+            self._undecided = self._undecided + 1 if splitter.undecided else 0
         if self._matcher.stopped:
             return "stop"
         if self.produced >= self.limit:

@@ -111,6 +111,11 @@ class ReasoningSplitter:
         """Whether the output is inside reasoning now."""
         return self._state == "think" or (self._state == "body" and self._channel == ANALYSIS)
 
+    @property
+    def undecided(self) -> bool:
+        """Whether markup read so far may still open reasoning (`<thi`, a channel header)."""
+        return self._state in ("start", "header", "role", "between")
+
     def feed(self, text: str) -> list[Part]:
         """Parts for the next piece of generated text."""
         self._buf += text
