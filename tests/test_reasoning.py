@@ -34,6 +34,8 @@ CASES = [
      'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}', None,
      "need weather", '{"name": "get_weather", "arguments": {"city": "Paris"}}'),
     ("<|channel|>final<|message|>Just this.", None, "", "Just this."),
+    ("<|start|>assistant<|channel|>analysis<|message|>a<|end|><|start|>assistant<|channel|>"
+     "final<|message|>b", None, "a", "b"),
 ]
 
 

@@ -145,7 +145,7 @@ class ReasoningSplitter:
 
     def _s_start(self) -> bool:
         head = self._buf.lstrip()
-        for marker, state in ((THINK_OPEN, "think"), (CHANNEL, "header")):
+        for marker, state in ((THINK_OPEN, "think"), (CHANNEL, "header"), (START, "role")):
             if head.startswith(marker):
                 self._buf = head[len(marker):]
                 self._state, self._lead = state, True
