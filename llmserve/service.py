@@ -23,7 +23,7 @@ from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import ModelManager
 from llmserve.chat import gbnf
 from llmserve.chat.plan import ChatPlan, RenderedChat, plan_chat, render_chat
-from llmserve.chat.reasoning import setup_for
+from llmserve.chat.reasoning import ReasoningFormat, ReasoningSetup, answer_only, setup_for
 from llmserve.chat.tools import ToolCallDelta
 from llmserve.config import Settings
 from llmserve.engine.base import BatchEngine, Engine, SamplingParams, common_prefix
@@ -188,11 +188,11 @@ class ChatService:
         reasoning_format = req.reasoning_format or self.settings.reasoning_format
 
         def prompt(engine: Engine) -> Prompt:
-            rendered = self._render(engine, plan)
+            rendered, text, reasoning = self._chat_prompt(engine, plan, reasoning_format)
             family = rendered.family
             return Prompt(
-                _chat_tokens(engine, rendered.text), plan.grammar(family),
-                plan.parser_family(family), setup_for(rendered.text, reasoning_format),
+                _chat_tokens(engine, text), plan.grammar(family), plan.parser_family(family),
+                reasoning,
             )
 
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -205,11 +205,12 @@ class ChatService:
 
         def job() -> dict[str, Any]:
             engine = self.manager.ensure(filename)
-            rendered = self._render(engine, plan)
+            rendered, text, _ = self._chat_prompt(
+                engine, plan, req.reasoning_format or self.settings.reasoning_format)
             return {
                 "model": engine.info.name,
-                "prompt": rendered.text,
-                "tokens": len(_chat_tokens(engine, rendered.text)),
+                "prompt": text,
+                "tokens": len(_chat_tokens(engine, text)),
                 "template": rendered.origin,
                 "tool_call_format": plan.parser_family(rendered.family),
                 "grammar": plan.grammar(rendered.family),
@@ -247,6 +248,17 @@ class ChatService:
         cached = finishes[0].cached_tokens or 0
         return _warm_result(gen.model, gen.prompt_tokens, cached, gen.prompt_tokens - cached,
                             start)
+
+    def _chat_prompt(
+        self, engine: Engine, plan: ChatPlan, fmt: ReasoningFormat
+    ) -> tuple[RenderedChat, str, ReasoningSetup | None]:
+        """The rendered chat, the prompt text to generate from, and how to read the reply."""
+        rendered = self._render(engine, plan)
+        setup = setup_for(rendered.text, fmt)
+        if plan.constrains_answer:
+            # NOTE: the grammar matches the answer, not thinking: close what the template opened.
+            return rendered, *answer_only(rendered.text, setup)
+        return rendered, rendered.text, setup
 
     def _render(self, engine: Engine, plan: ChatPlan) -> RenderedChat:
         return render_chat(

@@ -191,3 +191,22 @@ async def test_logit_bias_not_finite_400(fake_client: Any) -> None:
             "/v1/completions", content='{"prompt": "x", "logit_bias": {"1": NaN}}',
             headers={"content-type": "application/json"})
     assert assert_error(resp, 400)["param"] == "logit_bias"
+
+
+async def test_answer_grammar_closes_opened_thinking(fake_client: Any) -> None:
+    thinking = {"chat_template_kwargs": {"enable_thinking": True}}
+    as_json = {**CHAT, **thinking, "response_format": {"type": "json_object"}}
+    async with fake_client(script=['{"a": ', "1}"], chat_template=THINKING_TEMPLATE) as client:
+        constrained = await client.post("/v1/chat/completions", json=as_json)
+        shown = await client.post("/apply-template", json=as_json)
+        raw = await client.post("/v1/chat/completions", json={
+            **CHAT, **thinking, "grammar": 'root ::= "{" [^}]* "}"'})
+        prompts = client.engines[0].prompts
+    # the grammar constrains the answer: the thinking the template opened is closed first
+    assert prompts[0].endswith("<think>\n</think>\n\n")
+    assert shown.json()["prompt"] == prompts[0]
+    assert constrained.json()["choices"][0]["message"] == {"role": "assistant",
+                                                           "content": '{"a": 1}'}
+    # a raw grammar is the client's: it applies from inside the opened thinking
+    assert prompts[1].endswith("<think>\n")
+    assert raw.json()["choices"][0]["message"]["reasoning_content"] == '{"a": 1}'

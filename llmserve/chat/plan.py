@@ -61,6 +61,11 @@ class ChatPlan:
             m.get("tool_calls") or m["role"] == "tool" for m in self.messages
         )
 
+    @property
+    def constrains_answer(self) -> bool:
+        """A grammar built for tool_choice or response_format: it matches the answer only."""
+        return self.raw_grammar is None and (self.tool_mode == "forced" or bool(self.content))
+
     def parser_family(self, family: str) -> str | None:
         """The tool-call parser to run on the output (None: plain text)."""
         return family if self.tool_mode != "none" else None

@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 from llmserve.config import ReasoningFormat
 
-__all__ = ["ReasoningFormat", "ReasoningSetup", "ReasoningSplitter", "setup_for",
-           "template_variables"]
+__all__ = ["ReasoningFormat", "ReasoningSetup", "ReasoningSplitter", "answer_only",
+           "setup_for", "template_variables"]
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CHANNEL, MESSAGE, START, END = "<|channel|>", "<|message|>", "<|start|>", "<|end|>"
 HARMONY_ENDS = (END, START, CHANNEL, "<|return|>", "<|call|>")
@@ -49,6 +49,14 @@ def setup_for(prompt: str, fmt: ReasoningFormat) -> ReasoningSetup | None:
     if tail.endswith(f"{CHANNEL}{ANALYSIS}{MESSAGE}"):
         return ReasoningSetup("harmony")
     return ReasoningSetup()
+
+
+def answer_only(prompt: str, setup: ReasoningSetup | None) -> tuple[str, ReasoningSetup | None]:
+    """A prompt whose generation prompt opened `<think>`, with the thinking closed (empty):
+    for grammars that constrain the answer (tool_choice required/named, response_format)."""
+    if setup is None or setup.opened != "think":
+        return prompt, setup
+    return f"{prompt.rstrip()}\n{THINK_CLOSE}\n\n", ReasoningSetup()
 
 
 def template_variables(
