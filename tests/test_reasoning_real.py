@@ -110,3 +110,15 @@ def test_usage_counts_reasoning_tokens(client: openai.OpenAI) -> None:
     assert usage is not None and usage.completion_tokens_details is not None
     reasoning_tokens = usage.completion_tokens_details.reasoning_tokens
     assert reasoning_tokens is not None and 0 < reasoning_tokens < usage.completion_tokens
+
+
+def test_response_format_after_opened_thinking(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=SMOL, messages=ASK, temperature=0, max_tokens=60,
+        response_format={"type": "json_schema", "json_schema": {"name": "sky", "schema": {
+            "type": "object", "properties": {"colour": {"type": "string", "maxLength": 20}},
+            "required": ["colour"]}}},
+        extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    message = reply.choices[0].message
+    assert reasoning_of(message) is None  # the prompt closed the thinking it opened
+    assert set(json.loads(message.content or "")) == {"colour"}
