@@ -176,6 +176,7 @@ class ReasoningSplitter:
             self._out.append((False, text))
 
     def _reason(self, text: str, *, final: bool = True) -> None:
+        """Reasoning text; its trailing whitespace waits for more (dropped when final)."""
         if self._lead:
             text = text.lstrip()
         body = text.rstrip()
@@ -183,9 +184,7 @@ class ReasoningSplitter:
             self._lead = False
             self._out.append((True, self._ws + body))
             self._ws = ""
-        self._ws += text[len(body):] if not final else ""
-        if final:
-            self._ws = ""
+        self._ws = "" if final else self._ws + text[len(body):]
 
     def _close_reasoning(self) -> None:
         self.blocks += 1
