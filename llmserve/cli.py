@@ -62,6 +62,9 @@ def _serve_parser(sub: Any) -> None:
     _flag(p, "responses_max", type=int,
           help="stored Responses API responses kept (oldest dropped first; 0 = none; "
                "default 1000)")
+    _flag(p, "reasoning_format", choices=["auto", "deepseek", "none"],
+          help="thinking (<think>, gpt-oss channels) as reasoning_content: auto/deepseek "
+               "when the markup appears, none = left in the content (default auto)")
     _flag(p, "log_level", choices=["critical", "error", "warning", "info", "debug"],
           help="log level (default info)")
     _flag(p, "manifest", type=Path, help="models.yaml (default <models_dir>/models.yaml)")

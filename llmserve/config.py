@@ -12,6 +12,9 @@ from llmserve.units import parse_duration, parse_size
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 PromptCache = Literal["tiered", "ram", "llama_disk", "off"]
+# auto: split <think>/gpt-oss reasoning from the content when the markup appears (deepseek is
+# llama-server's name for the same); none: leave it in the content.
+ReasoningFormat = Literal["auto", "deepseek", "none"]
 DEFAULT_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -42,6 +45,7 @@ class Settings(BaseSettings):
     cache_disk_bytes: int = Field(default=10 << 30, ge=0)
     cache_block_tokens: int = Field(default=64, ge=8, le=4096)
     stream_interval_ms: float = Field(default=20.0, ge=0.0, le=1000.0)
+    reasoning_format: ReasoningFormat = "auto"
     log_level: LogLevel = "info"
     # OpenAI Responses (issue 10): stored responses kept in <cache_dir>/responses, oldest dropped.
     responses_max: int = Field(default=1000, ge=0)

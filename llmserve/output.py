@@ -1,5 +1,5 @@
 """What a request's events are, and the output processor that turns one sequence's token
-bytes into them: UTF-8 decoding, stop strings, the tool-call parser, chunk coalescing."""
+bytes into them: UTF-8 decoding, stop strings, reasoning, the tool-call parser, coalescing."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from llmserve.chat.reasoning import ReasoningSetup, ReasoningSplitter
 from llmserve.chat.stops import StopMatcher
 from llmserve.chat.tools import ToolCallDelta, ToolCallParser
 
@@ -43,12 +44,21 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class ReasoningDelta:
+    """A piece of the reply's reasoning (thinking), apart from its content."""
+
+    text: str
+    choice: int = 0
+
+
+@dataclass(frozen=True)
 class Finished:
     finish_reason: str
     completion_tokens: int
     choice: int = 0
     cached_tokens: int | None = None  # prompt tokens reused, known once the prompt is in
     stop_sequence: str | None = None  # the stop string that ended the output, if one did
+    reasoning_tokens: int = 0  # of completion_tokens, those inside the reasoning
 
 
 @dataclass(frozen=True)
@@ -58,9 +68,10 @@ class Prompt:
     tokens: list[int]
     grammar: str | None = None
     tool_family: str | None = None
+    reasoning: ReasoningSetup | None = None  # None: no reasoning parsing (text completions)
 
 
-Delta = TextDelta | ToolCallDelta
+Delta = TextDelta | ReasoningDelta | ToolCallDelta
 
 
 class Coalescer:
@@ -82,6 +93,8 @@ class Coalescer:
         if isinstance(delta, TextDelta) and isinstance(last, TextDelta):
             self._pending[-1] = TextDelta(last.text + delta.text, delta.choice,
                                           last.logprobs + delta.logprobs)
+        elif isinstance(delta, ReasoningDelta) and isinstance(last, ReasoningDelta):
+            self._pending[-1] = ReasoningDelta(last.text + delta.text, delta.choice)
         elif (
             isinstance(delta, ToolCallDelta) and isinstance(last, ToolCallDelta)
             and delta.index == last.index and delta.id is None
@@ -106,20 +119,34 @@ class OutputProcessor:
     """One choice's output: feed it token bytes, then finish() once for its Finished."""
 
     def __init__(self, choice: int, stops: list[str], limit: int, parser: ToolCallParser,
-                 emit: Coalescer):
+                 emit: Coalescer, reasoning: ReasoningSetup | None = None):
         self.choice = choice
         self.limit = limit
         self.produced = 0
+        self.reasoning_tokens = 0
+        self._undecided = 0  # tokens of markup that may still open reasoning
         self.done = False
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._matcher = StopMatcher(stops)
         self._parser = parser
         self._emit = emit
         self._logprobs: list[TokenLogprob] = []  # not yet attached to a TextDelta
+        self._splitter = ReasoningSplitter(reasoning) if reasoning is not None else None
 
-    def _out(self, text: str) -> None:
-        for part in self._parser.feed(text):
-            self._send(part)
+    def _out(self, text: str, *, final: bool = False) -> None:
+        if self._splitter is None:
+            parts = [(False, text)]
+        else:
+            # NOTE: the tool-call parser sees only the text after (outside) the reasoning.
+            parts = self._splitter.feed(text)
+            if final:
+                parts += self._splitter.finish()
+        for thinking, piece in parts:
+            if thinking:
+                self._emit(ReasoningDelta(piece, self.choice))
+            else:
+                for part in self._parser.feed(piece):
+                    self._send(part)
 
     def _send(self, part: str | ToolCallDelta) -> None:
         if isinstance(part, str):
@@ -133,7 +160,14 @@ class OutputProcessor:
         self.produced += 1
         if logprob is not None:
             self._logprobs.append(logprob)
+        splitter = self._splitter
+        blocks = splitter.blocks if splitter else 0
         self._out(self._matcher.feed(self._decoder.decode(piece)))
+        if splitter and (splitter.thinking or splitter.blocks != blocks):
+            self.reasoning_tokens += 1 + self._undecided
+            self._undecided = 0
+        elif splitter:
+            self._undecided = self._undecided + 1 if splitter.undecided else 0
         if self._matcher.stopped:
             return "stop"
         if self.produced >= self.limit:
@@ -143,9 +177,10 @@ class OutputProcessor:
     def finish(self, reason: str, cached_tokens: int | None = None) -> Finished:
         """Flush what is held back (UTF-8 tail, stop-string candidates, parser) and end."""
         self.done = True
+        tail = ""
         if not self._matcher.stopped:
-            self._out(self._matcher.feed(self._decoder.decode(b"", final=True))
-                      + self._matcher.flush())
+            tail = self._matcher.feed(self._decoder.decode(b"", final=True)) + self._matcher.flush()
+        self._out(tail, final=True)
         for part in self._parser.finish():
             self._send(part)
         if self._logprobs:  # NOTE: tokens whose text was held back or became a tool call
@@ -153,4 +188,5 @@ class OutputProcessor:
         self._emit.flush()
         if self._parser.calls and reason == "stop":
             reason = "tool_calls"
-        return Finished(reason, self.produced, self.choice, cached_tokens, self._matcher.matched)
+        return Finished(reason, self.produced, self.choice, cached_tokens, self._matcher.matched,
+                        self.reasoning_tokens)

@@ -86,7 +86,7 @@ class Request:
         family = self.prompt.tool_family
         self.outputs = [
             OutputProcessor(i, self.stops, limit, make_parser(family),
-                            Coalescer(self.emit, self.env.stream_interval))
+                            Coalescer(self.emit, self.env.stream_interval), self.prompt.reasoning)
             for i in range(self.n)
         ]
         self.reasons = [""] * self.n

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 from llmserve.units import parse_duration
 
@@ -39,6 +41,7 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an earlier reply's thinking, for templates
 
     def text(self) -> str:
         """The message content as one string (text parts joined)."""
@@ -93,6 +96,13 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ThinkingOption(BaseModel):
+    """`thinking: {"type": "enabled"}` (Anthropic's shape); a plain bool works too."""
+
+    model_config = _LENIENT
+    type: Literal["enabled", "disabled"]
+
+
 class SamplingFields(BaseModel):
     """Sampling fields shared by chat and text completions."""
 
@@ -119,6 +129,22 @@ class SamplingFields(BaseModel):
     # Ollama compatible: how long the model stays loaded after this request ("5m", 300, 0 =
     # unload right after, negative = forever); parsed to seconds (math.inf for forever).
     keep_alive: float | None = None
+    # OpenAI: token id (a string key) -> bias added to its logit, -100 (ban) .. 100.
+    logit_bias: dict[str, Annotated[float, Strict()]] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not re.fullmatch(r"[0-9]{1,10}", key):
+                raise ValueError(f"keys must be token ids (non-negative integers), got {key!r}")
+            if not (math.isfinite(bias) and -100.0 <= bias <= 100.0):
+                raise ValueError(f"bias of token {key} must be within -100..100, got {bias}")
+        return v
+
+    def logit_biases(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias) pairs."""
+        return tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items())
 
     @field_validator("keep_alive", mode="before")
     @classmethod
@@ -166,6 +192,18 @@ class ChatCompletionRequest(SamplingFields):
 
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+    # Reasoning models: how the reply's thinking is returned (llama-server's reasoning_format;
+    # default --reasoning_format), and what the chat template is told (variables it may read).
+    reasoning_format: Literal["auto", "deepseek", "none"] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    thinking: bool | ThinkingOption | None = None  # enable_thinking / thinking for templates
+    chat_template_kwargs: dict[str, Any] | None = None  # extra template variables
+
+    def thinking_enabled(self) -> bool | None:
+        """`thinking` as a bool (None: not given)."""
+        if isinstance(self.thinking, ThinkingOption):
+            return self.thinking.type == "enabled"
+        return self.thinking
 
 
 class CompletionRequest(SamplingFields):

@@ -23,12 +23,21 @@ from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import ModelManager
 from llmserve.chat import gbnf
 from llmserve.chat.plan import ChatPlan, RenderedChat, plan_chat, render_chat
+from llmserve.chat.reasoning import ReasoningFormat, ReasoningSetup, answer_only, setup_for
 from llmserve.chat.tools import ToolCallDelta
 from llmserve.config import Settings
 from llmserve.engine.base import BatchEngine, Engine, SamplingParams, common_prefix
 from llmserve.errors import InvalidRequestError
 from llmserve.metrics import Metrics
-from llmserve.output import Emit, Finished, Prompt, Started, TextDelta, TokenLogprob
+from llmserve.output import (
+    Emit,
+    Finished,
+    Prompt,
+    ReasoningDelta,
+    Started,
+    TextDelta,
+    TokenLogprob,
+)
 from llmserve.request import Env, Request
 from llmserve.scheduler import EventStream, IteratorBatch, Scheduler, check_context
 from llmserve.schemas import (
@@ -39,7 +48,8 @@ from llmserve.schemas import (
 )
 
 __all__ = [
-    "Finished", "Generation", "Message", "Started", "TextDelta", "TokenLogprob", "ToolCallDelta",
+    "Finished", "Generation", "Message", "ReasoningDelta", "Started", "TextDelta", "TokenLogprob",
+    "ToolCallDelta",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,17 +57,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Message:
-    """A whole chat reply: content, tool calls in OpenAI's shape, and how it finished."""
+    """A whole chat reply: content, tool calls in OpenAI's shape, how it finished, and its
+    reasoning (None: the reply had none)."""
 
     content: str
     tool_calls: list[dict[str, Any]]
     finished: Finished
     logprobs: list[TokenLogprob] | None = None  # when the request asked for them
+    reasoning: str | None = None
 
 
 class Generation:
-    """A running generation: header data, then TextDelta/ToolCallDelta events, and one
-    Finished per choice (each event carries its choice index)."""
+    """A running generation: header data, then TextDelta/ReasoningDelta/ToolCallDelta events,
+    and one Finished per choice (each event carries its choice index)."""
 
     def __init__(self, id_: str, started: Started, stream: EventStream, n: int = 1):
         self.id = id_
@@ -73,7 +85,9 @@ class Generation:
         """Stop generating within a token."""
         self._stream.cancel()
 
-    async def __aiter__(self) -> AsyncIterator[TextDelta | ToolCallDelta | Finished]:
+    async def __aiter__(
+        self,
+    ) -> AsyncIterator[TextDelta | ReasoningDelta | ToolCallDelta | Finished]:
         # NOTE: the request goes on after the last Finished (it saves the prompt cache); the
         # response does not wait for that.
         done: set[int] = set()
@@ -111,11 +125,14 @@ class Generation:
     async def collect_messages(self) -> list[Message]:
         """Every choice's whole reply."""
         parts: list[list[str]] = [[] for _ in range(self.n)]
+        thoughts: list[list[str]] = [[] for _ in range(self.n)]
         calls: list[dict[int, dict[str, Any]]] = [{} for _ in range(self.n)]
         finishes = [Finished("stop", 0, i) for i in range(self.n)]
         async for event in self:
             if isinstance(event, TextDelta):
                 parts[event.choice].append(event.text)
+            elif isinstance(event, ReasoningDelta):
+                thoughts[event.choice].append(event.text)
             elif isinstance(event, ToolCallDelta):
                 call = calls[event.choice].setdefault(event.index, {
                     "id": event.id, "type": "function",
@@ -125,7 +142,7 @@ class Generation:
             elif isinstance(event, Finished):
                 finishes[event.choice] = event
         return [Message("".join(parts[i]), [calls[i][k] for k in sorted(calls[i])], finishes[i],
-                        self.logprobs[i])
+                        self.logprobs[i], "".join(thoughts[i]) or None)
                 for i in range(self.n)]
 
 
@@ -154,6 +171,7 @@ def sampling_params(
         repeat_penalty=pick("repeat_penalty"),
         ignore_eos=req.ignore_eos,
         logprobs=req.logprobs_count(),
+        logit_bias=req.logit_biases(),
     )
 
 
@@ -189,14 +207,15 @@ class ChatService:
         evaluated, and returns the tokens to use (the Anthropic routes add a prefill and pin
         cache_control prefixes there)."""
         plan = plan_chat(req)
+        reasoning_format = req.reasoning_format or self.settings.reasoning_format
 
         def prompt(engine: Engine) -> Prompt:
-            rendered = self._render(engine, plan)
+            rendered, text, reasoning = self._chat_prompt(engine, plan, reasoning_format)
             family = rendered.family
-            tokens = _chat_tokens(engine, rendered.text)
+            tokens = _chat_tokens(engine, text)
             if on_prompt is not None:
                 tokens = on_prompt(engine, tokens)
-            return Prompt(tokens, plan.grammar(family), plan.parser_family(family))
+            return Prompt(tokens, plan.grammar(family), plan.parser_family(family), reasoning)
 
         max_tokens = req.max_completion_tokens or req.max_tokens
         return await self._start("chatcmpl", req, prompt, max_tokens)
@@ -212,11 +231,12 @@ class ChatService:
 
         def job() -> dict[str, Any]:
             engine = self.manager.ensure(filename)
-            rendered = self._render(engine, plan)
+            rendered, text, _ = self._chat_prompt(
+                engine, plan, req.reasoning_format or self.settings.reasoning_format)
             return {
                 "model": engine.info.name,
-                "prompt": rendered.text,
-                "tokens": len(_chat_tokens(engine, rendered.text)),
+                "prompt": text,
+                "tokens": len(_chat_tokens(engine, text)),
                 "template": rendered.origin,
                 "tool_call_format": plan.parser_family(rendered.family),
                 "grammar": plan.grammar(rendered.family),
@@ -255,6 +275,17 @@ class ChatService:
         return _warm_result(gen.model, gen.prompt_tokens, cached, gen.prompt_tokens - cached,
                             start)
 
+    def _chat_prompt(
+        self, engine: Engine, plan: ChatPlan, fmt: ReasoningFormat
+    ) -> tuple[RenderedChat, str, ReasoningSetup | None]:
+        """The rendered chat, the prompt text to generate from, and how to read the reply."""
+        rendered = self._render(engine, plan)
+        setup = setup_for(rendered.text, fmt)
+        if plan.constrains_answer:
+            # NOTE: the grammar matches the answer, not thinking: close what the template opened.
+            return rendered, *answer_only(rendered.text, setup)
+        return rendered, rendered.text, setup
+
     def _render(self, engine: Engine, plan: ChatPlan) -> RenderedChat:
         return render_chat(
             engine.info, plan, self.settings.templates_dir, self.settings.chat_template
@@ -286,6 +317,8 @@ class ChatService:
                 "sequences at once (--parallel)", param="n",
             )
         params = sampling_params(req, self.manager.sampling_defaults(filename))
+        if params.logit_bias:
+            build_prompt = _vocab_checked(build_prompt, params.logit_bias)
         return await self._submit(prefix, filename, req.keep_alive, build_prompt, params,
                                   max_tokens, req.stop_list(), n=req.n)
 
@@ -320,7 +353,7 @@ def _metered(emit: Emit, metrics: Metrics) -> Emit:
         if isinstance(event, Started):
             model = event.model
             metrics.generation_started(model, event.prompt_tokens)
-        elif isinstance(event, TextDelta) and not first:
+        elif isinstance(event, TextDelta | ReasoningDelta) and not first:
             first = now
             metrics.first_token(model, now - t0)
         elif isinstance(event, Finished) and event.choice == 0:
@@ -334,6 +367,25 @@ def _metered(emit: Emit, metrics: Metrics) -> Emit:
         emit(event)
 
     return observe
+
+
+def _vocab_checked(
+    build_prompt: Callable[[Engine], Prompt], bias: tuple[tuple[int, float], ...]
+) -> Callable[[Engine], Prompt]:
+    """build_prompt, first checking logit_bias's token ids against the model's vocabulary
+    (known once the model is loaded, at admission: still a 400 before any output)."""
+
+    def checked(engine: Engine) -> Prompt:
+        n_vocab = engine.info.n_vocab
+        bad = sorted(t for t, _ in bias if t >= n_vocab)
+        if bad:
+            raise InvalidRequestError(
+                f"logit_bias names token {bad[0]}, outside the vocabulary of "
+                f"{engine.info.name} (token ids 0..{n_vocab - 1})", param="logit_bias",
+            )
+        return build_prompt(engine)
+
+    return checked
 
 
 def _warm_result(model: str, prompt: int, cached: int, evaluated: int,

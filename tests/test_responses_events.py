@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from openai.types.responses import Response
 
 from llmserve.chat.tools import ToolCallDelta
-from llmserve.output import Finished
+from llmserve.output import Finished, ReasoningDelta, TextDelta
 from llmserve.responses.events import ResponseBuilder, reasoning_text, usage
 from tests.test_responses_http import EVENTS
 
@@ -66,10 +65,7 @@ def test_fail_closes_the_open_item() -> None:
     assert final.output[0].status == "incomplete"
 
 
-def test_reasoning_hook_reads_a_reasoning_attribute() -> None:
-    @dataclass
-    class Thought:
-        reasoning: str
-
-    assert reasoning_text(Thought("hm")) == "hm"
+def test_reasoning_hook_reads_reasoning_deltas() -> None:
+    assert reasoning_text(ReasoningDelta("hm")) == "hm"
+    assert reasoning_text(TextDelta("hm")) is None
     assert reasoning_text(Finished("stop", 1)) is None

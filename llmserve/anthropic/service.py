@@ -13,12 +13,19 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from llmserve.anthropic.convert import Converted, to_chat
-from llmserve.anthropic.events import Part
+from llmserve.anthropic.events import Part, Thinking
 from llmserve.anthropic.schemas import CountTokensRequest, MessagesRequest
 from llmserve.chat.plan import ChatPlan, plan_chat
 from llmserve.engine.base import Engine, common_prefix
 from llmserve.errors import LlmserveError
-from llmserve.service import ChatService, Finished, Generation, TextDelta, ToolCallDelta
+from llmserve.service import (
+    ChatService,
+    Finished,
+    Generation,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,11 +101,10 @@ async def parts(gen: Generation) -> AsyncIterator[Part | Finished]:
     async for event in gen:
         if isinstance(event, TextDelta):
             yield event.text
+        elif isinstance(event, ReasoningDelta):
+            yield Thinking(event.text)  # a thinking block, streamed as thinking_delta
         elif isinstance(event, ToolCallDelta | Finished):
             yield event
-        # HOOK (reasoning, wired at merge): when the reasoning parser emits its own delta
-        # event, map it here to `events.Thinking(text)`; MessageBuilder then streams a
-        # thinking block (content_block_start thinking, thinking_delta) before the text.
 
 
 def cache_usage(gen: Generation, facts: PromptFacts) -> tuple[int, int, int]:

@@ -23,6 +23,7 @@ from llmserve.chat.grammar import (
     schema_fragment,
     tool_calls_rules,
 )
+from llmserve.chat.reasoning import template_variables
 from llmserve.chat.templates import render, resolve_template, uses_tools
 from llmserve.engine.base import ModelInfo
 from llmserve.errors import InvalidRequestError
@@ -51,6 +52,7 @@ class ChatPlan:
     parallel: bool
     content: Fragment | None  # response_format rules
     raw_grammar: str | None
+    variables: dict[str, Any] | None = None  # extra template variables (enable_thinking, ...)
 
     @property
     def needs_tool_template(self) -> bool:
@@ -58,6 +60,11 @@ class ChatPlan:
         return bool(self.tools) or any(
             m.get("tool_calls") or m["role"] == "tool" for m in self.messages
         )
+
+    @property
+    def constrains_answer(self) -> bool:
+        """A grammar built for tool_choice or response_format: it matches the answer only."""
+        return self.raw_grammar is None and (self.tool_mode == "forced" or bool(self.content))
 
     def parser_family(self, family: str) -> str | None:
         """The tool-call parser to run on the output (None: plain text)."""
@@ -87,6 +94,8 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         d: dict[str, Any] = {"role": role, "content": m.text()}
         if m.name is not None:
             d["name"] = m.name
+        if m.reasoning_content is not None and role == "assistant":
+            d["reasoning_content"] = m.reasoning_content
         if m.tool_calls:
             d["tool_calls"] = [_call_dict(i, j, tc) for j, tc in enumerate(m.tool_calls)]
             open_ids = {tc.id for tc in m.tool_calls}
@@ -172,6 +181,12 @@ def plan_chat(req: ChatCompletionRequest) -> ChatPlan:
     if mode == "forced" and not tools:
         raise InvalidRequestError("tool_choice requires tools", param="tool_choice")
     content = _content_rules(req)
+    try:
+        variables = template_variables(
+            req.chat_template_kwargs, req.reasoning_effort, req.thinking_enabled()
+        )
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="chat_template_kwargs") from exc
     if req.grammar is not None:
         gbnf.validate(req.grammar)
         if content is not None or mode == "forced":
@@ -185,7 +200,7 @@ def plan_chat(req: ChatCompletionRequest) -> ChatPlan:
         # NOTE: a named tool_choice means one call to that function.
         specs=specs, tool_mode=mode, forced=forced,
         parallel=req.parallel_tool_calls and isinstance(choice, str),
-        content=content, raw_grammar=req.grammar,
+        content=content, raw_grammar=req.grammar, variables=variables,
     )
 
 
@@ -212,7 +227,7 @@ def render_chat(
         messages, tools, family = _generic_messages(plan.messages, plan.tools), None, "json"
     text = render(
         template.source, messages, bos_token=info.bos_token, eos_token=info.eos_token,
-        add_generation_prompt=True, tools=tools,
+        add_generation_prompt=True, tools=tools, variables=plan.variables,
     )
     return RenderedChat(text, template.origin, family)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -181,12 +182,15 @@ def render(
     eos_token: str,
     add_generation_prompt: bool = True,
     tools: list[dict[str, Any]] | None = None,
+    variables: Mapping[str, Any] | None = None,
 ) -> str:
-    """Render messages through a chat template in the sandbox."""
+    """Render messages through a chat template in the sandbox (variables: extra ones the
+    request sets, e.g. enable_thinking, reasoning_effort)."""
     try:
         template = _compile(source)
         return str(
             template.render(
+                **(variables or {}),
                 messages=messages,
                 bos_token=bos_token,
                 eos_token=eos_token,

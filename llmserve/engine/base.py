@@ -37,6 +37,7 @@ class SamplingParams:
     ignore_eos: bool = False
     grammar: str | None = None  # GBNF, already checked by llmserve.chat.gbnf
     logprobs: int | None = None  # report each sampled token's logprob and this many top ones
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id within the vocab, bias)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 # (other control tokens render empty).
 TOOL_MARKERS = ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]",
                 "<|python_tag|>")
+# Reasoning markup (llmserve/chat/reasoning.py), rendered as text for the same reason; gpt-oss's
+# channel tokens only in vocabularies that have them (`<|end|>` means other things elsewhere).
+THINK_MARKERS = ("<think>", "</think>")
+HARMONY_MARKERS = ("<|channel|>", "<|message|>", "<|start|>", "<|end|>", "<|constrain|>")
 _backend_ready = False
 
 
@@ -129,7 +133,9 @@ class LlamaEngine:
 
     def _marker_tokens(self) -> dict[int, bytes]:
         out: dict[int, bytes] = {}
-        for marker in TOOL_MARKERS:
+        harmony = len(self.tokenize(HARMONY_MARKERS[0], add_special=False,
+                                    parse_special=True)) == 1
+        for marker in (*TOOL_MARKERS, *THINK_MARKERS, *(HARMONY_MARKERS if harmony else ())):
             tokens = self.tokenize(marker, add_special=False, parse_special=True)
             if len(tokens) == 1:
                 out[tokens[0]] = marker.encode()

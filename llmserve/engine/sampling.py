@@ -80,8 +80,22 @@ class _Candidates:
         return int(self.data["id"][self.array.selected])
 
 
+def _logit_bias(n_vocab: int, bias: tuple[tuple[int, float], ...]) -> Any:
+    """llama.cpp's logit-bias sampler: adds each bias to its token's logit."""
+    # NOTE: llama.cpp indexes the logits by token id without a bounds check when it sees the
+    # whole vocabulary; the service rejects ids outside it first, this is the last guard.
+    if any(not 0 <= token < n_vocab for token, _ in bias):
+        raise InvalidRequestError("logit_bias names a token outside the vocabulary",
+                                  param="logit_bias")
+    entries = (llama_cpp.llama_logit_bias * len(bias))()
+    for entry, (token, value) in zip(entries, bias, strict=True):
+        entry.token, entry.bias = token, value
+    return llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(bias), entries)
+
+
 class SeqSampler:
-    """One sequence's sampler chain (penalties, top-k/p, min-p, temperature, seeded dist)."""
+    """One sequence's sampler chain (logit bias, penalties, top-k/p, min-p, temperature,
+    seeded dist); a -100 bias is additive like OpenAI's, so a grammar can still force it."""
 
     def __init__(self, params: SamplingParams, n_vocab: int, gate: GrammarGate | None):
         self._chain = llama_cpp.llama_sampler_chain_init(
@@ -96,6 +110,8 @@ class SeqSampler:
             llama_cpp.llama_sampler_chain_add(chain, smpl)
 
         p = params
+        if p.logit_bias:
+            add(_logit_bias(n_vocab, p.logit_bias))
         if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
             add(llama_cpp.llama_sampler_init_penalties(
                 n_vocab, PENALTY_LAST_N, p.repeat_penalty, p.frequency_penalty,

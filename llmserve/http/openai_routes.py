@@ -17,6 +17,7 @@ from llmserve.service import (
     Finished,
     Generation,
     Message,
+    ReasoningDelta,
     TextDelta,
     TokenLogprob,
     ToolCallDelta,
@@ -29,17 +30,20 @@ T = TypeVar("T")
 Chunk = Callable[..., dict[str, Any]]
 
 
-def _usage(gen: Generation, completion_tokens: int) -> dict[str, Any]:
+def _usage(gen: Generation, completion_tokens: int, reasoning_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": gen.prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": gen.prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": gen.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
     }
 
 
 def _chat_choice(reply: Message, index: int, logprobs: bool) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": reply.content}
+    if reply.reasoning is not None:
+        message["reasoning_content"] = reply.reasoning  # llama-server's and DeepSeek's field
     if reply.tool_calls:
         message["content"] = reply.content or None
         message["tool_calls"] = reply.tool_calls
@@ -94,20 +98,24 @@ def _sse(
             if first_delta is not None:
                 for i in range(gen.n):
                     yield {"data": json.dumps(chunk(first_delta, None, i))}
-            completion_tokens = 0
+            completion_tokens = reasoning_tokens = 0
             async for event in gen:
                 if isinstance(event, TextDelta):
                     yield {"data": json.dumps(
                         chunk({"content": event.text}, None, event.choice, event.logprobs))}
+                elif isinstance(event, ReasoningDelta):
+                    delta = {"reasoning_content": event.text}
+                    yield {"data": json.dumps(chunk(delta, None, event.choice))}
                 elif isinstance(event, ToolCallDelta):
                     yield {"data": json.dumps(chunk(_tool_call_delta(event), None, event.choice))}
                 elif isinstance(event, Finished):
                     completion_tokens += event.completion_tokens
+                    reasoning_tokens += event.reasoning_tokens
                     yield {"data": json.dumps(chunk({}, event.finish_reason, event.choice))}
             if include_usage:
                 final = chunk(None, None, 0)
                 final["choices"] = []
-                final["usage"] = _usage(gen, completion_tokens)
+                final["usage"] = _usage(gen, completion_tokens, reasoning_tokens)
                 yield {"data": json.dumps(final)}
             yield {"data": "[DONE]"}
         finally:
@@ -148,7 +156,8 @@ async def chat_completions(
         "id": gen.id, "object": "chat.completion", "created": gen.created, "model": gen.model,
         "system_fingerprint": None,
         "choices": [_chat_choice(reply, i, logprobs) for i, reply in enumerate(replies)],
-        "usage": _usage(gen, sum(r.finished.completion_tokens for r in replies)),
+        "usage": _usage(gen, sum(r.finished.completion_tokens for r in replies),
+                        sum(r.finished.reasoning_tokens for r in replies)),
     }
 
 

@@ -26,6 +26,7 @@ from llmserve.schemas import (
     ToolDefinition,
 )
 
+EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")  # chat's reasoning_effort
 ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 TEXT_PARTS = ("input_text", "output_text", "text")
 ROLES = ("user", "system", "developer", "assistant")
@@ -281,7 +282,17 @@ def chat_request(
         tool_choice=chat_tool_choice(req.tool_choice),
         parallel_tool_calls=req.parallel_tool_calls,
         response_format=response_format(req.text),
+        reasoning_effort=reasoning_effort(req.reasoning),
     )
+
+
+def reasoning_effort(reasoning: dict[str, Any] | None) -> Any:
+    """`reasoning.effort` for templates that read it (chat's reasoning_effort); 400 if unknown."""
+    effort = (reasoning or {}).get("effort")
+    if effort is not None and effort not in EFFORTS:
+        raise InvalidRequestError(f"reasoning.effort must be one of {', '.join(EFFORTS)}",
+                                  param="reasoning.effort")
+    return effort
 
 
 _PARAMS = [

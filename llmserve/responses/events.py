@@ -13,22 +13,19 @@ import time
 from typing import Any
 
 from llmserve.chat.tools import ToolCallDelta
-from llmserve.output import Finished
+from llmserve.output import Finished, ReasoningDelta
 from llmserve.responses.convert import new_id
 
 Event = dict[str, Any]
 
 
 def reasoning_text(event: object) -> str | None:
-    """The thinking text an event carries, if any.
+    """The thinking text an event carries, if any (a ReasoningDelta of the reasoning parser).
 
-    NOTE(merge): hook for the reasoning parser (another helper builds it): a generation
-    event with a `reasoning: str` attribute becomes `reasoning` output items and
-    `response.reasoning_text.delta` events; `Finished.reasoning_tokens`, if present, feeds
-    usage.output_tokens_details.reasoning_tokens. Reasoning input items are not rendered
-    back into the prompt (convert.chat_messages skips them)."""
-    text = getattr(event, "reasoning", None)
-    return text if isinstance(text, str) else None
+    It becomes `reasoning` output items and `response.reasoning_text.delta` events;
+    `Finished.reasoning_tokens` feeds usage.output_tokens_details.reasoning_tokens. Reasoning
+    input items are not rendered back into the prompt (convert.chat_messages skips them)."""
+    return event.text if isinstance(event, ReasoningDelta) else None
 
 
 def usage(prompt_tokens: int, cached_tokens: int, output_tokens: int, reasoning_tokens: int,
