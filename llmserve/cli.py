@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,21 @@ def _serve_parser(sub: Any) -> None:
     _flag(p, "cache_block_tokens", type=int, help="tokens per cache block (default 64)")
     _flag(p, "stream_interval_ms", type=float,
           help="join tokens produced within this many ms into one SSE chunk (default 20)")
+    _flag(p, "max_body_bytes", type=_size,
+          help="largest request body, e.g. 32M; bigger ones get a 413 (default 32M)")
+    _flag(p, "max_header_bytes", type=_size,
+          help="largest request line + headers; bigger ones get a 431 (default 64K)")
+    _flag(p, "max_messages", type=int, help="most messages in one chat request (default 2048)")
+    _flag(p, "timeout_keep_alive", type=float,
+          help="close an idle keep-alive connection after this many seconds (default 5)")
+    _flag(p, "timeout_headers", type=float,
+          help="close a connection whose request headers take longer (seconds, default 10)")
+    _flag(p, "timeout_body", type=float,
+          help="408 when a request body takes longer to arrive (seconds, default 60)")
+    _flag(p, "timeout_graceful_shutdown", type=float,
+          help="on SIGTERM, wait this long for open requests before closing (default 5)")
+    _flag(p, "health_stall_seconds", type=float,
+          help="/health is 503 when a busy engine made no progress this long (default 60)")
     _flag(p, "log_level", choices=["critical", "error", "warning", "info", "debug"],
           help="log level (default info)")
     _flag(p, "manifest", type=Path, help="models.yaml (default <models_dir>/models.yaml)")
@@ -165,8 +181,16 @@ def serve(settings: Settings) -> int:
             load_override(settings.chat_template, settings.templates_dir)
         except LlmserveError as exc:
             return _fail(exc.message)
+    from llmserve.http.protocol import guarded_protocol
+
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        http=guarded_protocol(settings.timeout_headers, settings.max_header_bytes),
+        # NOTE: uvicorn takes whole seconds here; round up so 0.5 is not "no timeout"
+        timeout_keep_alive=max(1, math.ceil(settings.timeout_keep_alive)),
+        timeout_graceful_shutdown=math.ceil(settings.timeout_graceful_shutdown),
+    )
     return 0
 
 

@@ -43,6 +43,22 @@ class Settings(BaseSettings):
     cache_block_tokens: int = Field(default=64, ge=8, le=4096)
     stream_interval_ms: float = Field(default=20.0, ge=0.0, le=1000.0)
     log_level: LogLevel = "info"
+    # Request limits and timeouts (issue 14): every one has a default that a local server
+    # never hits in normal use and that bounds what one client can make the server do.
+    max_body_bytes: int = Field(default=32 << 20, ge=1024)
+    max_header_bytes: int = Field(default=64 << 10, ge=1024)
+    max_messages: int = Field(default=2048, ge=1)
+    timeout_keep_alive: float = Field(default=5.0, gt=0)
+    timeout_headers: float = Field(default=10.0, gt=0)
+    timeout_body: float = Field(default=60.0, gt=0)
+    timeout_graceful_shutdown: float = Field(default=5.0, ge=0)
+    health_stall_seconds: float = Field(default=60.0, gt=0)
+
+    @field_validator("max_body_bytes", "max_header_bytes", mode="before")
+    @classmethod
+    def _limit_sizes(cls, value: str | int) -> int:
+        return parse_size(value)
+
     @field_validator("cache_ram_bytes", "cache_disk_bytes", mode="before")
     @classmethod
     def _sizes(cls, value: str | int) -> int:

@@ -20,6 +20,7 @@ from llmserve.catalog.registry import EngineFactory, ModelManager
 from llmserve.config import Settings
 from llmserve.errors import LlmserveError, QueueFullError, error_body
 from llmserve.http import admin_routes, openai_routes
+from llmserve.http.guard import BodyGuard
 from llmserve.http.ops import Ops
 from llmserve.scheduler import Scheduler
 from llmserve.service import ChatService
@@ -116,6 +117,9 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     app.include_router(openai_routes.router)
     app.include_router(openai_routes.router, prefix="/v1")
     app.include_router(openai_routes.v1_router)
+    # NOTE: added before Ops' middlewares, so it runs inside them: after the API key check.
+    app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes,
+                       timeout_body=settings.timeout_body)
     ops = Ops(app, settings, manager, worker, service)  # keys, metrics, discovery, extra routes
     return app
 
