@@ -179,7 +179,7 @@ class ChatService:
             rendered = self._render(engine, plan)
             family = rendered.family
             return Prompt(
-                _chat_tokens(engine, rendered.text), plan.grammar(family),
+                _chat_tokens(engine, rendered), plan.grammar(family),
                 plan.parser_family(family),
             )
 
@@ -197,7 +197,7 @@ class ChatService:
             return {
                 "model": engine.info.name,
                 "prompt": rendered.text,
-                "tokens": len(_chat_tokens(engine, rendered.text)),
+                "tokens": len(_chat_tokens(engine, rendered)),
                 "template": rendered.origin,
                 "tool_call_format": plan.parser_family(rendered.family),
                 "grammar": plan.grammar(rendered.family),
@@ -217,7 +217,7 @@ class ChatService:
         start = time.perf_counter()
 
         def prompt(engine: Engine) -> Prompt:
-            return Prompt(_chat_tokens(engine, self._render(engine, plan).text))
+            return Prompt(_chat_tokens(engine, self._render(engine, plan)))
 
         if req.dry_run:
             def peek() -> dict[str, Any]:
@@ -325,9 +325,13 @@ def _warm_result(model: str, prompt: int, cached: int, evaluated: int,
     }
 
 
-def _chat_tokens(engine: Engine, text: str) -> list[int]:
+def _chat_tokens(engine: Engine, rendered: RenderedChat) -> list[int]:
+    """The prompt's tokens: template markup with special tokens parsed, client text without
+    (chat/client_text.py), so no message can produce a control token."""
     info = engine.info
-    tokens = engine.tokenize(text, add_special=False, parse_special=True)
+    tokens: list[int] = []
+    for piece, client in rendered.pieces():
+        tokens += engine.tokenize(piece, add_special=False, parse_special=not client)
     if info.add_bos and info.bos_token_id is not None and tokens[:1] != [info.bos_token_id]:
         tokens.insert(0, info.bos_token_id)
     return tokens

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmserve.chat import gbnf
+from llmserve.chat.client_text import control_text, mark, segments
 from llmserve.chat.grammar import (
     PRIMITIVES,
     Fragment,
@@ -196,6 +197,12 @@ class RenderedChat:
     text: str
     origin: str
     family: str
+    # The text cut into (piece, is_client): client pieces are tokenized as plain text.
+    segments: tuple[tuple[str, bool], ...] = ()
+
+    def pieces(self) -> tuple[tuple[str, bool], ...]:
+        """What to tokenize: the segments, or the whole text as markup."""
+        return self.segments or ((self.text, False),)
 
 
 def render_chat(
@@ -210,11 +217,21 @@ def render_chat(
         logger.info("%s does not render tools; describing them in a system message",
                     template.origin)
         messages, tools, family = _generic_messages(plan.messages, plan.tools), None, "json"
-    text = render(
-        template.source, messages, bos_token=info.bos_token, eos_token=info.eos_token,
-        add_generation_prompt=True, tools=tools,
-    )
-    return RenderedChat(text, template.origin, family)
+    def run(msgs: list[dict[str, Any]], tool_list: list[dict[str, Any]] | None) -> str:
+        return render(
+            template.source, msgs, bos_token=info.bos_token, eos_token=info.eos_token,
+            add_generation_prompt=True, tools=tool_list,
+        )
+
+    text = run(messages, tools)
+    control = control_text(info.control_tokens)
+    marked_messages, in_messages = mark(messages, control)
+    marked_tools, in_tools = mark(tools, control)
+    if not (in_messages or in_tools):
+        return RenderedChat(text, template.origin, family)
+    # NOTE: client text holds control-token text: render again with it marked (rare)
+    spans = segments(run(marked_messages, marked_tools), text)
+    return RenderedChat(text, template.origin, family, tuple(spans))
 
 
 def _generic_messages(

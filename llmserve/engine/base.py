@@ -56,6 +56,9 @@ class ModelInfo:
     metadata: dict[str, str] = field(default_factory=dict)
     # A chat template the catalog (models.yaml `chat_template`) sets; wins over all others.
     template_override: str | None = None
+    # Texts of the vocabulary's control tokens (what parse_special turns into control ids):
+    # client text holding them is tokenized as plain text (chat/client_text.py).
+    control_tokens: tuple[str, ...] = ()
 
 
 class Engine(Protocol):

@@ -77,6 +77,7 @@ class LlamaEngine:
             n_vocab=model.n_vocab(),
             n_embd=model.n_embd(),
             metadata=meta,
+            control_tokens=tuple(self._special_text(t) for t in self.control_token_ids()),
         )
         self._markers = self._marker_tokens()
 
@@ -126,6 +127,13 @@ class LlamaEngine:
             buf = ctypes.create_string_buffer(size)
             n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, size, 0, special)
         return buf.raw[: max(n, 0)]
+
+    def control_token_ids(self) -> list[int]:
+        """Ids of the control (and unknown) tokens: what client text must never produce."""
+        mask = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+        get = llama_cpp.llama_vocab_get_attr
+        vocab = self._vocab
+        return [t for t in range(self._model.n_vocab()) if get(vocab, t) & mask]
 
     def _marker_tokens(self) -> dict[int, bytes]:
         out: dict[int, bytes] = {}
