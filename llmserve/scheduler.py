@@ -324,6 +324,14 @@ class Scheduler:
             self._active.remove(req)
             req.finish(reason)
 
+    def _fail(self, req: Runner, exc: BaseException) -> None:
+        """End a request with an error its stream raises (a stream already started ends
+        with an error event; see http/openai_routes.py)."""
+        if req in self._active:
+            logger.error("request %s failed: %r", getattr(req, "id", "?"), exc)
+            req.stream.fail(exc)
+            self._end(req, "error")
+
     def _ready(self, req: Runner, seq: Seq) -> None:
         if req.on_ready(seq):
             self._end(req, "stop")
@@ -351,8 +359,7 @@ class Scheduler:
             except Exception as exc:
                 logger.exception("decode step failed")
                 for req in {id(r): r for r, _ in pairs}.values():
-                    req.stream.fail(exc)
-                    self._end(req, "error")
+                    self._fail(req, exc)
                 continue
             finally:
                 self.busy_since = None
@@ -361,10 +368,13 @@ class Scheduler:
             for observe in self.observers:
                 observe("batch_tokens", float(batch_tokens))
             for seq, token, *rest in results:
-                piece = rest[0] if rest else self._piece(engine, seq, token)
                 req = owner[id(seq)]
-                if req in self._active and req.on_token(seq, token, piece):
-                    self._end(req, "done")
+                try:
+                    piece = rest[0] if rest else self._piece(engine, seq, token)
+                    if req in self._active and req.on_token(seq, token, piece):
+                        self._end(req, "done")
+                except Exception as exc:  # NOTE: one request's output bug fails it alone
+                    self._fail(req, exc)
             for req, seq in pairs:
                 if seq.prefill_only and seq.pending == 0 and req in self._active:
                     self._ready(req, seq)

@@ -248,8 +248,13 @@ class ChatService:
             gbnf.validate(req.grammar)
 
         def prompt(engine: Engine) -> Prompt:
-            return Prompt(engine.tokenize(text, add_special=True, parse_special=False),
-                          req.grammar)
+            tokens = engine.tokenize(text, add_special=True, parse_special=False)
+            if not tokens:  # NOTE: a model without BOS has nothing to condition on
+                raise InvalidRequestError(
+                    "the prompt is empty and this model adds no BOS token: send at least one "
+                    "character", param="prompt",
+                )
+            return Prompt(tokens, req.grammar)
 
         return await self._start("cmpl", req, prompt, req.max_tokens)
 

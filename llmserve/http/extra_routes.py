@@ -24,6 +24,7 @@ from llmserve.extra_schemas import (
 )
 from llmserve.extra_service import ExtraService
 from llmserve.http.deps import ServiceDep
+from llmserve.http.openai_routes import stream_error
 from llmserve.schemas import ChatCompletionRequest
 from llmserve.service import TextDelta
 
@@ -104,6 +105,8 @@ async def plain_chat(request: Request, service: ServiceDep) -> StreamingResponse
                 if isinstance(event, TextDelta):
                     yield event.text
             yield "\n"
+        except Exception as exc:  # NOTE: the 200 is sent: say so in the text itself
+            yield f"\n[error: {stream_error(gen.id, exc)['error']['message']}]\n"
         finally:
             gen.cancel()  # NOTE: also runs when the client goes away
 

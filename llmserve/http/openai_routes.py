@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
 
+from llmserve.errors import LlmserveError, error_body
 from llmserve.http.deps import ManagerDep, ServiceDep
 from llmserve.schemas import ChatCompletionRequest, CompletionRequest
 from llmserve.service import Finished, Generation, Message, TextDelta, ToolCallDelta
 
+logger = logging.getLogger(__name__)
 router = APIRouter()
 v1_router = APIRouter(prefix="/v1")
 T = TypeVar("T")
@@ -79,29 +82,45 @@ def _sse(
 
     async def events() -> AsyncIterator[dict[str, str]]:
         try:
-            if first_delta is not None:
-                for i in range(gen.n):
-                    yield {"data": json.dumps(chunk(first_delta, None, i))}
-            completion_tokens = 0
-            async for event in gen:
-                if isinstance(event, TextDelta):
-                    yield {"data": json.dumps(chunk({"content": event.text}, None, event.choice))}
-                elif isinstance(event, ToolCallDelta):
-                    yield {"data": json.dumps(chunk(_tool_call_delta(event), None, event.choice))}
-                elif isinstance(event, Finished):
-                    completion_tokens += event.completion_tokens
-                    yield {"data": json.dumps(chunk({}, event.finish_reason, event.choice))}
-            if include_usage:
-                final = chunk(None, None, 0)
-                final["choices"] = []
-                final["usage"] = _usage(gen, completion_tokens)
-                yield {"data": json.dumps(final)}
+            async for event in body():
+                yield event
+        except Exception as exc:  # NOTE: the 200 is sent: end the stream with an error event
+            yield {"data": json.dumps(stream_error(gen.id, exc))}
             yield {"data": "[DONE]"}
         finally:
             # NOTE: runs when the client disconnects too: stop the generation promptly.
             gen.cancel()
 
+    async def body() -> AsyncIterator[dict[str, str]]:
+        if first_delta is not None:
+            for i in range(gen.n):
+                yield {"data": json.dumps(chunk(first_delta, None, i))}
+        completion_tokens = 0
+        async for event in gen:
+            if isinstance(event, TextDelta):
+                yield {"data": json.dumps(chunk({"content": event.text}, None, event.choice))}
+            elif isinstance(event, ToolCallDelta):
+                yield {"data": json.dumps(chunk(_tool_call_delta(event), None, event.choice))}
+            elif isinstance(event, Finished):
+                completion_tokens += event.completion_tokens
+                yield {"data": json.dumps(chunk({}, event.finish_reason, event.choice))}
+        if include_usage:
+            final = chunk(None, None, 0)
+            final["choices"] = []
+            final["usage"] = _usage(gen, completion_tokens)
+            yield {"data": json.dumps(final)}
+        yield {"data": "[DONE]"}
+
     return EventSourceResponse(events(), ping=15)
+
+
+def stream_error(request_id: str, exc: Exception) -> dict[str, Any]:
+    """The error body for a failure after a stream started (logged with the request id)."""
+    if isinstance(exc, LlmserveError):
+        logger.warning("%s failed mid-stream: %s", request_id, exc.message)
+        return exc.body()
+    logger.error("%s failed mid-stream", request_id, exc_info=exc)
+    return error_body(f"internal error: {exc}", "server_error")
 
 
 @router.post("/chat/completions", response_model=None)
