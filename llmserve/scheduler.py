@@ -186,6 +186,21 @@ class Scheduler:
     def active_sequences(self) -> int:
         return sum(len(r.seqs) for r in list(self._active))
 
+    def liveness(self) -> dict[str, Any]:
+        """For /health (cheap, any thread): whether the engine thread runs, and how long since
+        its loop last came round (it comes round at least every second when idle)."""
+        now = time.monotonic()
+        busy = self.busy_since
+        return {
+            "alive": self._thread.is_alive(),
+            "idle": not (self._inbox or self._waiting or self._active),
+            "seconds_since_progress": round(now - self.heartbeat, 3),
+            "busy_seconds": round(now - busy, 3) if busy is not None else 0.0,
+            "steps": self.steps,
+            "queued": self.queued,
+            "active_sequences": self.active_sequences,
+        }
+
     def after_each_job(self, hook: Callable[[], None]) -> None:
         """Run hook on the engine thread after every call."""
         self._after.append(hook)
@@ -262,6 +277,7 @@ class Scheduler:
                 item.future.cancel()
 
     def _run_call(self, item: _Call) -> None:
+        self.busy_since = time.monotonic()  # NOTE: /health tells a long call from a wedge
         try:
             result = item.fn()
         except Busy:
@@ -271,6 +287,7 @@ class Scheduler:
         else:
             item.future.set_result(result)
         finally:
+            self.busy_since = None
             for hook in self._after:
                 try:
                     hook()

@@ -27,6 +27,7 @@ from llmserve.chat.tools import ToolCallDelta
 from llmserve.config import Settings
 from llmserve.engine.base import BatchEngine, Engine, SamplingParams, common_prefix
 from llmserve.errors import InvalidRequestError
+from llmserve.limits import check_text_fits
 from llmserve.metrics import Metrics
 from llmserve.output import Emit, Finished, Prompt, Started, TextDelta
 from llmserve.request import Env, Request
@@ -173,7 +174,7 @@ class ChatService:
 
     async def chat(self, req: ChatCompletionRequest) -> Generation:
         """Start a chat completion; raises request errors before any output exists."""
-        plan = plan_chat(req)
+        plan = self._plan(req)
 
         def prompt(engine: Engine) -> Prompt:
             rendered = self._render(engine, plan)
@@ -188,7 +189,7 @@ class ChatService:
 
     async def apply_template(self, req: ChatCompletionRequest) -> dict[str, Any]:
         """The prompt a chat request renders to, its token count and the template used."""
-        plan = plan_chat(req)
+        plan = self._plan(req)
         filename = self.manager.resolve(req.model) if req.model else None
 
         def job() -> dict[str, Any]:
@@ -210,7 +211,7 @@ class ChatService:
 
         The prompt is rendered exactly as a chat request with these messages and tools; the
         warm-up is a prefill-only request in the batch, so decoding sequences go on."""
-        plan = plan_chat(
+        plan = self._plan(
             ChatCompletionRequest(model=req.model, messages=req.messages, tools=req.tools)
         )
         filename = self.manager.resolve(req.model) if req.model else None
@@ -236,6 +237,16 @@ class ChatService:
         return _warm_result(gen.model, gen.prompt_tokens, cached, gen.prompt_tokens - cached,
                             start)
 
+    def _plan(self, req: ChatCompletionRequest) -> ChatPlan:
+        # NOTE: rendering and tokenizing cost grows with the message count (100k messages
+        # held the engine thread for minutes); --max_messages bounds it before any work.
+        if len(req.messages) > self.settings.max_messages:
+            raise InvalidRequestError(
+                f"{len(req.messages)} messages; at most {self.settings.max_messages} per "
+                "request (--max_messages)", param="messages",
+            )
+        return plan_chat(req)
+
     def _render(self, engine: Engine, plan: ChatPlan) -> RenderedChat:
         return render_chat(
             engine.info, plan, self.settings.templates_dir, self.settings.chat_template
@@ -248,6 +259,7 @@ class ChatService:
             gbnf.validate(req.grammar)
 
         def prompt(engine: Engine) -> Prompt:
+            check_text_fits(text, engine.info, "prompt")
             tokens = engine.tokenize(text, add_special=True, parse_special=False)
             if not tokens:  # NOTE: a model without BOS has nothing to condition on
                 raise InvalidRequestError(

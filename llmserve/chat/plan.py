@@ -27,6 +27,7 @@ from llmserve.chat.grammar import (
 from llmserve.chat.templates import render, resolve_template, uses_tools
 from llmserve.engine.base import ModelInfo
 from llmserve.errors import InvalidRequestError
+from llmserve.limits import check_text_fits
 from llmserve.schemas import ChatCompletionRequest, ChatMessage, ToolDefinition
 
 logger = logging.getLogger(__name__)
@@ -224,6 +225,7 @@ def render_chat(
         )
 
     text = run(messages, tools)
+    check_text_fits(text, info, "messages")
     control = control_text(info.control_tokens)
     marked_messages, in_messages = mark(messages, control)
     marked_tools, in_tools = mark(tools, control)

@@ -27,6 +27,7 @@ class FakeEngine:
         token_delay: float = 0.0,
         chat_template: str | None = CHATML,
         fail_after: int | None = None,
+        embed_delay: float = 0.0,
     ):
         self.info = ModelInfo(
             name=path.name, path=str(path), n_ctx=n_ctx, architecture="fake",
@@ -37,6 +38,8 @@ class FakeEngine:
         self.script = list(script) if script is not None else ["Hello", ",", " world", "!"]
         self.token_delay = token_delay
         self.fail_after = fail_after  # raise RuntimeError after this many tokens (tests)
+        self.embed_delay = embed_delay  # seconds per embedded input
+        self.embedded = 0  # inputs embedded, for cancellation tests
         self.generated = 0  # tokens produced, for cancellation tests
         self.closed = False
         self.thread_ids: set[int] = set()
@@ -58,6 +61,9 @@ class FakeEngine:
         self.thread_ids.add(threading.get_ident())
         out = []
         for tokens in inputs:
+            if self.embed_delay:
+                time.sleep(self.embed_delay)
+            self.embedded += 1
             vec = [0.0] * self.info.n_embd
             for i, t in enumerate(tokens):
                 vec[i % self.info.n_embd] += t % 7 - 3
