@@ -93,7 +93,8 @@ def _bad_text(text: str) -> str | None:
 
 
 def _param(path: tuple[str, ...]) -> str | None:
-    return ".".join(path) or None
+    # NOTE: a key may be the lone surrogate itself: name it escaped, the reply must encode
+    return ".".join(p.encode("utf-8", "backslashreplace").decode() for p in path) or None
 
 
 def _parse(body: bytes) -> Any:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
 
-from llmserve.errors import LlmserveError, error_body
+from llmserve.errors import InternalError, LlmserveError, error_body
 from llmserve.http.deps import ManagerDep, ServiceDep
 from llmserve.schemas import ChatCompletionRequest, CompletionRequest
 from llmserve.service import Finished, Generation, Message, TextDelta, ToolCallDelta
@@ -68,6 +68,10 @@ async def _collect_unless_gone(
     watcher = asyncio.create_task(watch())
     try:
         return await collect()
+    except LlmserveError:
+        raise
+    except Exception as exc:  # NOTE: a generation failure: a 500 in the error shape, logged
+        raise InternalError(stream_error(gen.id, exc)["error"]["message"]) from exc
     finally:
         watcher.cancel()
 
