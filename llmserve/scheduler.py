@@ -227,12 +227,23 @@ class Scheduler:
         request.queued_at = time.monotonic()
         self._push(request)
 
-    def shutdown(self) -> None:
-        """Cancel everything and stop the thread."""
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Cancel everything and stop the thread (waiting at most timeout seconds for it)."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout)
+
+    def cancel_streams(self) -> None:
+        """From any thread: every queued or running request stops at its next turn.
+
+        NOTE: shutdown calls this first, so requests stop even while a call holds the thread."""
+        with self._cv:
+            items = [*self._inbox, *self._waiting, *self._active]
+        for item in items:
+            stream = getattr(item, "stream", None)
+            if stream is not None:
+                stream.cancel()
 
     def cancel_all(self) -> None:
         """On the engine thread: end every request (shutdown)."""

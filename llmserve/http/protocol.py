@@ -25,10 +25,11 @@ def guarded_protocol(timeout_headers: float, max_header_bytes: int) -> type[asyn
             super().__init__(*args, **kwargs)
             self._header_timer: asyncio.TimerHandle | None = None
             self._header_bytes: int | None = 0  # None: between headers and the next request
+            self._tail = b""
 
         def _arm(self) -> None:
             self._disarm()
-            self._header_bytes = 0
+            self._header_bytes, self._tail = 0, b""
             self._header_timer = self.loop.call_later(timeout_headers, self._headers_late)
 
         def _disarm(self) -> None:
@@ -51,15 +52,19 @@ def guarded_protocol(timeout_headers: float, max_header_bytes: int) -> type[asyn
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            waiting = self._header_bytes is not None
-            super().data_received(data)
-            # NOTE: counted after parsing, so a body arriving with its headers never counts
-            if waiting and self._header_bytes is not None and self._header_timer is not None:
-                self._header_bytes += len(data)
+            if self._header_bytes is not None:
+                # NOTE: count up to the blank line that ends the headers, so a body arriving
+                # in the same read never counts (3 bytes kept: the line may straddle reads)
+                window = self._tail + data
+                end = window.find(b"\r\n\r\n")
+                self._header_bytes += len(data) if end < 0 else max(0, end + 4 - len(self._tail))
+                self._tail = window[-3:]
                 if self._header_bytes > max_header_bytes:
                     self._disarm()
                     self._header_bytes = None
                     self._reply_431()
+                    return
+            super().data_received(data)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -73,7 +78,7 @@ def guarded_protocol(timeout_headers: float, max_header_bytes: int) -> type[asyn
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
-            self._header_bytes = 0  # the next request's headers count from here
+            self._header_bytes, self._tail = 0, b""  # the next request's headers count from here
 
         def _reply_431(self) -> None:
             msg = b"request headers too large"
