@@ -270,3 +270,28 @@ async def test_health_stays_200_while_another_model_loads(fake_client: Any) -> N
     assert during.status_code == 200, during.text
     assert during.json()["state"] == "loading"
     assert factory_engines
+
+
+async def test_shutdown_does_not_wait_for_a_wedged_engine(fake_models_dir: Any,
+                                                          tmp_path: Any) -> None:
+    import threading
+
+    from llmserve.config import Settings
+    from llmserve.engine.fake import FakeEngine
+    from llmserve.http.app import create_app
+    from tests.conftest import app_client
+
+    settings = Settings(model_name="alpha.gguf", models_dir=fake_models_dir,
+                        cache_dir=tmp_path / "cache", no_announce=True)
+    app = create_app(settings, engine_factory=lambda p, s: FakeEngine(p))
+    release = threading.Event()
+    try:
+        context = app_client(app)
+        await context.__aenter__()
+        stuck = asyncio.ensure_future(app.state.worker.call(release.wait, 120))
+        await asyncio.sleep(0.2)
+        # a liveness bound: before the fix shutdown waited for the stuck call (120 s)
+        await asyncio.wait_for(context.__aexit__(None, None, None), 20)
+    finally:
+        release.set()
+    assert not stuck.done() or stuck.cancelled() or stuck.result() is True
