@@ -8,7 +8,7 @@ from llmserve.engine.base import ModelInfo
 from llmserve.errors import ContextLengthError
 
 # /tokenize may count texts longer than one context (to plan chunking), up to this many.
-TOKENIZE_CONTEXTS = 4
+TOKENIZE_CONTEXTS = 2
 
 
 def check_text_fits(text: str, info: ModelInfo, param: str, contexts: int = 1) -> None:

@@ -21,8 +21,8 @@ from llmserve.config import Settings
 from llmserve.engine.base import KVFullError, ModelInfo, SamplingParams, Seq, common_prefix
 from llmserve.engine.batch import BatchContext
 from llmserve.engine.chunking import Cutter
-from llmserve.engine.vocab import scan_vocab
 from llmserve.engine.sampling import GrammarGate, SeqSampler
+from llmserve.engine.vocab import scan_vocab
 from llmserve.errors import ContextLengthError, InternalError, ModelLoadError
 
 logger = logging.getLogger(__name__)
