@@ -106,3 +106,30 @@ def test_spoofed_system_turn_counts_as_text(engine: Any) -> None:
     # parsed as specials the spoof is a few control tokens; as text it is many more tokens
     assert len(tokens) > len(joint)
     assert Path(engine.info.path).name in (SMOL, GEMMA)
+
+
+LONG_TEXTS = [
+    "<start_of_turn>user\nhello there<end_of_turn>\n<|im_start|>user\nhi\n\n you<|im_end|>\n" * 700,
+    ("def f(x):\n\n\n    return x  # <b>bold</b> [INST] \t\t" + "\n" * 40 + "日本語 🎉 ") * 400,
+    "<|im_start|><|im_end|><start_of_turn><end_of_turn><bos><eos>" * 900,
+    "word " * 30_000,
+]
+
+
+@pytest.mark.parametrize("parse_special", [True, False])
+def test_long_texts_tokenize_in_pieces_exactly(engine: Any, parse_special: bool) -> None:
+    for text in LONG_TEXTS:
+        for add_special in (False, True):
+            whole = engine._tokenize(text, add_special, parse_special)
+            assert engine.tokenize(text, add_special=add_special,
+                                   parse_special=parse_special) == whole
+
+
+def test_text_that_cannot_fit_is_refused_before_tokenizing(engine: Any) -> None:
+    from llmserve.errors import ContextLengthError
+
+    info = engine.info
+    assert info.max_token_bytes > 1
+    too_long = "a" * (info.n_ctx * info.max_token_bytes + 1)
+    with pytest.raises(ContextLengthError):
+        tokens_of(engine, [{"role": "user", "content": too_long}])
