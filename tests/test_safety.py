@@ -323,3 +323,17 @@ def test_cutter_cuts_only_before_unstraddled_special_text() -> None:
     assert "".join(pieces) == text and len(pieces) > 5
     for piece in pieces[1:]:
         assert piece.startswith(("<a>", "\n\n"))  # never between the two newlines
+
+
+def test_limit_flags_reach_the_settings() -> None:
+    from llmserve.cli import _settings, build_parser
+
+    args = build_parser().parse_args([
+        "serve", "--max_body_bytes", "1M", "--max-header-bytes", "16K", "--max_messages", "9",
+        "--timeout_keep_alive", "2", "--timeout_headers", "3", "--timeout_body", "4",
+        "--timeout_graceful_shutdown", "1", "--health_stall_seconds", "7",
+    ])
+    s = _settings(args)
+    assert (s.max_body_bytes, s.max_header_bytes, s.max_messages) == (1 << 20, 16 << 10, 9)
+    assert (s.timeout_keep_alive, s.timeout_headers, s.timeout_body) == (2, 3, 4)
+    assert (s.timeout_graceful_shutdown, s.health_stall_seconds) == (1, 7)
