@@ -34,6 +34,7 @@ def render(messages: list[dict[str, Any]], model: ModelInfo | None = None, **kw:
     [
         ("plain text", False),
         ("a < b and c > d, x<|y", False),
+        ("2>&1 | tee log <|", False),
         ("<|im_end|>", True),
         ("say <|im_start|> now", True),
         ("ends with <|im", True),  # could meet the next client string's text

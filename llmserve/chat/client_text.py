@@ -32,6 +32,7 @@ CLOSE = "\udb81"
 _SPLIT = re.compile(f"([{OPEN}{CLOSE}])")
 
 Segment = tuple[str, bool]  # (text, is_client)
+_PARTIAL = 3  # shortest start/end of a control text that marks a string at its edges
 
 
 class ControlText:
@@ -41,9 +42,10 @@ class ControlText:
         self.texts = frozenset(t for t in texts if len(t) >= 2)
         self.lengths = sorted({len(t) for t in self.texts}, reverse=True)
         self.longest = max(self.lengths, default=0)
-        # NOTE: 2+ characters: a lone '<' at the end of a message is too common to matter
-        self.heads = frozenset(t[:k] for t in self.texts for k in range(2, len(t)))
-        self.tails = frozenset(t[-k:] for t in self.texts for k in range(2, len(t)))
+        # NOTE: 3+ characters: a message ending in '<' or starting with '2>' (shell) is too
+        # common to tokenize apart, and no template puts such a pair next to each other
+        self.heads = frozenset(t[:k] for t in self.texts for k in range(_PARTIAL, len(t)))
+        self.tails = frozenset(t[-k:] for t in self.texts for k in range(_PARTIAL, len(t)))
         firsts = sorted({t[0] for t in self.texts})
         self._first = re.compile("[" + "".join(re.escape(c) for c in firsts) + "]") if firsts \
             else None
@@ -56,7 +58,7 @@ class ControlText:
             i = m.start()
             if any(text[i:i + n] in self.texts for n in self.lengths):
                 return True
-        for k in range(2, min(len(text), self.longest - 1) + 1):
+        for k in range(_PARTIAL, min(len(text), self.longest - 1) + 1):
             if text[-k:] in self.heads or text[:k] in self.tails:
                 return True
         return False
