@@ -181,17 +181,26 @@ def serve(settings: Settings) -> int:
             load_override(settings.chat_template, settings.templates_dir)
         except LlmserveError as exc:
             return _fail(exc.message)
-    from llmserve.http.protocol import guarded_protocol
-
     app = create_app(settings)
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
-        http=guarded_protocol(settings.timeout_headers, settings.max_header_bytes),
+        **_http_protocol(settings),
         # NOTE: uvicorn takes whole seconds here; round up so 0.5 is not "no timeout"
         timeout_keep_alive=max(1, math.ceil(settings.timeout_keep_alive)),
         timeout_graceful_shutdown=math.ceil(settings.timeout_graceful_shutdown),
     )
     return 0
+
+
+def _http_protocol(settings: Settings) -> dict[str, Any]:
+    """uvicorn's HTTP protocol with the header deadline and size cap (httptools), or h11 with
+    its size cap only when httptools is missing."""
+    try:
+        from llmserve.http.protocol import guarded_protocol
+    except ImportError:
+        logger.warning("httptools is not installed: --timeout_headers is not enforced")
+        return {"http": "h11", "h11_max_incomplete_event_size": settings.max_header_bytes}
+    return {"http": guarded_protocol(settings.timeout_headers, settings.max_header_bytes)}
 
 
 def models(args: argparse.Namespace) -> int:
