@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,21 @@ def _serve_parser(sub: Any) -> None:
     _flag(p, "reasoning_format", choices=["auto", "deepseek", "none"],
           help="thinking (<think>, gpt-oss channels) as reasoning_content: auto/deepseek "
                "when the markup appears, none = left in the content (default auto)")
+    _flag(p, "max_body_bytes", type=_size,
+          help="largest request body, e.g. 32M; bigger ones get a 413 (default 32M)")
+    _flag(p, "max_header_bytes", type=_size,
+          help="largest request line + headers; bigger ones get a 431 (default 64K)")
+    _flag(p, "max_messages", type=int, help="most messages in one chat request (default 2048)")
+    _flag(p, "timeout_keep_alive", type=float,
+          help="close an idle keep-alive connection after this many seconds (default 5)")
+    _flag(p, "timeout_headers", type=float,
+          help="close a connection whose request headers take longer (seconds, default 10)")
+    _flag(p, "timeout_body", type=float,
+          help="408 when a request body takes longer to arrive (seconds, default 60)")
+    _flag(p, "timeout_graceful_shutdown", type=float,
+          help="on SIGTERM, wait this long for open requests before closing (default 5)")
+    _flag(p, "health_stall_seconds", type=float,
+          help="/health is 503 when a busy engine made no progress this long (default 60)")
     _flag(p, "log_level", choices=["critical", "error", "warning", "info", "debug"],
           help="log level (default info)")
     _flag(p, "manifest", type=Path, help="models.yaml (default <models_dir>/models.yaml)")
@@ -172,8 +188,25 @@ def serve(settings: Settings) -> int:
         except LlmserveError as exc:
             return _fail(exc.message)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        **_http_protocol(settings),
+        # NOTE: uvicorn takes whole seconds here; round up so 0.5 is not "no timeout"
+        timeout_keep_alive=max(1, math.ceil(settings.timeout_keep_alive)),
+        timeout_graceful_shutdown=math.ceil(settings.timeout_graceful_shutdown),
+    )
     return 0
+
+
+def _http_protocol(settings: Settings) -> dict[str, Any]:
+    """uvicorn's HTTP protocol with the header deadline and size cap (httptools), or h11 with
+    its size cap only when httptools is missing."""
+    try:
+        from llmserve.http.protocol import guarded_protocol
+    except ImportError:
+        logger.warning("httptools is not installed: --timeout_headers is not enforced")
+        return {"http": "h11", "h11_max_incomplete_event_size": settings.max_header_bytes}
+    return {"http": guarded_protocol(settings.timeout_headers, settings.max_header_bytes)}
 
 
 def models(args: argparse.Namespace) -> int:

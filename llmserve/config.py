@@ -49,6 +49,22 @@ class Settings(BaseSettings):
     log_level: LogLevel = "info"
     # OpenAI Responses (issue 10): stored responses kept in <cache_dir>/responses, oldest dropped.
     responses_max: int = Field(default=1000, ge=0)
+    # Request limits and timeouts (issue 14): every one has a default that a local server
+    # never hits in normal use and that bounds what one client can make the server do.
+    max_body_bytes: int = Field(default=32 << 20, ge=1024)
+    max_header_bytes: int = Field(default=64 << 10, ge=1024)
+    max_messages: int = Field(default=2048, ge=1)
+    timeout_keep_alive: float = Field(default=5.0, gt=0)
+    timeout_headers: float = Field(default=10.0, gt=0)
+    timeout_body: float = Field(default=60.0, gt=0)
+    timeout_graceful_shutdown: float = Field(default=5.0, ge=0)
+    health_stall_seconds: float = Field(default=60.0, gt=0)
+
+    @field_validator("max_body_bytes", "max_header_bytes", mode="before")
+    @classmethod
+    def _limit_sizes(cls, value: str | int) -> int:
+        return parse_size(value)
+
     @field_validator("cache_ram_bytes", "cache_disk_bytes", mode="before")
     @classmethod
     def _sizes(cls, value: str | int) -> int:

@@ -9,6 +9,7 @@ LlmserveError
  |    +-- ModelNotFoundError    404 code=model_not_found
  +-- ModelNotReadyError         503 service_unavailable
  +-- QueueFullError             503 service_unavailable code=queue_full (Retry-After)
+ +-- RequestCancelledError      499 code=cancelled (the client left; nobody reads it)
  +-- ModelLoadError             500 server_error code=model_load_failed
  +-- InternalError              500 server_error
 """
@@ -83,6 +84,12 @@ class QueueFullError(LlmserveError):
     type = "service_unavailable"
     code = "queue_full"
     retry_after = 1  # seconds, sent as Retry-After
+
+
+class RequestCancelledError(LlmserveError):
+    status = 499
+    type = "invalid_request_error"
+    code = "cancelled"
 
 
 class ModelLoadError(LlmserveError):

@@ -15,7 +15,7 @@ from pydantic import (
     WrapValidator,
 )
 
-_LENIENT = ConfigDict(extra="ignore")
+_LENIENT = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 def _encodable(text: str) -> str:

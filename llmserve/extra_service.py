@@ -5,12 +5,15 @@ from __future__ import annotations
 import base64
 import math
 import struct
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from llmserve.catalog.registry import ModelManager
 from llmserve.engine.base import Engine
-from llmserve.errors import ContextLengthError, InvalidRequestError
+from llmserve.errors import ContextLengthError, InvalidRequestError, RequestCancelledError
 from llmserve.extra_schemas import EmbeddingRequest
+from llmserve.limits import TOKENIZE_CONTEXTS, check_text_fits
 from llmserve.metrics import Metrics
 from llmserve.scheduler import Scheduler
 
@@ -70,6 +73,7 @@ class ExtraService:
 
         def job() -> list[int]:
             engine = self.manager.ensure(filename)
+            check_text_fits(content, engine.info, "content", TOKENIZE_CONTEXTS)
             return engine.tokenize(content, add_special=add_special, parse_special=parse_special)
 
         return await self.worker.call(job)
@@ -80,13 +84,22 @@ class ExtraService:
 
         def job() -> str:
             engine = self.manager.ensure(filename)
+            most = TOKENIZE_CONTEXTS * engine.info.n_ctx
+            if len(tokens) > most:
+                raise InvalidRequestError(
+                    f"{len(tokens)} tokens; at most {most} ({TOKENIZE_CONTEXTS} contexts) per "
+                    "request", param="tokens",
+                )
             check_token_ids(tokens, engine.info.n_vocab, "tokens")
             return engine.detokenize(tokens, special=True)
 
         return await self.worker.call(job)
 
-    async def embed(self, req: EmbeddingRequest) -> Embeddings:
-        """Normalised embeddings for every input of the request."""
+    async def embed(
+        self, req: EmbeddingRequest, cancelled: threading.Event | None = None
+    ) -> Embeddings:
+        """Normalised embeddings for every input of the request; stops between inputs once
+        `cancelled` is set (the client went away)."""
         filename = self._filename(req.model)
         inputs = req.input
         if isinstance(inputs, list) and not inputs:
@@ -96,10 +109,17 @@ class ExtraService:
                 f"at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input"
             )
 
+        def check() -> None:
+            if cancelled is not None and cancelled.is_set():
+                raise RequestCancelledError("the client went away; embeddings stopped")
+
         def job() -> Embeddings:
             engine = self.manager.ensure(filename)
-            batch = _token_lists(engine, req)
-            vectors = engine.embed(batch)
+            batch = _token_lists(engine, req, check)
+            vectors = []
+            for tokens in batch:  # NOTE: one input at a time, so a departed client stops it
+                check()
+                vectors += engine.embed([tokens])
             total = sum(len(t) for t in batch)
             if self.metrics is not None:
                 self.metrics.embedded(engine.info.name, total)
@@ -116,7 +136,9 @@ class ExtraService:
         return result
 
 
-def _token_lists(engine: Engine, req: EmbeddingRequest) -> list[list[int]]:
+def _token_lists(
+    engine: Engine, req: EmbeddingRequest, check: Callable[[], None]
+) -> list[list[int]]:
     """On the engine thread: every input as a checked token list."""
     raw = req.input
     items: list[str | list[int]]
@@ -130,9 +152,11 @@ def _token_lists(engine: Engine, req: EmbeddingRequest) -> list[list[int]]:
     out: list[list[int]] = []
     for i, item in enumerate(items):
         param = "input" if len(items) == 1 else f"input.{i}"
+        check()
         if isinstance(item, str):
             if not item:
                 raise InvalidRequestError("input strings must not be empty", param=param)
+            check_text_fits(item, engine.info, param)
             tokens = engine.tokenize(item, add_special=True, parse_special=False)
         else:
             check_token_ids(item, engine.info.n_vocab, param)

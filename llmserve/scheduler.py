@@ -186,6 +186,21 @@ class Scheduler:
     def active_sequences(self) -> int:
         return sum(len(r.seqs) for r in list(self._active))
 
+    def liveness(self) -> dict[str, Any]:
+        """For /health (cheap, any thread): whether the engine thread runs, and how long since
+        its loop last came round (it comes round at least every second when idle)."""
+        now = time.monotonic()
+        busy = self.busy_since
+        return {
+            "alive": self._thread.is_alive(),
+            "idle": not (self._inbox or self._waiting or self._active),
+            "seconds_since_progress": round(now - self.heartbeat, 3),
+            "busy_seconds": round(now - busy, 3) if busy is not None else 0.0,
+            "steps": self.steps,
+            "queued": self.queued,
+            "active_sequences": self.active_sequences,
+        }
+
     def after_each_job(self, hook: Callable[[], None]) -> None:
         """Run hook on the engine thread after every call."""
         self._after.append(hook)
@@ -212,12 +227,23 @@ class Scheduler:
         request.queued_at = time.monotonic()
         self._push(request)
 
-    def shutdown(self) -> None:
-        """Cancel everything and stop the thread."""
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Cancel everything and stop the thread (waiting at most timeout seconds for it)."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout)
+
+    def cancel_streams(self) -> None:
+        """From any thread: every queued or running request stops at its next turn.
+
+        NOTE: shutdown calls this first, so requests stop even while a call holds the thread."""
+        with self._cv:
+            items = [*self._inbox, *self._waiting, *self._active]
+        for item in items:
+            stream = getattr(item, "stream", None)
+            if stream is not None:
+                stream.cancel()
 
     def cancel_all(self) -> None:
         """On the engine thread: end every request (shutdown)."""
@@ -262,6 +288,7 @@ class Scheduler:
                 item.future.cancel()
 
     def _run_call(self, item: _Call) -> None:
+        self.busy_since = time.monotonic()  # NOTE: /health tells a long call from a wedge
         try:
             result = item.fn()
         except Busy:
@@ -271,6 +298,7 @@ class Scheduler:
         else:
             item.future.set_result(result)
         finally:
+            self.busy_since = None
             for hook in self._after:
                 try:
                     hook()
@@ -324,6 +352,14 @@ class Scheduler:
             self._active.remove(req)
             req.finish(reason)
 
+    def _fail(self, req: Runner, exc: BaseException) -> None:
+        """End a request with an error its stream raises (a stream already started ends
+        with an error event; see http/openai_routes.py)."""
+        if req in self._active:
+            logger.error("request %s failed: %r", getattr(req, "id", "?"), exc)
+            req.stream.fail(exc)
+            self._end(req, "error")
+
     def _ready(self, req: Runner, seq: Seq) -> None:
         if req.on_ready(seq):
             self._end(req, "stop")
@@ -351,8 +387,7 @@ class Scheduler:
             except Exception as exc:
                 logger.exception("decode step failed")
                 for req in {id(r): r for r, _ in pairs}.values():
-                    req.stream.fail(exc)
-                    self._end(req, "error")
+                    self._fail(req, exc)
                 continue
             finally:
                 self.busy_since = None
@@ -361,10 +396,13 @@ class Scheduler:
             for observe in self.observers:
                 observe("batch_tokens", float(batch_tokens))
             for seq, token, *rest in results:
-                piece = rest[0] if rest else self._piece(engine, seq, token)
                 req = owner[id(seq)]
-                if req in self._active and req.on_token(seq, token, piece):
-                    self._end(req, "done")
+                try:
+                    piece = rest[0] if rest else self._piece(engine, seq, token)
+                    if req in self._active and req.on_token(seq, token, piece):
+                        self._end(req, "done")
+                except Exception as exc:  # NOTE: one request's output bug fails it alone
+                    self._fail(req, exc)
             for req, seq in pairs:
                 if seq.prefill_only and seq.pending == 0 and req in self._active:
                     self._ready(req, seq)

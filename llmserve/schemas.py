@@ -12,7 +12,9 @@ from llmserve.units import parse_duration
 
 # NOTE: clients (LangChain, the openai SDK, agent frameworks) send fields we do not use;
 # ignoring them is what OpenAI-compatible servers are expected to do.
-_LENIENT = ConfigDict(extra="ignore")
+# NOTE: allow_inf_nan=False: `"inf"`, `"nan"` (strings pydantic would coerce) are no floats
+# here; JSON's Infinity/NaN/1e309 literals never get this far (http/guard.py).
+_LENIENT = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class TextPart(BaseModel):
@@ -78,7 +80,7 @@ class NamedToolChoice(BaseModel):
 
 
 class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, allow_inf_nan=False)
     name: str = "response"
     description: str | None = None
     json_schema: dict[str, Any] | bool | None = Field(default=None, alias="schema")
@@ -117,7 +119,8 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repeat_penalty: float = Field(default=1.0, ge=0.0)
+    # NOTE: llama.cpp divides positive logits by it: 0 would make them infinite.
+    repeat_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     n: int = Field(default=1, ge=1, le=256)  # up to --parallel (checked by the service)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -128,7 +131,7 @@ class SamplingFields(BaseModel):
     grammar: str | None = None
     # Ollama compatible: how long the model stays loaded after this request ("5m", 300, 0 =
     # unload right after, negative = forever); parsed to seconds (math.inf for forever).
-    keep_alive: float | None = None
+    keep_alive: float | None = Field(default=None, allow_inf_nan=True)
     # OpenAI: token id (a string key) -> bias added to its logit, -100 (ban) .. 100.
     logit_bias: dict[str, Annotated[float, Strict()]] | None = None
 
@@ -233,7 +236,7 @@ class Usage(BaseModel):
 
 
 class SetModelRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, allow_inf_nan=False)
     model_name: str = Field(alias="modelName", min_length=1)
 
 

@@ -22,12 +22,13 @@ from typing import Any
 from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import ModelManager
 from llmserve.chat import gbnf
-from llmserve.chat.plan import ChatPlan, RenderedChat, plan_chat, render_chat
+from llmserve.chat.plan import ChatPlan, RenderedChat, extended, plan_chat, render_chat
 from llmserve.chat.reasoning import ReasoningFormat, ReasoningSetup, answer_only, setup_for
 from llmserve.chat.tools import ToolCallDelta
 from llmserve.config import Settings
 from llmserve.engine.base import BatchEngine, Engine, SamplingParams, common_prefix
 from llmserve.errors import InvalidRequestError
+from llmserve.limits import check_text_fits
 from llmserve.metrics import Metrics
 from llmserve.output import (
     Emit,
@@ -206,7 +207,7 @@ class ChatService:
         on_prompt sees the engine and the prompt's tokens on the engine thread before they are
         evaluated, and returns the tokens to use (the Anthropic routes add a prefill and pin
         cache_control prefixes there)."""
-        plan = plan_chat(req)
+        plan = self._plan(req)
         reasoning_format = req.reasoning_format or self.settings.reasoning_format
 
         def prompt(engine: Engine) -> Prompt:
@@ -222,11 +223,11 @@ class ChatService:
 
     def chat_tokens(self, engine: Engine, plan: ChatPlan) -> list[int]:
         """The tokens a plan renders to on this engine (engine thread), as chat() does."""
-        return _chat_tokens(engine, self._render(engine, plan).text)
+        return _chat_tokens(engine, self._render(engine, plan))
 
     async def apply_template(self, req: ChatCompletionRequest) -> dict[str, Any]:
         """The prompt a chat request renders to, its token count and the template used."""
-        plan = plan_chat(req)
+        plan = self._plan(req)
         filename = self.manager.resolve(req.model) if req.model else None
 
         def job() -> dict[str, Any]:
@@ -235,7 +236,7 @@ class ChatService:
                 engine, plan, req.reasoning_format or self.settings.reasoning_format)
             return {
                 "model": engine.info.name,
-                "prompt": text,
+                "prompt": text.text,
                 "tokens": len(_chat_tokens(engine, text)),
                 "template": rendered.origin,
                 "tool_call_format": plan.parser_family(rendered.family),
@@ -249,14 +250,14 @@ class ChatService:
 
         The prompt is rendered exactly as a chat request with these messages and tools; the
         warm-up is a prefill-only request in the batch, so decoding sequences go on."""
-        plan = plan_chat(
+        plan = self._plan(
             ChatCompletionRequest(model=req.model, messages=req.messages, tools=req.tools)
         )
         filename = self.manager.resolve(req.model) if req.model else None
         start = time.perf_counter()
 
         def prompt(engine: Engine) -> Prompt:
-            return Prompt(_chat_tokens(engine, self._render(engine, plan).text))
+            return Prompt(_chat_tokens(engine, self._render(engine, plan)))
 
         if req.dry_run:
             def peek() -> dict[str, Any]:
@@ -277,14 +278,24 @@ class ChatService:
 
     def _chat_prompt(
         self, engine: Engine, plan: ChatPlan, fmt: ReasoningFormat
-    ) -> tuple[RenderedChat, str, ReasoningSetup | None]:
-        """The rendered chat, the prompt text to generate from, and how to read the reply."""
+    ) -> tuple[RenderedChat, RenderedChat, ReasoningSetup | None]:
+        """The rendered chat, the prompt to generate from, and how to read the reply."""
         rendered = self._render(engine, plan)
         setup = setup_for(rendered.text, fmt)
         if plan.constrains_answer:
             # NOTE: the grammar matches the answer, not thinking: close what the template opened.
-            return rendered, *answer_only(rendered.text, setup)
-        return rendered, rendered.text, setup
+            text, setup = answer_only(rendered.text, setup)
+            return rendered, extended(rendered, text), setup
+        return rendered, rendered, setup
+    def _plan(self, req: ChatCompletionRequest) -> ChatPlan:
+        # NOTE: rendering and tokenizing cost grows with the message count (100k messages
+        # held the engine thread for minutes); --max_messages bounds it before any work.
+        if len(req.messages) > self.settings.max_messages:
+            raise InvalidRequestError(
+                f"{len(req.messages)} messages; at most {self.settings.max_messages} per "
+                "request (--max_messages)", param="messages",
+            )
+        return plan_chat(req)
 
     def _render(self, engine: Engine, plan: ChatPlan) -> RenderedChat:
         return render_chat(
@@ -298,8 +309,14 @@ class ChatService:
             gbnf.validate(req.grammar)
 
         def prompt(engine: Engine) -> Prompt:
-            return Prompt(engine.tokenize(text, add_special=True, parse_special=False),
-                          req.grammar)
+            check_text_fits(text, engine.info, "prompt")
+            tokens = engine.tokenize(text, add_special=True, parse_special=False)
+            if not tokens:  # NOTE: a model without BOS has nothing to condition on
+                raise InvalidRequestError(
+                    "the prompt is empty and this model adds no BOS token: send at least one "
+                    "character", param="prompt",
+                )
+            return Prompt(tokens, req.grammar)
 
         return await self._start("cmpl", req, prompt, req.max_tokens)
 
@@ -396,9 +413,13 @@ def _warm_result(model: str, prompt: int, cached: int, evaluated: int,
     }
 
 
-def _chat_tokens(engine: Engine, text: str) -> list[int]:
+def _chat_tokens(engine: Engine, rendered: RenderedChat) -> list[int]:
+    """The prompt's tokens: template markup with special tokens parsed, client text without
+    (chat/client_text.py), so no message can produce a control token."""
     info = engine.info
-    tokens = engine.tokenize(text, add_special=False, parse_special=True)
+    tokens: list[int] = []
+    for piece, client in rendered.pieces():
+        tokens += engine.tokenize(piece, add_special=False, parse_special=not client)
     if info.add_bos and info.bos_token_id is not None and tokens[:1] != [info.bos_token_id]:
         tokens.insert(0, info.bos_token_id)
     return tokens

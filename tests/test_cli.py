@@ -79,7 +79,7 @@ def test_only_the_engine_package_imports_llama_cpp() -> None:
         if "import llama_cpp" in p.read_text() or "from llama_cpp" in p.read_text()
     )
     assert importers == ["llmserve/engine/batch.py", "llmserve/engine/llama.py",
-                         "llmserve/engine/sampling.py"]
+                         "llmserve/engine/sampling.py", "llmserve/engine/vocab.py"]
 
 
 def test_cache_stats_and_clear(tmp_path: Path) -> None:

@@ -190,7 +190,7 @@ async def test_logit_bias_not_finite_400(fake_client: Any) -> None:
         resp = await client.post(
             "/v1/completions", content='{"prompt": "x", "logit_bias": {"1": NaN}}',
             headers={"content-type": "application/json"})
-    assert assert_error(resp, 400)["param"] == "logit_bias"
+    assert assert_error(resp, 400)["param"].startswith("logit_bias")
 
 
 async def test_answer_grammar_closes_opened_thinking(fake_client: Any) -> None:

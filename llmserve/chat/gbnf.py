@@ -16,6 +16,7 @@ from llmserve.chat.gbnf_parser import (
     ALT,
     CHAR,
     CHAR_ALT,
+    CHAR_ANY,
     CHAR_NOT,
     CHAR_RNG_UPPER,
     END,
@@ -31,6 +32,15 @@ __all__ = ["GrammarError", "advance", "initial_stacks", "parse", "validate"]
 MAX_GRAMMAR_CHARS = 256 * 1024
 MAX_LEFT_WALK = 1_000_000
 MAX_STACKS = 2000  # llama.cpp's per-token cost grows with its parse stacks (times the vocab)
+# Stacks one accepted character may produce before llama.cpp dedupes them (it dedupes with a
+# linear search, and masks the vocabulary against each). Measured on SmolLM2 (2 cores):
+# 40 alternatives `"a" root?` (40 x 41 = 1640) took 9 s per token, 100 never produced one
+# in 40 s, 20 (420) took 5.7 s for its first token, 12 (156) 1.7 s; 400 distinct `"wN" root?`
+# (400 stacks, one per character) ran at ~0.5-1 s per token.
+MAX_STEP_STACKS = 256
+_PROBE_DEPTH = 3  # characters simulated
+_PROBE_SETS = 32  # stack sets followed per depth (the most ambiguous)
+_PROBE_CHARS = 64  # characters tried per stack set
 MAX_CHAR = 0x10FFFF
 
 
@@ -207,6 +217,81 @@ def initial_stacks(
     return stacks
 
 
+def _match(rule: list[Element], i: int, ch: int) -> tuple[bool, int]:
+    """llama_grammar_match_char: (matched, index after the char set)."""
+    positive = rule[i][0] in (CHAR, CHAR_ANY)
+    found = False
+    while True:
+        kind, value = rule[i]
+        if rule[i + 1][0] == CHAR_RNG_UPPER:
+            found = found or value <= ch <= rule[i + 1][1]
+            i += 2
+        elif kind == CHAR_ANY:
+            found = True
+            i += 1
+        else:
+            found = found or value == ch
+            i += 1
+        if rule[i][0] != CHAR_ALT:
+            return found == positive, i
+
+
+def _probe_chars(rules: dict[int, list[Element]], stacks: set[Stack]) -> list[int]:
+    """Characters worth trying next: the low end of every char set on top of a stack."""
+    chars: set[int] = set()
+    for stack in stacks:
+        if stack:
+            rule_id, i = stack[-1]
+            rule = rules[rule_id]
+            while True:
+                value = rule[i][1] if rule[i][0] != CHAR_ANY else ord("a")
+                chars.add(max(1, value))
+                i += 2 if rule[i + 1][0] == CHAR_RNG_UPPER else 1
+                if rule[i][0] != CHAR_ALT:
+                    break
+    return sorted(chars)[:_PROBE_CHARS]
+
+
+def _check_ambiguity(rules: dict[int, list[Element]], start: set[Stack]) -> None:
+    """400 when accepting one character makes llama.cpp expand too many stacks.
+
+    Simulates llama_grammar_accept for a few characters along the char sets the grammar
+    offers; `"a" root? | "a" root? | ...` passes every other check but each `a` multiplies."""
+    frontier = [start]
+    for _ in range(_PROBE_DEPTH):
+        produced: list[set[Stack]] = []
+        seen: set[frozenset[Stack]] = set()
+        for stacks in frontier:
+            for ch in _probe_chars(rules, stacks):
+                nxt: set[Stack] = set()
+                work = 0
+                for stack in stacks:
+                    if not stack:
+                        continue
+                    rule_id, i = stack[-1]
+                    ok, after = _match(rules[rule_id], i, ch)
+                    if not ok:
+                        continue
+                    rest = stack[:-1]
+                    if rules[rule_id][after][0] not in (END, ALT):
+                        rest = (*rest, (rule_id, after))
+                    one: set[Stack] = set()
+                    advance(rules, rest, one, MAX_STEP_STACKS)
+                    work += len(one)
+                    nxt |= one
+                    if work > MAX_STEP_STACKS:
+                        raise GrammarError(
+                            f"invalid grammar: one character ({chr(ch)!r}) continues more than "
+                            f"{MAX_STEP_STACKS} ways (too ambiguous for llama.cpp)",
+                            param="grammar",
+                        )
+                key = frozenset(nxt)
+                if nxt and key not in seen:
+                    seen.add(key)
+                    produced.append(nxt)
+        frontier = sorted(produced, key=len, reverse=True)[:_PROBE_SETS]
+
+
 def validate(grammar: str, root: str = "root") -> None:
     """Raise GrammarError (400) unless llama.cpp can use this grammar safely."""
     if not grammar.strip():
@@ -235,4 +320,5 @@ def validate(grammar: str, root: str = "root") -> None:
                 param="grammar",
             )
     _check_left_recursion(parser.rules, names)
-    initial_stacks(parser.rules, parser.symbol_ids[root], MAX_STACKS)
+    stacks = initial_stacks(parser.rules, parser.symbol_ids[root], MAX_STACKS)
+    _check_ambiguity(parser.rules, stacks)

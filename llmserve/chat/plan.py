@@ -7,6 +7,7 @@ says which tool-call parser and grammar the generation uses.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmserve.chat import gbnf
+from llmserve.chat.client_text import control_text, mark, segments
 from llmserve.chat.grammar import (
     PRIMITIVES,
     Fragment,
@@ -27,6 +29,7 @@ from llmserve.chat.reasoning import template_variables
 from llmserve.chat.templates import render, resolve_template, uses_tools
 from llmserve.engine.base import ModelInfo
 from llmserve.errors import InvalidRequestError
+from llmserve.limits import check_text_fits
 from llmserve.schemas import ChatCompletionRequest, ChatMessage, ToolDefinition
 
 logger = logging.getLogger(__name__)
@@ -211,6 +214,36 @@ class RenderedChat:
     text: str
     origin: str
     family: str
+    # The text cut into (piece, is_client): client pieces are tokenized as plain text.
+    segments: tuple[tuple[str, bool], ...] = ()
+
+    def pieces(self) -> tuple[tuple[str, bool], ...]:
+        """What to tokenize: the segments, or the whole text as markup."""
+        return self.segments or ((self.text, False),)
+
+
+def extended(rendered: RenderedChat, text: str) -> RenderedChat:
+    """rendered with its text replaced by text: the text with trailing whitespace stripped,
+    then more markup (chat/reasoning.answer_only closing a `<think>`); client pieces kept."""
+    if text == rendered.text:
+        return rendered
+    base = rendered.text.rstrip()
+    if not text.startswith(base):
+        raise ValueError("the new prompt must extend the rendered one")
+    if not rendered.segments:
+        return dataclasses.replace(rendered, text=text)
+    segments = list(rendered.segments)
+    cut = len(rendered.text) - len(base)
+    while cut and segments:
+        piece, client = segments[-1]
+        if len(piece) <= cut:
+            segments.pop()
+            cut -= len(piece)
+        else:
+            segments[-1] = (piece[: len(piece) - cut], client)
+            cut = 0
+    segments.append((text[len(base):], False))
+    return dataclasses.replace(rendered, text=text, segments=tuple(segments))
 
 
 def render_chat(
@@ -225,11 +258,22 @@ def render_chat(
         logger.info("%s does not render tools; describing them in a system message",
                     template.origin)
         messages, tools, family = _generic_messages(plan.messages, plan.tools), None, "json"
-    text = render(
-        template.source, messages, bos_token=info.bos_token, eos_token=info.eos_token,
-        add_generation_prompt=True, tools=tools, variables=plan.variables,
-    )
-    return RenderedChat(text, template.origin, family)
+    def run(msgs: list[dict[str, Any]], tool_list: list[dict[str, Any]] | None) -> str:
+        return render(
+            template.source, msgs, bos_token=info.bos_token, eos_token=info.eos_token,
+            add_generation_prompt=True, tools=tool_list, variables=plan.variables,
+        )
+
+    text = run(messages, tools)
+    check_text_fits(text, info, "messages")
+    control = control_text(info.control_tokens)
+    marked_messages, in_messages = mark(messages, control)
+    marked_tools, in_tools = mark(tools, control)
+    if not (in_messages or in_tools):
+        return RenderedChat(text, template.origin, family)
+    # NOTE: client text holds control-token text: render again with it marked (rare)
+    spans = segments(run(marked_messages, marked_tools), text)
+    return RenderedChat(text, template.origin, family, tuple(spans))
 
 
 def _generic_messages(

@@ -58,6 +58,12 @@ class ModelInfo:
     metadata: dict[str, str] = field(default_factory=dict)
     # A chat template the catalog (models.yaml `chat_template`) sets; wins over all others.
     template_override: str | None = None
+    # Texts of the vocabulary's control tokens (what parse_special turns into control ids):
+    # client text holding them is tokenized as plain text (chat/client_text.py).
+    control_tokens: tuple[str, ...] = ()
+    # An upper bound on the bytes one token stands for (0: unknown): a text longer than
+    # n_ctx * this cannot fit the context, so it is refused before tokenizing.
+    max_token_bytes: int = 0
 
 
 class Engine(Protocol):

@@ -26,6 +26,8 @@ class FakeEngine:
         script: list[str] | None = None,
         token_delay: float = 0.0,
         chat_template: str | None = CHATML,
+        fail_after: int | None = None,
+        embed_delay: float = 0.0,
     ):
         self.info = ModelInfo(
             name=path.name, path=str(path), n_ctx=n_ctx, architecture="fake",
@@ -35,6 +37,9 @@ class FakeEngine:
         self.embedding_loaded = False
         self.script = list(script) if script is not None else ["Hello", ",", " world", "!"]
         self.token_delay = token_delay
+        self.fail_after = fail_after  # raise RuntimeError after this many tokens (tests)
+        self.embed_delay = embed_delay  # seconds per embedded input
+        self.embedded = 0  # inputs embedded, for cancellation tests
         self.generated = 0  # tokens produced, for cancellation tests
         self.closed = False
         self.thread_ids: set[int] = set()
@@ -56,6 +61,9 @@ class FakeEngine:
         self.thread_ids.add(threading.get_ident())
         out = []
         for tokens in inputs:
+            if self.embed_delay:
+                time.sleep(self.embed_delay)
+            self.embedded += 1
             vec = [0.0] * self.info.n_embd
             for i, t in enumerate(tokens):
                 vec[i % self.info.n_embd] += t % 7 - 3
@@ -74,6 +82,8 @@ class FakeEngine:
         while params.ignore_eos or i < len(self.script):
             if self.token_delay:
                 time.sleep(self.token_delay)
+            if self.fail_after is not None and i >= self.fail_after:
+                raise RuntimeError("the fake engine failed mid-generation")
             piece = self.script[i % len(self.script)]
             i += 1
             self.generated += 1

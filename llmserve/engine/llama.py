@@ -20,7 +20,9 @@ from llama_cpp.llama_cache import LlamaDiskCache
 from llmserve.config import Settings
 from llmserve.engine.base import KVFullError, ModelInfo, SamplingParams, Seq, common_prefix
 from llmserve.engine.batch import BatchContext
+from llmserve.engine.chunking import Cutter
 from llmserve.engine.sampling import GrammarGate, SeqSampler
+from llmserve.engine.vocab import scan_vocab
 from llmserve.errors import ContextLengthError, InternalError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,13 @@ class LlamaEngine:
         self._vocab = model.vocab
         self._piece_cache: dict[int, bytes] = {}
         meta = model.metadata()
+        vocab = scan_vocab(self._vocab, model.n_vocab())
+        self._control_ids = vocab.control_ids
+        # NOTE: cutting long texts before special tokens keeps tokenizing linear (chunking.py)
+        self._cutters = {
+            True: Cutter(self._special_text(t) for t in (*vocab.control_ids, *vocab.user_ids)),
+            False: Cutter(self._special_text(t) for t in vocab.user_ids),
+        } if not vocab.strips else None
         bos_id = model.token_bos()
         eos_id = model.token_eos()
         self.info = ModelInfo(
@@ -81,6 +90,8 @@ class LlamaEngine:
             n_vocab=model.n_vocab(),
             n_embd=model.n_embd(),
             metadata=meta,
+            control_tokens=tuple(self._special_text(t) for t in vocab.control_ids),
+            max_token_bytes=vocab.max_text_bytes,
         )
         self._markers = self._marker_tokens()
 
@@ -131,6 +142,10 @@ class LlamaEngine:
             n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, size, 0, special)
         return buf.raw[: max(n, 0)]
 
+    def control_token_ids(self) -> list[int]:
+        """Ids of the control (and unknown) tokens: what client text must never produce."""
+        return list(self._control_ids)
+
     def _marker_tokens(self) -> dict[int, bytes]:
         out: dict[int, bytes] = {}
         harmony = len(self.tokenize(HARMONY_MARKERS[0], add_special=False,
@@ -142,7 +157,18 @@ class LlamaEngine:
         return out
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
-        """Text to token ids."""
+        """Text to token ids (a long text in pieces cut where that changes nothing)."""
+        pieces = [text] if self._cutters is None else self._cutters[parse_special].pieces(text)
+        if len(pieces) == 1:
+            return self._tokenize(text, add_special, parse_special)
+        tokens = [t for p in pieces for t in self._tokenize(p, False, parse_special)]
+        if add_special:  # BOS (and EOS where the model adds one) around the whole text
+            ends = self._tokenize("", True, False)
+            bos = [t for t in ends[:1] if t == self._model.token_bos()]
+            tokens = bos + tokens + ends[len(bos):]
+        return tokens
+
+    def _tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         data = text.encode("utf-8")
         n_max = len(data) + 2 * int(add_special) + 1
         buf = (llama_cpp.llama_token * n_max)()

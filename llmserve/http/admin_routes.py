@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 
 from llmserve import __version__
+from llmserve.cache.manager import PrefixCache
 from llmserve.errors import error_body
 from llmserve.http.deps import CacheDep, ManagerDep, ServiceDep
 from llmserve.http.ui_routes import wants_html
@@ -33,13 +34,42 @@ async def status(request: Request, manager: ManagerDep) -> dict[str, Any] | Redi
 
 
 @router.get("/health", response_model=None)
-async def health(manager: ManagerDep) -> dict[str, Any] | JSONResponse:
-    """200 when a model is ready, 503 while it loads or switches."""
-    if manager.state == "ready" and manager.active_name:
-        return {"status": "ok", "model": manager.active_name}
-    body = error_body(f"model state: {manager.state}", "service_unavailable", code="not_ready")
-    body["status"] = manager.state
-    return JSONResponse(body, status_code=503)
+async def health(request: Request, manager: ManagerDep, cache: CacheDep) -> Any:
+    """200 while the server can serve (a model is loaded, or one was and another is loading);
+    503 before the first model is ready, or when the engine thread is dead or wedged (busy
+    with no progress for --health_stall_seconds). The body says which, and the cache state."""
+    settings = request.app.state.settings
+    engine = request.app.state.worker.liveness()
+    loaded = manager.loaded_names()
+    body: dict[str, Any] = {
+        "status": "ok", "model": manager.active_name, "state": manager.state,
+        "loaded": loaded, "load_error": manager.error, "engine": engine,
+        "cache": _cache_state(cache),
+    }
+    stalled = engine["seconds_since_progress"]
+    reason = None
+    if not engine["alive"]:
+        reason, body["status"] = "the engine thread has stopped", "dead"
+    elif stalled > settings.health_stall_seconds and manager.state != "loading":
+        reason = f"the engine made no progress for {stalled:.0f} s while busy"
+        body["status"] = "wedged"
+    elif not loaded and manager.active_name is None:
+        reason, body["status"] = f"model state: {manager.state}", manager.state
+    if reason is None:
+        return body
+    return JSONResponse(
+        {**body, **error_body(reason, "service_unavailable", code="not_ready")}, 503
+    )
+
+
+def _cache_state(cache: PrefixCache) -> dict[str, Any]:
+    # NOTE: RAM figures only: the disk tier's counts are sqlite queries, too slow for probes
+    return {
+        "mode": cache.mode,
+        "ram_entries": len(cache.ram) if cache.ram is not None else None,
+        "ram_bytes": cache.ram.bytes if cache.ram is not None else None,
+        "disk": cache.mode == "tiered", "hits": cache.hits, "misses": cache.misses,
+    }
 
 
 @router.get("/models")

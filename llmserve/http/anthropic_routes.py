@@ -24,7 +24,7 @@ from llmserve.anthropic.events import MessageBuilder, error_body, message_id, ss
 from llmserve.anthropic.schemas import CountTokensRequest, MessagesRequest
 from llmserve.anthropic.service import MessagesService, PromptFacts, cache_usage, parts
 from llmserve.errors import LlmserveError, QueueFullError
-from llmserve.http.openai_routes import _collect_unless_gone
+from llmserve.http.openai_routes import collect_unless_gone
 from llmserve.service import Finished, Generation
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ async def create_message(
         return builder.message(reason, sequence,
                                _final_usage(gen, facts, finished.completion_tokens))
 
-    return await _collect_unless_gone(gen, request, collect)
+    return await collect_unless_gone(gen, request, collect)
 
 
 @router.post("/messages/count_tokens")

@@ -26,11 +26,13 @@ from llmserve.http import (
     responses_routes,
     ui_routes,
 )
+from llmserve.http.guard import BodyGuard
 from llmserve.http.ops import Ops
 from llmserve.scheduler import Scheduler
 from llmserve.service import ChatService
 
 logger = logging.getLogger(__name__)
+ENGINE_STOP_WAIT = 3.0  # seconds shutdown waits for the engine thread's current work
 
 
 def _llama_factory() -> EngineFactory:
@@ -106,9 +108,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
             await ops.stop()
             loading.cancel()
             reaper.cancel()
-            await worker.call(worker.cancel_all)  # NOTE: every sequence ends before unloading
-            await worker.call(manager.close)
-            worker.shutdown()
+            await _stop_engine(worker, manager)
             cache.close()
 
     app = FastAPI(title="llmserve", version=__version__, lifespan=lifespan)
@@ -125,8 +125,29 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     responses_routes.install(app, settings, service)  # /v1/responses (issue 10)
     app.include_router(anthropic_routes.router)  # Anthropic-shaped errors on its routes
     app.include_router(ui_routes.router)
+    # NOTE: added before Ops' middlewares, so it runs inside them: after the API key check.
+    app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes,
+                       timeout_body=settings.timeout_body)
     ops = Ops(app, settings, manager, worker, service)  # keys, metrics, discovery, extra routes
     return app
+
+
+async def _stop_engine(worker: Scheduler, manager: ModelManager) -> None:
+    """End every request, free the models, stop the engine thread; never wait on a wedged one.
+
+    NOTE: a call that is stuck inside llama.cpp (one slow grammar mask, a huge decode) cannot
+    be interrupted; after ENGINE_STOP_WAIT seconds shutdown goes on without it (the thread is a
+    daemon, and the process's exit frees the models) so SIGTERM always ends the server."""
+    worker.cancel_streams()
+    try:
+        await asyncio.wait_for(worker.call(worker.cancel_all), ENGINE_STOP_WAIT)
+        await asyncio.wait_for(worker.call(manager.close), ENGINE_STOP_WAIT)
+    except TimeoutError:
+        logger.warning("the engine thread is still busy after %g s; exiting without freeing "
+                       "the models", ENGINE_STOP_WAIT)
+        worker.shutdown(timeout=0.1)
+    else:
+        worker.shutdown()
 
 
 async def _initial_load(manager: ModelManager, name: str) -> None:

@@ -6,7 +6,10 @@ NOTE: /tokenize, /detokenize and /chat read JSON whatever the Content-Type says,
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import threading
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, TypeVar
 
@@ -24,6 +27,7 @@ from llmserve.extra_schemas import (
 )
 from llmserve.extra_service import ExtraService
 from llmserve.http.deps import ServiceDep
+from llmserve.http.openai_routes import stream_error
 from llmserve.schemas import ChatCompletionRequest
 from llmserve.service import TextDelta
 
@@ -69,10 +73,29 @@ async def detokenize(request: Request, extra: ExtraDep) -> dict[str, Any]:
     return {"content": await extra.detokenize(body.tokens, model=body.model)}
 
 
+@contextlib.asynccontextmanager
+async def _departure(request: Request) -> AsyncIterator[threading.Event]:
+    """An event set when the client disconnects (or the handler is cancelled)."""
+    gone = threading.Event()
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield gone
+    finally:
+        gone.set()  # NOTE: also on CancelledError: the engine-thread job stops at its next check
+        watcher.cancel()
+
+
 @router.post("/v1/embeddings")
-async def embeddings(body: EmbeddingRequest, extra: ExtraDep) -> dict[str, Any]:
+async def embeddings(body: EmbeddingRequest, request: Request, extra: ExtraDep) -> dict[str, Any]:
     """OpenAI embeddings: unit-length vectors as floats or base64 float32."""
-    result = await extra.embed(body)
+    async with _departure(request) as gone:
+        result = await extra.embed(body, gone)
     encode = result.base64 if body.encoding_format == "base64" else result.floats
     return {
         "object": "list",
@@ -104,6 +127,8 @@ async def plain_chat(request: Request, service: ServiceDep) -> StreamingResponse
                 if isinstance(event, TextDelta):
                     yield event.text
             yield "\n"
+        except Exception as exc:  # NOTE: the 200 is sent: say so in the text itself
+            yield f"\n[error: {stream_error(gen.id, exc)['error']['message']}]\n"
         finally:
             gen.cancel()  # NOTE: also runs when the client goes away
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
 
+from llmserve.errors import InternalError, LlmserveError, error_body
 from llmserve.http.deps import ManagerDep, ServiceDep
 from llmserve.http.logprobs import chat_logprobs, completion_logprobs
 from llmserve.schemas import ChatCompletionRequest, CompletionRequest
@@ -23,6 +25,7 @@ from llmserve.service import (
     ToolCallDelta,
 )
 
+logger = logging.getLogger(__name__)
 router = APIRouter()
 v1_router = APIRouter(prefix="/v1")
 T = TypeVar("T")
@@ -66,7 +69,7 @@ def _text_choice(text: str, reason: str | None, index: int = 0,
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
 
-async def _collect_unless_gone(
+async def collect_unless_gone(
     gen: Generation, request: Request, collect: Callable[[], Awaitable[T]]
 ) -> T:
     """Collect the whole output, cancelling generation if the client goes away."""
@@ -81,6 +84,10 @@ async def _collect_unless_gone(
     watcher = asyncio.create_task(watch())
     try:
         return await collect()
+    except LlmserveError:
+        raise
+    except Exception as exc:  # NOTE: a generation failure: a 500 in the error shape, logged
+        raise InternalError(stream_error(gen.id, exc)["error"]["message"]) from exc
     finally:
         watcher.cancel()
 
@@ -93,36 +100,65 @@ def _sse(
 ) -> EventSourceResponse:
     """Stream OpenAI chunks as SSE `data:` events, ending with `[DONE]`."""
 
-    async def events() -> AsyncIterator[dict[str, str]]:
+    async def body() -> AsyncIterator[dict[str, str]]:
+        if first_delta is not None:
+            for i in range(gen.n):
+                yield {"data": json.dumps(chunk(first_delta, None, i))}
+        completion_tokens = reasoning_tokens = 0
+        async for event in gen:
+            if isinstance(event, TextDelta):
+                yield {"data": json.dumps(
+                    chunk({"content": event.text}, None, event.choice, event.logprobs))}
+            elif isinstance(event, ReasoningDelta):
+                delta = {"reasoning_content": event.text}
+                yield {"data": json.dumps(chunk(delta, None, event.choice))}
+            elif isinstance(event, ToolCallDelta):
+                yield {"data": json.dumps(chunk(_tool_call_delta(event), None, event.choice))}
+            elif isinstance(event, Finished):
+                completion_tokens += event.completion_tokens
+                reasoning_tokens += event.reasoning_tokens
+                yield {"data": json.dumps(chunk({}, event.finish_reason, event.choice))}
+        if include_usage:
+            final = chunk(None, None, 0)
+            final["choices"] = []
+            final["usage"] = _usage(gen, completion_tokens, reasoning_tokens)
+            yield {"data": json.dumps(final)}
+        yield {"data": "[DONE]"}
+
+    def failed(exc: Exception) -> list[dict[str, str]]:
+        return [{"data": json.dumps(stream_error(gen.id, exc))}, {"data": "[DONE]"}]
+
+    return sse_response(gen, body(), failed)
+
+
+def sse_response(
+    gen: Generation, events: AsyncIterator[dict[str, str]],
+    failed: Callable[[Exception], list[dict[str, str]]],
+) -> EventSourceResponse:
+    """An SSE response of events; a failure after the 200 went out ends the stream with
+    failed(exc)'s events (never a silent cut); the generation stops when the stream ends,
+    the client's disconnect included."""
+
+    async def guarded() -> AsyncIterator[dict[str, str]]:
         try:
-            if first_delta is not None:
-                for i in range(gen.n):
-                    yield {"data": json.dumps(chunk(first_delta, None, i))}
-            completion_tokens = reasoning_tokens = 0
-            async for event in gen:
-                if isinstance(event, TextDelta):
-                    yield {"data": json.dumps(
-                        chunk({"content": event.text}, None, event.choice, event.logprobs))}
-                elif isinstance(event, ReasoningDelta):
-                    delta = {"reasoning_content": event.text}
-                    yield {"data": json.dumps(chunk(delta, None, event.choice))}
-                elif isinstance(event, ToolCallDelta):
-                    yield {"data": json.dumps(chunk(_tool_call_delta(event), None, event.choice))}
-                elif isinstance(event, Finished):
-                    completion_tokens += event.completion_tokens
-                    reasoning_tokens += event.reasoning_tokens
-                    yield {"data": json.dumps(chunk({}, event.finish_reason, event.choice))}
-            if include_usage:
-                final = chunk(None, None, 0)
-                final["choices"] = []
-                final["usage"] = _usage(gen, completion_tokens, reasoning_tokens)
-                yield {"data": json.dumps(final)}
-            yield {"data": "[DONE]"}
+            async for event in events:
+                yield event
+        except Exception as exc:  # NOTE: the 200 is sent: end the stream with an error event
+            for event in failed(exc):
+                yield event
         finally:
-            # NOTE: runs when the client disconnects too: stop the generation promptly.
             gen.cancel()
 
-    return EventSourceResponse(events(), ping=15)
+    return EventSourceResponse(guarded(), ping=15)
+
+
+def stream_error(request_id: str, exc: Exception) -> dict[str, Any]:
+    """The error body for a failure after a stream started (logged with the request id)."""
+    if isinstance(exc, LlmserveError):
+        logger.warning("%s failed mid-stream: %s", request_id, exc.message)
+        return exc.body()
+    logger.error("%s failed mid-stream", request_id, exc_info=exc)
+    return error_body(f"internal error: {exc}", "server_error")
 
 
 @router.post("/chat/completions", response_model=None)
@@ -151,7 +187,7 @@ async def chat_completions(
 
         first = {"role": "assistant", "content": ""}
         return _sse(gen, chunk, first, include_usage)
-    replies = await _collect_unless_gone(gen, request, gen.collect_messages)
+    replies = await collect_unless_gone(gen, request, gen.collect_messages)
     return {
         "id": gen.id, "object": "chat.completion", "created": gen.created, "model": gen.model,
         "system_fingerprint": None,
@@ -196,7 +232,7 @@ async def completions(
 
         first = {"content": prefix} if prefix else None
         return _sse(gen, chunk, first, include_usage)
-    texts, finishes = await _collect_unless_gone(gen, request, gen.collect_texts)
+    texts, finishes = await collect_unless_gone(gen, request, gen.collect_texts)
     return {
         "id": gen.id, "object": "text_completion", "created": gen.created, "model": gen.model,
         "choices": [

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from sse_starlette.sse import EventSourceResponse
 
 from llmserve.config import Settings
-from llmserve.http.openai_routes import _collect_unless_gone
+from llmserve.http.openai_routes import collect_unless_gone, sse_response, stream_error
 from llmserve.responses.schemas import InputItemsQuery, ResponsesRequest
 from llmserve.responses.service import ResponseRun, ResponsesService
 from llmserve.responses.store import ResponseStore
@@ -36,14 +36,15 @@ def install(app: FastAPI, settings: Settings, chat: ChatService) -> None:
 
 def _sse(run: ResponseRun) -> EventSourceResponse:
     async def events() -> AsyncIterator[dict[str, str]]:
-        try:
-            async for event in run.events():
-                yield {"event": event["type"], "data": json.dumps(event, ensure_ascii=False)}
-        finally:
-            # NOTE: runs when the client disconnects too: stop the generation promptly.
-            run.gen.cancel()
+        # NOTE: run.events() ends a failed run with `error` and `response.failed` itself
+        async for event in run.events():
+            yield {"event": event["type"], "data": json.dumps(event, ensure_ascii=False)}
 
-    return EventSourceResponse(events(), ping=15)
+    def failed(exc: Exception) -> list[dict[str, str]]:
+        body = {"type": "error", **stream_error(run.gen.id, exc)["error"]}
+        return [{"event": "error", "data": json.dumps(body)}]
+
+    return sse_response(run.gen, events(), failed)
 
 
 @router.post("/responses", response_model=None)
@@ -54,7 +55,7 @@ async def create_response(
     run = await service.create(body)
     if body.stream:
         return _sse(run)
-    return await _collect_unless_gone(run.gen, request, run.collect)
+    return await collect_unless_gone(run.gen, request, run.collect)
 
 
 @router.get("/responses/{response_id}")

@@ -1,0 +1,25 @@
+"""Limits checked before expensive work: text that cannot fit the context is refused before
+it is tokenized (tokenizing costs ~1-2 us per character; a 32 MiB body would hold the engine
+thread for a minute)."""
+
+from __future__ import annotations
+
+from llmserve.engine.base import ModelInfo
+from llmserve.errors import ContextLengthError
+
+# /tokenize may count texts longer than one context (to plan chunking), up to this many.
+TOKENIZE_CONTEXTS = 2
+
+
+def check_text_fits(text: str, info: ModelInfo, param: str, contexts: int = 1) -> None:
+    """400 context_length_exceeded when text has more characters than `contexts` contexts
+    could hold: no token stands for more than info.max_token_bytes bytes (>= characters)."""
+    if not info.max_token_bytes:
+        return
+    most = info.n_ctx * info.max_token_bytes * contexts
+    if len(text) > most:
+        raise ContextLengthError(
+            f"the text is {len(text)} characters; {most} is the most that could fit "
+            f"{'the' if contexts == 1 else contexts} {info.n_ctx}-token context"
+            f"{'' if contexts == 1 else 's'} of {info.name}", param=param,
+        )
