@@ -21,6 +21,31 @@ from llmserve.units import parse_size
 
 logger = logging.getLogger(__name__)
 
+# Words people use for one use case; `suggest` matches any spelling against any tag.
+USE_CASE_SYNONYMS: tuple[frozenset[str], ...] = (
+    frozenset({"chat", "conversational", "conversation", "assistant", "chatbot", "instruct",
+               "dialogue", "dialog"}),
+    frozenset({"code", "coding", "programming", "coder", "developer"}),
+    frozenset({"tools", "tool", "tool-use", "tool_use", "function-calling", "function_calling",
+               "functions", "agent", "agents", "agentic"}),
+    frozenset({"completion", "completions", "text-completion", "autocomplete", "base"}),
+    frozenset({"tiny", "small", "fast", "lightweight", "cpu"}),
+    frozenset({"testing", "test", "tests", "ci"}),
+    frozenset({"embedding", "embeddings", "embed", "retrieval", "rag", "search"}),
+    frozenset({"vision", "image", "images", "multimodal"}),
+    frozenset({"reasoning", "thinking", "math"}),
+    frozenset({"multilingual", "translation", "translate"}),
+)  # fmt: skip
+
+
+def use_case_terms(use_case: str) -> frozenset[str]:
+    """A use-case word and its synonyms, case-folded ("conversational" -> {"chat", ...})."""
+    wanted = use_case.strip().casefold()
+    for group in USE_CASE_SYNONYMS:
+        if wanted in group:
+            return group
+    return frozenset({wanted})
+
 
 @dataclass(frozen=True)
 class ModelFile:
@@ -230,9 +255,13 @@ class ModelLibrary:
         }
 
     def suggest(self, use_case: str) -> list[ModelEntry]:
-        """Entries tagged with use_case: downloaded ones first, then smallest first."""
-        wanted = use_case.strip().casefold()
-        matches = [e for e in self.entries() if e.spec and wanted in e.spec.use_cases]
+        """Entries tagged with use_case or a synonym of it (`use_case_terms`): downloaded ones
+        first, then smallest first."""
+        terms = use_case_terms(use_case)
+        matches = [
+            e for e in self.entries()
+            if e.spec and any(u.casefold() in terms for u in e.spec.use_cases)
+        ]  # fmt: skip
 
         def order(e: ModelEntry) -> tuple[bool, int]:
             size = e.size
