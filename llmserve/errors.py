@@ -4,6 +4,8 @@ LlmserveError
  +-- InvalidRequestError        400 invalid_request_error
  |    +-- ContextLengthError    400 code=context_length_exceeded
  |    +-- InvalidModelNameError 400 code=invalid_model_name
+ |    +-- InvalidModelError     400 code=invalid_model (not a loadable GGUF, or outside the
+ |                                  models dir)
  +-- AuthenticationError        401 authentication_error
  +-- NotFoundError              404 not_found_error
  |    +-- ModelNotFoundError    404 code=model_not_found
@@ -55,6 +57,10 @@ class ContextLengthError(InvalidRequestError):
 
 class InvalidModelNameError(InvalidRequestError):
     code = "invalid_model_name"
+
+
+class InvalidModelError(InvalidRequestError):
+    code = "invalid_model"
 
 
 class AuthenticationError(LlmserveError):
