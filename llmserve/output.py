@@ -46,6 +46,7 @@ class Prompt:
     tokens: list[int]
     grammar: str | None = None
     tool_family: str | None = None
+    parallel_tools: bool = True  # False: the output ends after its first complete tool call
 
 
 Delta = TextDelta | ToolCallDelta
@@ -117,8 +118,8 @@ class OutputProcessor:
         """One sampled token's bytes; returns the finish reason once the output is complete."""
         self.produced += 1
         self._out(self._matcher.feed(self._decoder.decode(piece)))
-        if self._matcher.stopped:
-            return "stop"
+        if self._matcher.stopped or self._parser.done:
+            return "stop"  # finish() makes it tool_calls when calls were made
         if self.produced >= self.limit:
             return "length"
         return None

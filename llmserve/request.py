@@ -85,7 +85,8 @@ class Request:
         assert self.prompt is not None
         family = self.prompt.tool_family
         self.outputs = [
-            OutputProcessor(i, self.stops, limit, make_parser(family),
+            OutputProcessor(i, self.stops, limit,
+                            make_parser(family, max_calls=None if self.prompt.parallel_tools else 1),
                             Coalescer(self.emit, self.env.stream_interval))
             for i in range(self.n)
         ]

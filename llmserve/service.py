@@ -180,7 +180,7 @@ class ChatService:
             family = rendered.family
             return Prompt(
                 _chat_tokens(engine, rendered.text), plan.grammar(family),
-                plan.parser_family(family),
+                plan.parser_family(family), parallel_tools=plan.parallel,
             )
 
         max_tokens = req.max_completion_tokens or req.max_tokens
