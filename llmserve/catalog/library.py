@@ -170,13 +170,23 @@ class ModelLibrary:
         name = name.strip()
         specs = list(self.catalog().values())
         for spec in specs:
-            if name in (spec.alias, spec.filename):
+            if name in (*spec.names, spec.filename):
                 return spec
         folded = name.casefold()
         for spec in specs:
-            if folded in (spec.alias.casefold(), spec.filename.casefold()):
+            if folded in {n.casefold() for n in (*spec.names, spec.filename)}:
                 return spec
         return None
+
+    def served_aliases(self) -> list[tuple[str, str]]:
+        """(extra alias, file) for catalog entries whose file is present, for /v1/models."""
+        present = {f.name for f in self.files()}
+        out: dict[str, str] = {}
+        for spec in self.catalog().values():
+            if spec.filename in present:
+                for alias in spec.aliases:
+                    out.setdefault(alias, spec.filename)
+        return list(out.items())
 
     def spec_for_file(self, filename: str) -> ModelSpec | None:
         """The catalog entry for a file in the models dir (manifest entries win)."""

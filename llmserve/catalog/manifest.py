@@ -5,6 +5,7 @@ appends entries).
     models:
       qwen2.5-0.5b:                        # alias
         path: qwen2.5-0.5b-instruct-q4_k_m.gguf   # file name in the models dir
+        aliases: [gpt-4o-mini]             # more names clients may send in `model`
         description: Qwen2.5 0.5B Instruct
         size: 491400032                    # exact bytes (checked), or "491 MB" (display only)
         use_cases: [chat, tools]
@@ -141,6 +142,9 @@ class _Sampling(BaseModel):
 class _Entry(BaseModel):
     model_config = _STRICT
     path: str
+    aliases: list[Annotated[str, AfterValidator(lambda a: _check_alias(a))]] = Field(
+        default_factory=list
+    )
     description: str = ""
     size: Any = None
     use_cases: list[str] = Field(default_factory=list)
@@ -211,6 +215,9 @@ def parse_manifest(text: str, path: Path) -> dict[str, ModelSpec]:
     specs: dict[str, ModelSpec] = {}
     for alias, entry in (manifest.models or {}).items():
         specs[alias] = _to_spec(alias, entry, path)
+    clashes = _alias_clashes(specs, node)
+    if clashes:
+        raise ManifestError(path, clashes)
     missing = [
         Problem(_line(node, ("models", alias, "chat_template")), f"models.{alias}.chat_template",
                 f"template file {template_file(spec)} does not exist")
@@ -220,6 +227,27 @@ def parse_manifest(text: str, path: Path) -> dict[str, ModelSpec]:
     if missing:
         raise ManifestError(path, missing)
     return specs
+
+
+def _alias_clashes(specs: dict[str, ModelSpec], node: yaml.Node | None) -> list[Problem]:
+    """Extra aliases that name two things: an entry's alias or file, or another alias."""
+    owner: dict[str, str] = {}  # case-folded name -> what it already names
+    for alias, spec in specs.items():
+        owner.setdefault(alias.casefold(), f"entry {alias!r}")
+        for name in (spec.filename, spec.filename.removesuffix(".gguf")):
+            owner.setdefault(name.casefold(), f"the file of entry {alias!r}")
+    problems: list[Problem] = []
+    for alias, spec in specs.items():
+        for i, extra in enumerate(spec.aliases):
+            taken = owner.setdefault(extra.casefold(), f"an alias of entry {alias!r}")
+            if taken != f"an alias of entry {alias!r}" or extra.casefold() in {
+                a.casefold() for a in spec.aliases[:i]
+            }:
+                problems.append(Problem(
+                    _line(node, ("models", alias, "aliases", i)), f"models.{alias}.aliases[{i}]",
+                    f"alias {extra!r} already names {taken}",
+                ))  # fmt: skip
+    return problems
 
 
 def template_file(spec: ModelSpec) -> Path | None:
@@ -352,4 +380,5 @@ def _to_spec(alias: str, entry: _Entry, path: Path) -> ModelSpec:
         load=entry.load.model_dump(exclude_none=True),
         sampling=entry.sampling.model_dump(exclude_none=True),
         origin=str(path),
+        aliases=tuple(entry.aliases),
     )

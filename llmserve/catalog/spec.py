@@ -70,6 +70,12 @@ class ModelSpec:
     load: Mapping[str, int] = field(default_factory=dict)
     sampling: Mapping[str, float] = field(default_factory=dict)
     origin: str = "builtin"  # "builtin", or the manifest path it came from
+    aliases: tuple[str, ...] = ()  # more names clients may send (e.g. "gpt-4o-mini")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The alias and every extra alias."""
+        return (self.alias, *self.aliases)
 
 
 def describe_source(source: Source) -> str:
@@ -106,6 +112,8 @@ def source_to_dict(source: Source) -> dict[str, Any]:
 def spec_to_dict(spec: ModelSpec) -> dict[str, Any]:
     """A spec as its models.yaml entry (empty fields left out)."""
     entry: dict[str, Any] = {"path": spec.filename}
+    if spec.aliases:
+        entry["aliases"] = list(spec.aliases)
     if spec.description:
         entry["description"] = spec.description
     if spec.size is not None:
