@@ -23,7 +23,9 @@ CHAT: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}], "max_to
 
 
 @contextlib.asynccontextmanager
-async def serve(models_dir: Path, *, real: bool = False, **kw: Any) -> AsyncIterator[httpx.AsyncClient]:
+async def serve(
+    models_dir: Path, *, real: bool = False, **kw: Any
+) -> AsyncIterator[httpx.AsyncClient]:
     from llmserve.http.app import create_app
 
     kw.setdefault("model_name", "alpha.gguf")
@@ -130,7 +132,8 @@ async def test_a_file_that_cannot_load_leaves_the_active_model(real_dir: Path) -
             assert name.removesuffix(".gguf") in err["message"]
             assert str(real_dir) not in err["message"] and str(MODELS_DIR) not in err["message"]
             by_field = await client.post("/v1/chat/completions", json={**CHAT, "model": name})
-            assert by_field.status_code == 400 and by_field.json()["error"]["code"] == "invalid_model"
+            assert by_field.status_code == 400
+            assert by_field.json()["error"]["code"] == "invalid_model"
             assert manager.loaded_names() == [SMOL]
             assert (await client.get("/")).json()["model"] == SMOL
         chat = await client.post("/v1/chat/completions", json=CHAT)

@@ -55,7 +55,7 @@ class FakeRegistry:
 
 
 def _handler(reg: FakeRegistry) -> type[BaseHTTPRequestHandler]:
-    blobs = {digest(TEMPLATE.encode()): TEMPLATE.encode(), digest(PARAMS.encode()): PARAMS.encode()}
+    blobs = {digest(x.encode()): x.encode() for x in (TEMPLATE, PARAMS)}
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:
@@ -69,7 +69,8 @@ def _handler(reg: FakeRegistry) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
         def do_GET(self) -> None:
-            reg.requests.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            reg.requests.append({"path": self.path, **headers})
             parts = self.path.split("/")  # "", "v2", ns, name, kind, ref
             if len(parts) != 6 or parts[1] != "v2":
                 self._send(404, b"{}")
@@ -94,7 +95,8 @@ def _handler(reg: FakeRegistry) -> type[BaseHTTPRequestHandler]:
             body = reg.body[start:]
             self.send_response(206 if start else 200)
             if start:
-                self.send_header("Content-Range", f"bytes {start}-{len(reg.body) - 1}/{len(reg.body)}")
+                end = len(reg.body)
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{end}")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()  # NOTE: no ETag: blobs are named by digest
             if reg.cut_after is not None:
@@ -131,7 +133,8 @@ def spec(source: OllamaSource | None = None, sha256: str | None = None) -> Model
 
 def test_refs() -> None:
     assert parse_ollama_ref("ollama://tiny") == OllamaSource("tiny", "library", "latest")
-    assert parse_ollama_ref("someone/qwen2.5:0.5b-q4") == OllamaSource("qwen2.5", "someone", "0.5b-q4")
+    assert parse_ollama_ref("someone/qwen2.5:0.5b-q4") == OllamaSource(
+        "qwen2.5", "someone", "0.5b-q4")
     with pytest.raises(ValueError):
         parse_ollama_ref("ollama://a/b/c")
 
@@ -178,7 +181,7 @@ def test_unknown_model_is_a_404(registry: FakeRegistry, tmp_path: Path) -> None:
 def test_unreachable_registry_fails_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("OLLAMA_REGISTRY", "http://127.0.0.1:9")
     start = time.monotonic()
-    with pytest.raises(FetchError, match="cannot reach 127.0.0.1:9"):
+    with pytest.raises(FetchError, match=r"cannot reach 127\.0\.0\.1:9"):
         fetch(spec(), tmp_path, progress=False, timeout=5)
     assert time.monotonic() - start < 30  # generous: never the 20 s per attempt of a hang
 
@@ -187,15 +190,16 @@ def test_cli_pull_writes_entry_with_params(
     registry: FakeRegistry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     mdir = tmp_path / "models"
-    code = main(["models", "pull", "ollama://someone/tiny:q4", "--models_dir", str(mdir), "--quiet"])
-    out, err = capsys.readouterr()
+    code = main(["models", "pull", "ollama://someone/tiny:q4", "--models_dir", str(mdir),
+                 "--quiet"])
+    _, err = capsys.readouterr()
     assert code == 0, err
     assert (mdir / "someone-tiny-q4.gguf").read_bytes() == BLOB
     entry = load_manifest(mdir / "models.yaml")["someone-tiny-q4"]
     assert entry.sha256 == digest(BLOB).removeprefix("sha256:") and entry.size == len(BLOB)
     assert dict(entry.sampling) == {"temperature": 0.6, "top_k": 30}
     assert dict(entry.load) == {"n_ctx": 8192}
-    assert [s for s in entry.sources] == [OllamaSource("tiny", "someone", "q4")]
+    assert list(entry.sources) == [OllamaSource("tiny", "someone", "q4")]
     # the written entry pulls again from its source (already present: nothing downloaded)
     n = len(registry.requests)
     assert main(["models", "pull", "someone-tiny-q4", "--models_dir", str(mdir), "--quiet"]) == 0

@@ -12,10 +12,12 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from llmserve.catalog import ollama
 from llmserve.catalog.gguf_info import parameters_label
 from llmserve.catalog.library import ModelLibrary
 from llmserve.catalog.manifest import ManifestError, parse_ollama_ref
 from llmserve.catalog.manifest_write import add_entry
+from llmserve.catalog.ollama import default_filename
 from llmserve.catalog.sources import (
     DEFAULT_TIMEOUT_S,
     FetchError,
@@ -23,8 +25,6 @@ from llmserve.catalog.sources import (
     partial_path,
     sha256_file,
 )
-from llmserve.catalog import ollama
-from llmserve.catalog.ollama import default_filename
 from llmserve.catalog.spec import (
     HuggingFaceSource,
     ModelSpec,

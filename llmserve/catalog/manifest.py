@@ -54,7 +54,9 @@ from llmserve.units import parse_size
 
 MANIFEST_NAME = "models.yaml"
 # [namespace/]name[:tag] of an Ollama registry model
-OLLAMA_REF = r"^(?:([a-z0-9][a-z0-9._-]*)/)?([a-z0-9][a-z0-9._-]*)(?::([A-Za-z0-9_][A-Za-z0-9._-]*))?$"
+OLLAMA_REF = (
+    r"^(?:([a-z0-9][a-z0-9._-]*)/)?([a-z0-9][a-z0-9._-]*)(?::([A-Za-z0-9_][A-Za-z0-9._-]*))?$"
+)
 _ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]*")
 _STRICT = ConfigDict(extra="forbid")
 

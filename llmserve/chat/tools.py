@@ -367,7 +367,7 @@ class PlainText(ToolCallParser):
         pass
 
 
-PARSERS: dict[str, Callable[[], ToolCallParser]] = {
+PARSERS: dict[str, Callable[..., ToolCallParser]] = {
     "hermes": HermesParser,
     "llama3": Llama3Parser,
     "mistral": MistralParser,
