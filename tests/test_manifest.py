@@ -228,8 +228,10 @@ def test_readme_example_is_valid(tmp_path: Path) -> None:
 
     qwen = specs["qwen2.5-0.5b"]
     assert [type(s).__name__ for s in qwen.sources] == [
-        "HuggingFaceSource", "PypiSource", "PypiSource", "UrlSource", "LocalSource"
+        "HuggingFaceSource", "PypiSource", "PypiSource", "UrlSource", "LocalSource",
+        "OllamaSource",
     ]  # fmt: skip
+    assert qwen.aliases == ("gpt-4o-mini", "gpt-3.5-turbo")
     assert qwen.load == {"n_ctx": 8192, "n_gpu_layers": -1}
     broken = example.replace("n_ctx: 8192", "n_ctx: lots")
     with pytest.raises(ManifestError) as info:

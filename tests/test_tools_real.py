@@ -311,9 +311,10 @@ def test_malicious_gguf_template_fails_the_request_only(tmp_path: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()
     (models / "evil.gguf").write_bytes(bytes(data))
+    # NOTE: a symlink out of the models dir needs --allow_symlinks (README, "Models directory")
     (models / SMOL).symlink_to(src)
     server = ServerProcess(tmp_path / "server.log", "--models_dir", str(models),
-                           "--model_name", "evil.gguf", "--n_ctx", "512")
+                           "--model_name", "evil.gguf", "--n_ctx", "512", "--allow_symlinks")
     try:
         server.wait_ready()
         for stream in (False, True):
