@@ -260,11 +260,12 @@ def test_index_corrupted_while_serving_is_replaced_once(tmp_path: Path) -> None:
     try:
         chat(server, SMOL, CONV)
         before = disk_entries(server)
-        db = cache_dir / "kv" / "cache.db"
-        size = db.stat().st_size
-        with db.open("r+b") as f:  # the SQLite header stays; the pages after it are noise
-            f.seek(100)
-            f.write(os.urandom(max(size - 100, 8192)))
+        for name in ("cache.db", "cache.db-wal"):  # the SQLite header stays; pages are noise
+            db = cache_dir / "kv" / name
+            if db.exists() and db.stat().st_size > 100:
+                with db.open("r+b") as f:
+                    f.seek(100)
+                    f.write(os.urandom(db.stat().st_size - 100))
         replies = [chat(server, SMOL, conv) for conv in asks(2)]
         # NOTE: SQLite may still write into a damaged file; whichever call first reads a bad
         # page (a lookup, a write, GET /cache) sets the index aside.

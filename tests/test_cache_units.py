@@ -100,11 +100,12 @@ def test_index_corrupted_while_open_is_replaced_once(
     disk = DiskTier(kv, capacity=1 << 30)
     for i in range(60):
         disk.put(f"k{i}", bytes([i]) * 40_000)
-    db = kv / "cache.db"
-    size = db.stat().st_size
-    with db.open("r+b") as f:  # the header survives, the pages after it do not
-        f.seek(4096)
-        f.write(np.random.default_rng(1).bytes(size - 8192))
+    for name in ("cache.db", "cache.db-wal"):  # the header survives, the pages after it do not
+        db = kv / name
+        if db.exists() and db.stat().st_size > 100:
+            with db.open("r+b") as f:
+                f.seek(100)
+                f.write(np.random.default_rng(1).bytes(db.stat().st_size - 100))
     with caplog.at_level(logging.WARNING):
         for i in range(60, 70):  # every operation keeps working; the first failing one heals
             assert f"k{i}" not in disk
@@ -180,3 +181,27 @@ def test_compose_equals_serialize_of_join(v_trans: bool) -> None:
     composed = kvstate.compose(blocks, [window])
     assert bytes(composed) == kvstate.serialize([kvstate.join(blocks), window])
     assert bytes(kvstate.compose(blocks, [])) == _fake_state(70, v_trans=v_trans)
+
+
+def test_an_index_another_server_replaced_is_reopened_not_set_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kv = tmp_path / "kv"
+    first = DiskTier(kv, capacity=1 << 30)
+    first.put("a", b"x" * 40_000)
+    second = DiskTier(kv, capacity=1 << 30)  # a second server process on the same dir
+    for name in ("cache.db", "cache.db-wal"):  # NOTE: WAL mode: recent pages live in -wal
+        db = kv / name
+        if db.exists() and db.stat().st_size > 100:
+            with db.open("r+b") as f:
+                f.seek(100)
+                f.write(np.random.default_rng(2).bytes(db.stat().st_size - 100))
+    with caplog.at_level(logging.WARNING):
+        assert "a" not in second  # the second one finds the damage first: sets it aside
+        second.put("b", b"y")
+        len(first)  # the first finds its index replaced: it joins the fresh one
+        assert first.get("b") == b"y"
+    assert len(_set_aside_warnings(caplog)) == 1
+    assert len(list(tmp_path.glob("kv.broken-*"))) == 1
+    first.close()
+    second.close()

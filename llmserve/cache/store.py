@@ -111,6 +111,7 @@ class DiskTier:
         self._generation = 0  # bumped by each reset, so racing threads reset only once
         self._warned: set[str] = set()
         self.set_aside: list[Path] = []
+        self._index: tuple[int, int] | None = None  # (device, inode) of the open cache.db
         self._cache: Any = self._open()
 
     # -- opening and healing ---------------------------------------------------------------
@@ -130,7 +131,15 @@ class DiskTier:
         except BaseException:
             cache.close()
             raise
+        self._index = self._identity()
         return cache
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            st = (self.directory / "cache.db").stat()
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
 
     def _open(self) -> Any:
         try:
@@ -183,7 +192,12 @@ class DiskTier:
             old, self._cache = self._cache, None
             with suppress(Exception):
                 old.close()
-            if self._set_aside(f"is corrupted ({exc})"):
+            if self._identity() != self._index:
+                # NOTE: another server on this cache dir already replaced the index
+                logger.warning("prompt cache: the index at %s was replaced; reopening it",
+                               self.directory)
+                self._cache = self._open()
+            elif self._set_aside(f"is corrupted ({exc})"):
                 self._cache = self._open()
             return self._cache is not None
 
