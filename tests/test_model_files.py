@@ -139,3 +139,23 @@ async def test_a_file_that_cannot_load_leaves_the_active_model(real_dir: Path) -
         chat = await client.post("/v1/chat/completions", json=CHAT)
         assert chat.status_code == 200, chat.text
         assert manager.loads == 1  # never evicted, never reloaded
+
+
+async def test_a_load_failure_names_the_model_not_the_path(linked: Path) -> None:
+    from llmserve.http.app import create_app
+
+    def factory(path: Path, settings: Settings) -> FakeEngine:
+        if path.name == "beta.gguf":
+            raise RuntimeError(f"Failed to load model from file: {path}")
+        return FakeEngine(path)
+
+    settings = Settings(model_name="alpha.gguf", models_dir=linked, templates_dir=linked / "t",
+                        cache_dir=linked.parent / "c", no_announce=True, prompt_cache="off")
+    app = create_app(settings, engine_factory=factory)
+    async with app_client(app) as client:
+        resp = await client.post("/setModel", json={"model_name": "beta"})
+        status = (await client.get("/")).json()
+    assert resp.status_code == 500 and resp.json()["error"]["code"] == "model_load_failed"
+    message = resp.json()["error"]["message"]
+    assert "beta.gguf" in message and str(linked) not in message
+    assert status["model"] == "alpha.gguf" and str(linked) not in (status["error"] or "")
