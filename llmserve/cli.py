@@ -84,6 +84,8 @@ def _serve_parser(sub: Any) -> None:
     _flag(p, "log_level", choices=["critical", "error", "warning", "info", "debug"],
           help="log level (default info)")
     _flag(p, "manifest", type=Path, help="models.yaml (default <models_dir>/models.yaml)")
+    _flag(p, "allow_symlinks", action="store_true",
+          help="serve symlinks in the models dir that point outside it (default: refused)")
     _flag(p, "max_loaded_models", type=int, help="models kept loaded at once, LRU (default 1)")
     _flag(p, "memory_budget", help="evict LRU models to stay under this estimate, e.g. 4GB")
     _flag(p, "idle_unload_seconds",
@@ -175,7 +177,9 @@ def serve(settings: Settings) -> int:
     from llmserve.http.app import create_app
 
     try:
-        library = ModelLibrary(settings.models_dir, settings.manifest)
+        library = ModelLibrary(
+            settings.models_dir, settings.manifest, allow_symlinks=settings.allow_symlinks
+        )
         library.catalog()  # a bad models.yaml stops the start, with its line and field
         library.resolve(settings.model_name)
     except ManifestError as exc:

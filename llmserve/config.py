@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     max_loaded_models: int = Field(default=1, ge=1)
     memory_budget: int | None = None  # bytes; "4GB" etc. accepted
     idle_unload_seconds: float | None = None  # None: never; "5m" etc. accepted
+    # Serve symlinks in the models dir whose real path is elsewhere (off: refused with a 400).
+    allow_symlinks: bool = False
 
     @field_validator("memory_budget", mode="before")
     @classmethod

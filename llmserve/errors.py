@@ -4,6 +4,8 @@ LlmserveError
  +-- InvalidRequestError        400 invalid_request_error
  |    +-- ContextLengthError    400 code=context_length_exceeded
  |    +-- InvalidModelNameError 400 code=invalid_model_name
+ |    +-- InvalidModelError     400 code=invalid_model (not a loadable GGUF, or outside the
+ |                                  models dir)
  +-- AuthenticationError        401 authentication_error
  +-- NotFoundError              404 not_found_error
  |    +-- ModelNotFoundError    404 code=model_not_found
@@ -51,11 +53,37 @@ class InvalidRequestError(LlmserveError):
 
 
 class ContextLengthError(InvalidRequestError):
+    """The error object also carries llama-server's `n_prompt_tokens` and `n_ctx` when known."""
+
     code = "context_length_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        n_prompt_tokens: int | None = None,
+        n_ctx: int | None = None,
+    ):
+        super().__init__(message, param=param)
+        self.n_prompt_tokens = n_prompt_tokens
+        self.n_ctx = n_ctx
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        if self.n_prompt_tokens is not None:
+            body["error"]["n_prompt_tokens"] = self.n_prompt_tokens
+        if self.n_ctx is not None:
+            body["error"]["n_ctx"] = self.n_ctx
+        return body
 
 
 class InvalidModelNameError(InvalidRequestError):
     code = "invalid_model_name"
+
+
+class InvalidModelError(InvalidRequestError):
+    code = "invalid_model"
 
 
 class AuthenticationError(LlmserveError):

@@ -55,6 +55,7 @@ class TokenizeRequest(BaseModel):
     content: Text
     add_special: bool = False
     parse_special: bool = True
+    with_pieces: bool = False  # tokens as {"id", "piece"} (a string, or bytes when not UTF-8)
     model: str | None = None
 
 

@@ -8,6 +8,7 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from llmserve.catalog.registry import ModelManager
 from llmserve.engine.base import Engine
@@ -48,6 +49,22 @@ def check_token_ids(tokens: list[int], n_vocab: int, param: str) -> None:
         )
 
 
+def token_piece(engine: Engine, token: int) -> bytes:
+    """A token's bytes, special tokens as their text (engines without the method: its text)."""
+    piece = getattr(engine, "token_piece", None)
+    if callable(piece):
+        return bytes(piece(token))
+    return engine.detokenize([token], special=True).encode("utf-8")
+
+
+def piece_json(raw: bytes) -> str | list[int]:
+    """A piece as llama-server writes it: a string if valid UTF-8, else its byte values."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(raw)
+
+
 def _unit_float32(vector: list[float]) -> bytes:
     norm = math.sqrt(sum(x * x for x in vector))
     scaled = [x / norm for x in vector] if norm > 0 else vector
@@ -66,15 +83,20 @@ class ExtraService:
         return self.manager.resolve(model) if model else None
 
     async def tokenize(
-        self, content: str, *, add_special: bool, parse_special: bool, model: str | None = None
-    ) -> list[int]:
-        """Text to token ids with the active (or named) model's tokenizer."""
+        self, content: str, *, add_special: bool, parse_special: bool, model: str | None = None,
+        with_pieces: bool = False,
+    ) -> list[int] | list[dict[str, Any]]:
+        """Text to token ids with the active (or named) model's tokenizer; with_pieces gives
+        llama-server's `{"id", "piece"}` items instead."""
         filename = self._filename(model)
 
-        def job() -> list[int]:
+        def job() -> list[int] | list[dict[str, Any]]:
             engine = self.manager.ensure(filename)
             check_text_fits(content, engine.info, "content", TOKENIZE_CONTEXTS)
-            return engine.tokenize(content, add_special=add_special, parse_special=parse_special)
+            tokens = engine.tokenize(content, add_special=add_special, parse_special=parse_special)
+            if not with_pieces:
+                return tokens
+            return [{"id": t, "piece": piece_json(token_piece(engine, t))} for t in tokens]
 
         return await self.worker.call(job)
 
@@ -166,7 +188,7 @@ def _token_lists(
         if len(tokens) > n_ctx:
             raise ContextLengthError(
                 f"input {i} is {len(tokens)} tokens but the model's context is {n_ctx} tokens",
-                param=param,
+                param=param, n_prompt_tokens=len(tokens), n_ctx=n_ctx,
             )
         out.append(tokens)
     return out

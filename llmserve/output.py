@@ -69,6 +69,7 @@ class Prompt:
     grammar: str | None = None
     tool_family: str | None = None
     reasoning: ReasoningSetup | None = None  # None: no reasoning parsing (text completions)
+    parallel_tools: bool = True  # False: the output ends after its first complete tool call
 
 
 Delta = TextDelta | ReasoningDelta | ToolCallDelta
@@ -168,8 +169,8 @@ class OutputProcessor:
             self._undecided = 0
         elif splitter:
             self._undecided = self._undecided + 1 if splitter.undecided else 0
-        if self._matcher.stopped:
-            return "stop"
+        if self._matcher.stopped or self._parser.done:
+            return "stop"  # finish() makes it tool_calls when calls were made
         if self.produced >= self.limit:
             return "length"
         return None

@@ -84,8 +84,9 @@ class Request:
         limit = min(self.max_tokens, budget) if self.max_tokens else budget
         assert self.prompt is not None
         family = self.prompt.tool_family
+        max_calls = None if self.prompt.parallel_tools else 1
         self.outputs = [
-            OutputProcessor(i, self.stops, limit, make_parser(family),
+            OutputProcessor(i, self.stops, limit, make_parser(family, max_calls=max_calls),
                             Coalescer(self.emit, self.env.stream_interval), self.prompt.reasoning)
             for i in range(self.n)
         ]

@@ -428,5 +428,5 @@ def check_context(n_prompt: int, n_ctx: int) -> None:
         raise ContextLengthError(
             f"the prompt is {n_prompt} tokens but the model's context is {n_ctx} "
             "tokens; shorten the messages or start the server with a larger --n_ctx",
-            param="messages",
+            param="messages", n_prompt_tokens=n_prompt, n_ctx=n_ctx,
         )

@@ -216,7 +216,8 @@ class ChatService:
             tokens = _chat_tokens(engine, text)
             if on_prompt is not None:
                 tokens = on_prompt(engine, tokens)
-            return Prompt(tokens, plan.grammar(family), plan.parser_family(family), reasoning)
+            return Prompt(tokens, plan.grammar(family), plan.parser_family(family), reasoning,
+                          parallel_tools=plan.parallel)
 
         max_tokens = req.max_completion_tokens or req.max_tokens
         return await self._start("chatcmpl", req, prompt, max_tokens)

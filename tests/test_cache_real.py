@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -195,3 +198,78 @@ def test_llama_disk_mode(tmp_path: Path) -> None:
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 150
     assert (tmp_path / "cache" / "llama_disk").is_dir()
+
+
+def disk_entries(server: ServerProcess, at_least: int = 1) -> int:
+    """GET /cache's disk entries once the writer thread has stored at_least of them."""
+    entries = 0
+    for _ in range(100):
+        r = httpx.get(f"{server.base_url}/cache", timeout=30)
+        assert r.status_code == 200, r.text
+        entries = r.json()["disk"]["entries"]
+        if entries >= at_least:
+            break
+        time.sleep(0.1)
+    return int(entries)
+
+
+def asks(n: int) -> list[list[dict[str, str]]]:
+    return [[{"role": "system", "content": SYSTEM},
+             {"role": "user", "content": f"Which tool for {i}?"}] for i in range(n)]
+
+
+@pytest.mark.parametrize("damage", ["random-index", "kv-is-a-file"])
+def test_unreadable_cache_index_is_set_aside(tmp_path: Path, damage: str) -> None:
+    cache_dir = tmp_path / "cache"
+    first = start(tmp_path, "first", "--cache_dir", str(cache_dir))
+    try:
+        chat(first, SMOL, CONV)
+        assert disk_entries(first) > 0
+    finally:
+        first.stop()
+    kv = cache_dir / "kv"
+    if damage == "random-index":
+        (kv / "cache.db").write_bytes(os.urandom(200_000))
+    else:
+        shutil.rmtree(kv)
+        kv.write_text("not a folder\n")
+    second = start(tmp_path, "second", "--cache_dir", str(cache_dir))
+    try:
+        replies = [chat(second, SMOL, conv) for conv in [CONV, *asks(2)]]
+        stored = disk_entries(second)
+        stats = httpx.get(f"{second.base_url}/cache", timeout=30)
+    finally:
+        second.stop()
+    assert all(r["choices"][0]["message"]["content"] is not None for r in replies)
+    assert stats.status_code == 200 and stored > 0  # the fresh index stores again
+    log = second.log()
+    assert log.count("set aside as kv.broken-") == 1, log
+    assert "Traceback" not in log
+    assert len(list(cache_dir.glob("kv.broken-*"))) == 1 and kv.is_dir()
+
+
+def test_index_corrupted_while_serving_is_replaced_once(tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    server = start(tmp_path, "live", "--cache_dir", str(cache_dir))
+    try:
+        chat(server, SMOL, CONV)
+        before = disk_entries(server)
+        for name in ("cache.db", "cache.db-wal"):  # the SQLite header stays; pages are noise
+            db = cache_dir / "kv" / name
+            if db.exists() and db.stat().st_size > 100:
+                with db.open("r+b") as f:
+                    f.seek(100)
+                    f.write(os.urandom(db.stat().st_size - 100))
+        replies = [chat(server, SMOL, conv) for conv in asks(2)]
+        # NOTE: SQLite may still write into a damaged file; whichever call first reads a bad
+        # page (a lookup, a write, GET /cache) sets the index aside.
+        stats = httpx.get(f"{server.base_url}/cache", timeout=30)
+        replies += [chat(server, SMOL, conv) for conv in asks(4)[2:]]
+        stored = disk_entries(server)
+    finally:
+        server.stop()
+    assert before > 0 and len(replies) == 4
+    assert stats.status_code == 200 and stored > 0  # the fresh index stores again
+    log = server.log()
+    assert log.count("set aside as kv.broken-") == 1, log
+    assert "Traceback" not in log and " ERROR " not in log.upper().replace("ERROR:", " ERROR ")

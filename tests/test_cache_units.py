@@ -63,6 +63,62 @@ def test_disk_tier_drops_corrupted_files(tmp_path: Path, caplog: pytest.LogCaptu
     disk.close()
 
 
+def _set_aside_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
+
+
+@pytest.mark.parametrize("damage", ["random", "file"])
+def test_unopenable_index_is_set_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    kv = tmp_path / "kv"
+    disk = DiskTier(kv, capacity=1 << 30)
+    disk.put("k", b"v" * 10)
+    disk.close()
+    if damage == "random":
+        (kv / "cache.db").write_bytes(np.random.default_rng(0).bytes(100_000))
+    else:
+        for f in sorted(kv.rglob("*"), reverse=True):
+            f.unlink() if f.is_file() else f.rmdir()
+        kv.rmdir()
+        kv.write_text("not a folder")
+    with caplog.at_level(logging.WARNING):
+        disk = DiskTier(kv, capacity=1 << 30)
+        assert disk.get("k") is None and len(disk) == 0
+        disk.put("k2", b"fresh")
+        assert disk.get("k2") == b"fresh"
+    assert len(_set_aside_warnings(caplog)) == 1
+    assert len(disk.set_aside) == 1 and disk.set_aside[0].exists() and kv.is_dir()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    disk.close()
+
+
+def test_index_corrupted_while_open_is_replaced_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kv = tmp_path / "kv"
+    disk = DiskTier(kv, capacity=1 << 30)
+    for i in range(60):
+        disk.put(f"k{i}", bytes([i]) * 40_000)
+    for name in ("cache.db", "cache.db-wal"):  # the header survives, the pages after it do not
+        db = kv / name
+        if db.exists() and db.stat().st_size > 100:
+            with db.open("r+b") as f:
+                f.seek(100)
+                f.write(np.random.default_rng(1).bytes(db.stat().st_size - 100))
+    with caplog.at_level(logging.WARNING):
+        for i in range(60, 70):  # every operation keeps working; the first failing one heals
+            assert f"k{i}" not in disk
+            disk.put(f"k{i}", b"x" * 10)
+            assert disk.get(f"k{i}") == b"x" * 10
+            assert len(disk) >= 0 and disk.bytes > 0
+        disk.put("after", b"y")
+        assert "after" in disk and len(disk) >= 1 and "k0" not in disk
+    assert len(_set_aside_warnings(caplog)) == 1 and len(disk.set_aside) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    disk.close()
+
+
 def _fake_state(n_cells: int, *, v_trans: bool, n_layer: int = 3, shuffle: bool = False) -> bytes:
     """A blob in llama.cpp's sequence-state layout, values derived from the cell position."""
     pos = np.arange(n_cells, dtype=np.int32)
@@ -125,3 +181,27 @@ def test_compose_equals_serialize_of_join(v_trans: bool) -> None:
     composed = kvstate.compose(blocks, [window])
     assert bytes(composed) == kvstate.serialize([kvstate.join(blocks), window])
     assert bytes(kvstate.compose(blocks, [])) == _fake_state(70, v_trans=v_trans)
+
+
+def test_an_index_another_server_replaced_is_reopened_not_set_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kv = tmp_path / "kv"
+    first = DiskTier(kv, capacity=1 << 30)
+    first.put("a", b"x" * 40_000)
+    second = DiskTier(kv, capacity=1 << 30)  # a second server process on the same dir
+    for name in ("cache.db", "cache.db-wal"):  # NOTE: WAL mode: recent pages live in -wal
+        db = kv / name
+        if db.exists() and db.stat().st_size > 100:
+            with db.open("r+b") as f:
+                f.seek(100)
+                f.write(np.random.default_rng(2).bytes(db.stat().st_size - 100))
+    with caplog.at_level(logging.WARNING):
+        assert "a" not in second  # the second one finds the damage first: sets it aside
+        second.put("b", b"y")
+        len(first)  # the first finds its index replaced: it joins the fresh one
+        assert first.get("b") == b"y"
+    assert len(_set_aside_warnings(caplog)) == 1
+    assert len(list(tmp_path.glob("kv.broken-*"))) == 1
+    first.close()
+    second.close()

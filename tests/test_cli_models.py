@@ -123,6 +123,20 @@ def test_suggest(mdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "no catalog model is tagged 'painting'" in err and "chat" in err
 
 
+@pytest.mark.parametrize("word", ["conversational", "Assistant", "chatbot"])
+def test_suggest_takes_synonyms(mdir: Path, capsys: pytest.CaptureFixture[str], word: str) -> None:
+    code, out, err = run(capsys, "suggest", "--use-case", word, "--models_dir", str(mdir))
+    assert code == 0, err
+    assert out.splitlines()[-1] == "suggested: tiny"
+
+
+def test_suggest_synonyms_of_code() -> None:
+    from llmserve.catalog.library import use_case_terms
+
+    assert {"code", "coding", "programming"} <= use_case_terms("Programming")
+    assert use_case_terms("painting") == {"painting"}
+
+
 def test_rm(mdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     partial = partial_path(mdir, "tiny-Q4_K_M.gguf")
     partial.write_bytes(b"half")

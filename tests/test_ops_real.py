@@ -54,6 +54,19 @@ def test_split_utf8_tokens_join_exactly(smol_server: ServerProcess) -> None:
     assert post(smol_server, "/detokenize", {"tokens": tokens}).json()["content"] == text
 
 
+def test_tokenize_with_pieces(smol_server: ServerProcess) -> None:
+    text = "<|im_start|>Hi 🎉🚀"
+    plain = post(smol_server, "/tokenize", {"content": text}).json()["tokens"]
+    items = post(smol_server, "/tokenize", {"content": text, "with_pieces": True}).json()["tokens"]
+    assert [t["id"] for t in items] == plain and all(set(t) == {"id", "piece"} for t in items)
+    assert items[0]["piece"] == "<|im_start|>"  # special tokens as their text, as llama-server
+    # split UTF-8 pieces come as byte lists; joined, every piece gives the text back
+    assert any(isinstance(t["piece"], list) for t in items)
+    joined = b"".join(bytes(t["piece"]) if isinstance(t["piece"], list)
+                      else t["piece"].encode() for t in items)
+    assert joined.decode("utf-8") == text
+
+
 def test_special_tokens(smol_server: ServerProcess) -> None:
     parsed = post(smol_server, "/tokenize", {"content": "<|im_start|>"}).json()["tokens"]
     literal = post(smol_server, "/tokenize",
@@ -105,6 +118,8 @@ def test_embeddings_shapes_base64_and_tokens(
     too_long = post(smol_server, "/v1/embeddings", {"model": SMOL, "input": "word " * 3000})
     assert too_long.status_code == 400
     assert too_long.json()["error"]["code"] == "context_length_exceeded"
+    assert too_long.json()["error"]["n_ctx"] == 2048
+    assert too_long.json()["error"]["n_prompt_tokens"] > 2048
 
 
 def test_chat_is_unchanged_by_embeddings(client: openai.OpenAI) -> None:

@@ -182,6 +182,27 @@ async def test_aliases_defaults_and_template_from_the_manifest(models_dir: Path)
     assert back.json()["model"] == "alpha.gguf"
 
 
+async def test_extra_aliases_route_and_are_listed(models_dir: Path) -> None:
+    (models_dir / "models.yaml").write_text(
+        "models:\n"
+        "  a-model:\n    path: alpha.gguf\n    aliases: [gpt-4o-mini, gpt-3.5-turbo]\n"
+        "  gone:\n    path: missing.gguf\n    aliases: [gpt-4o]\n"
+    )
+    async with serve(models_dir, model_name="beta") as client:
+        routed = await chat(client, model="gpt-4o-mini")
+        folded = await client.post("/setModel", json={"modelName": "GPT-3.5-Turbo"})
+        listed = [m["id"] for m in (await client.get("/v1/models")).json()["data"]]
+        missing = await chat(client, model="gpt-4o")
+        unknown = await chat(client, model="gpt-5")
+    assert routed.status_code == 200, routed.text
+    assert routed.json()["model"] == "alpha.gguf"
+    assert folded.json()["model"] == "alpha.gguf"
+    assert {"gpt-4o-mini", "gpt-3.5-turbo"} <= set(listed) and "gpt-4o" not in listed
+    assert missing.status_code == 404 and "not downloaded" in missing.json()["error"]["message"]
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "model_not_found"
+
+
 @pytest.mark.parametrize(
     ("name", "status", "code"),
     [

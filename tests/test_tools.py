@@ -134,7 +134,8 @@ def test_real_model_output() -> None:
     # SmolLM2 135M under tool_choice=required: the same call twice, each closed.
     smol = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
             '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
-    assert run("hermes", list(smol))[:2] == ("", [("get_weather", {"city": "Paris"})] * 2)
+    # the repeat is dropped: one call, and the parser says the output is done
+    assert run("hermes", list(smol))[:2] == ("", [("get_weather", {"city": "Paris"})])
 
 
 @pytest.mark.parametrize(("template", "family"), [
@@ -163,3 +164,38 @@ def test_random_markup_never_breaks_a_parser(family: str | None) -> None:
         assert_openai_shape([p for p in out if isinstance(p, ToolCallDelta)])
         if family is None:
             assert "".join(p for p in out if isinstance(p, str)) == text
+
+
+PARIS = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+ROME = '<tool_call>\n{"name": "get_weather", "arguments": {"city":"Rome"}}\n</tool_call>\n'
+
+
+@pytest.mark.parametrize("chunks", splits(PARIS + ROME + PARIS.replace(": ", ":")))
+def test_identical_call_ends_the_output(chunks: list[str]) -> None:
+    parser = make_parser("hermes")
+    pieces: list[Any] = []
+    for chunk in chunks:
+        pieces += parser.feed(chunk)
+    assert parser.done  # the third block repeats the first (same JSON, other spacing)
+    pieces += parser.finish()
+    deltas = [p for p in pieces if isinstance(p, ToolCallDelta)]
+    assert [d.name for d in deltas if d.name] == ["get_weather", "get_weather"]
+    assert {d.index for d in deltas} == {0, 1} and parser.calls == 2
+    assert "".join(d.arguments for d in deltas if d.index == 1) == '{"city":"Rome"}'
+
+
+def test_max_calls_one_stops_after_the_first_call() -> None:
+    parser = make_parser("hermes", max_calls=1)
+    pieces = parser.feed(PARIS)
+    assert parser.done and parser.calls == 1
+    pieces += parser.feed(ROME) + parser.finish()
+    assert [p.name for p in pieces if isinstance(p, ToolCallDelta) and p.name] == ["get_weather"]
+
+
+def test_a_later_call_cut_off_still_streams_what_it_had() -> None:
+    parser = make_parser("hermes")
+    pieces = parser.feed(PARIS + '<tool_call>\n{"name": "add", "arguments": {"a": 1')
+    pieces += parser.finish()
+    assert not parser.done
+    assert [p.name for p in pieces if isinstance(p, ToolCallDelta) and p.name] == [
+        "get_weather", "add"]

@@ -89,6 +89,34 @@ def test_required_stream_and_non_stream(client: openai.OpenAI) -> None:
     check_args(name, arguments)
 
 
+def test_required_without_parallel_flag_is_one_call(client: openai.OpenAI) -> None:
+    # SmolLM2 used to repeat get_weather({"city": "Paris"}) until max_tokens ("length").
+    kw: Any = {"model": SMOL, "messages": ASK, "tools": [WEATHER], "tool_choice": "required",
+               "temperature": 0, "max_tokens": 200}
+    choice = client.chat.completions.create(**kw).choices[0]
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls or []
+    assert check_call(call, "get_weather")["city"] == "Paris"
+    content, calls, reason = stream_calls(client, **kw)
+    assert (content, reason, len(calls)) == ("", "tool_calls", 1)
+    # parallel calls allowed: a repeat of an identical call still ends the output
+    choice = client.chat.completions.create(**kw, parallel_tool_calls=True).choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert len(choice.message.tool_calls or []) == 1
+
+
+def test_parallel_tool_calls_true_allows_distinct_calls(client: openai.OpenAI) -> None:
+    ask = [{"role": "user", "content": "What is the weather in Paris and in Rome? "
+                                       "Call get_weather once per city."}]
+    choice = client.chat.completions.create(
+        model=SMOL, messages=ask, tools=[WEATHER], tool_choice="required",  # type: ignore[arg-type]
+        parallel_tool_calls=True, temperature=0, max_tokens=200,
+    ).choices[0]
+    assert choice.finish_reason == "tool_calls"
+    cities = [check_call(c, "get_weather")["city"] for c in choice.message.tool_calls or []]
+    assert cities == ["Paris", "Rome"]
+
+
 def test_named_function_with_stream_helper(client: openai.OpenAI) -> None:
     choice = {"type": "function", "function": {"name": "add"}}
     messages: Any = [{"role": "user", "content": "What is 2 plus 3?"}]
@@ -283,9 +311,10 @@ def test_malicious_gguf_template_fails_the_request_only(tmp_path: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()
     (models / "evil.gguf").write_bytes(bytes(data))
+    # NOTE: a symlink out of the models dir needs --allow_symlinks (README, "Models directory")
     (models / SMOL).symlink_to(src)
     server = ServerProcess(tmp_path / "server.log", "--models_dir", str(models),
-                           "--model_name", "evil.gguf", "--n_ctx", "512")
+                           "--model_name", "evil.gguf", "--n_ctx", "512", "--allow_symlinks")
     try:
         server.wait_ready()
         for stream in (False, True):

@@ -285,7 +285,8 @@ class PrefixCache:
         base = sections[0]
         if base.n_cells != len(seq):
             raise kvstate.StateFormatError(f"{base.n_cells} cells for {len(seq)} tokens")
-        if layout is None:
+        if layout is None or (self.disk is not None and "m" + fp not in self.disk):
+            # NOTE: also after a fresh disk index replaced a damaged one (RAM still has it)
             self._put("m" + fp, b"swa" if len(sections) > 1 else b"full")
         for i in missing:
             piece = base.between(i * self.block, (i + 1) * self.block)

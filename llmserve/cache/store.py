@@ -1,18 +1,21 @@
 """Two tiers of bytes by key: RAM (LRU by bytes) and disk (diskcache, LRU by bytes).
 
 Disk entries carry a checksum: a truncated or corrupted file (power loss, kill -9 mid-write,
-a bad disk) is dropped with a warning and reads as missing. diskcache's SQLite index makes
+a bad disk) is dropped with a warning and reads as missing. A damaged index is set aside and
+replaced by a fresh one (DiskTier). diskcache's SQLite index makes
 several server processes on one cache dir safe.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import threading
 import time
 import zlib
 from collections import OrderedDict
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -106,25 +109,150 @@ class RamTier:
         return len(self._items)
 
 
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+def _is_corruption(exc: BaseException) -> bool:
+    """A damaged SQLite index (SQLITE_CORRUPT, SQLITE_NOTADB), as opposed to a busy one."""
+    import sqlite3
+
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.DatabaseError) and isinstance(code, int) and (
+        code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    )
+
+
 class DiskTier:
-    """diskcache.Cache with checksummed values and LRU eviction by bytes."""
+    """diskcache.Cache with checksummed values and LRU eviction by bytes.
+
+    Self-healing: an index that cannot be opened (random bytes, `kv` a regular file, SQLite
+    "malformed") is set aside as `kv.broken-<time>` with one warning and a fresh one is used;
+    corruption found while serving is handled the same way, once. If no index can be opened
+    at all the tier is off (every lookup a miss). Requests never fail because of the disk.
+    """
 
     def __init__(self, directory: Path, capacity: int):
+        self.directory = directory
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._generation = 0  # bumped by each reset, so racing threads reset only once
+        self._warned: set[str] = set()
+        self.set_aside: list[Path] = []
+        self._index: tuple[int, int] | None = None  # (device, inode) of the open cache.db
+        self._cache: Any = self._open()
+
+    # -- opening and healing ---------------------------------------------------------------
+
+    def _connect(self) -> Any:
         import diskcache
 
-        directory.mkdir(parents=True, exist_ok=True)
-        self.directory = directory
-        self._cache: Any = diskcache.Cache(
-            str(directory),
-            size_limit=capacity,
+        self.directory.mkdir(parents=True, exist_ok=True)
+        cache = diskcache.Cache(
+            str(self.directory),
+            size_limit=self.capacity,
             eviction_policy="least-recently-used",
             cull_limit=16,
         )
+        try:
+            len(cache)  # NOTE: touches the index, so a malformed one fails here, not later
+        except BaseException:
+            cache.close()
+            raise
+        self._index = self._identity()
+        return cache
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            st = (self.directory / "cache.db").stat()
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _open(self) -> Any:
+        try:
+            return self._connect()
+        except Exception as exc:
+            if not self._set_aside(f"cannot be opened ({exc})"):
+                return None
+        try:
+            return self._connect()
+        except Exception as exc:
+            logger.warning("prompt cache: disk tier off, %s cannot be opened (%s)",
+                           self.directory, exc)
+            return None
+
+    def _set_aside(self, why: str) -> bool:
+        """Rename the index folder (or whatever holds its name) out of the way."""
+        if not (self.directory.exists() or self.directory.is_symlink()):
+            logger.warning("prompt cache: disk tier off, %s %s", self.directory, why)
+            return False
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = self.directory.with_name(f"{self.directory.name}.broken-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.directory.with_name(f"{self.directory.name}.broken-{stamp}-{n}")
+        try:
+            os.replace(self.directory, target)
+        except OSError as exc:
+            logger.warning("prompt cache: disk tier off, %s %s and cannot be moved (%s)",
+                           self.directory, why, exc)
+            return False
+        self.set_aside.append(target)
+        logger.warning("prompt cache: the index at %s %s; set aside as %s, starting a fresh one",
+                       self.directory, why, target.name)
+        return True
+
+    def _failed(self, generation: int, exc: Exception) -> bool:
+        """An operation raised; returns True when a fresh index now serves (retry once)."""
+        if not _is_corruption(exc):
+            kind = type(exc).__name__
+            if kind not in self._warned:  # NOTE: one line per kind, not a traceback per request
+                self._warned.add(kind)
+                logger.warning("prompt cache: disk tier error, treated as a miss (%s: %s)",
+                               kind, exc)
+            return False
+        with self._lock:
+            if generation != self._generation:
+                return self._cache is not None  # another thread reset it already
+            self._generation += 1
+            old, self._cache = self._cache, None
+            with suppress(Exception):
+                old.close()
+            if self._identity() != self._index:
+                # NOTE: another server on this cache dir already replaced the index
+                logger.warning("prompt cache: the index at %s was replaced; reopening it",
+                               self.directory)
+                self._cache = self._open()
+            elif self._set_aside(f"is corrupted ({exc})"):
+                self._cache = self._open()
+            return self._cache is not None
+
+    def _call(self, default: Any, fn: Any) -> Any:
+        for _ in range(2):
+            cache, generation = self._cache, self._generation
+            if cache is None:
+                return default
+            try:
+                return fn(cache)
+            except Exception as exc:
+                if not self._failed(generation, exc):
+                    return default
+        return default
+
+    # -- the tier --------------------------------------------------------------------------
 
     def get(self, key: str) -> bytes | None:
+        cache, generation = self._cache, self._generation
+        if cache is None:
+            return None
         try:
-            data = self._cache.get(key, default=None, read=False)
-        except Exception as exc:  # a damaged file or index row: treat as missing
+            data = cache.get(key, default=None, read=False)
+        except Exception as exc:
+            if _is_corruption(exc):
+                self._failed(generation, exc)
+                return None
+            # a damaged value file: treat as missing
             logger.warning("prompt cache: unreadable entry %s dropped (%s)", key, exc)
             self._delete(key)
             return None
@@ -137,26 +265,27 @@ class DiskTier:
         return payload
 
     def __contains__(self, key: str) -> bool:
-        return key in self._cache
+        return bool(self._call(False, lambda c: key in c))
 
     def put(self, key: str, payload: bytes) -> None:
-        self._cache.set(key, wrap(payload))
+        data = wrap(payload)
+        self._call(None, lambda c: c.set(key, data))
 
     def _delete(self, key: str) -> None:
-        try:
-            self._cache.delete(key)
-        except Exception:
-            logger.exception("prompt cache: could not delete %s", key)
+        self._call(None, lambda c: c.delete(key))
 
     @property
     def bytes(self) -> int:
-        return int(self._cache.volume())
+        return int(self._call(0, lambda c: c.volume()))
 
     def __len__(self) -> int:
-        return len(self._cache)
+        return int(self._call(0, len))
 
     def clear(self) -> None:
-        self._cache.clear()
+        self._call(None, lambda c: c.clear())
 
     def close(self) -> None:
-        self._cache.close()
+        cache, self._cache = self._cache, None
+        if cache is not None:
+            with suppress(Exception):
+                cache.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -11,10 +12,12 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from llmserve.catalog import ollama
 from llmserve.catalog.gguf_info import parameters_label
 from llmserve.catalog.library import ModelLibrary
-from llmserve.catalog.manifest import ManifestError
+from llmserve.catalog.manifest import ManifestError, parse_ollama_ref
 from llmserve.catalog.manifest_write import add_entry
+from llmserve.catalog.ollama import default_filename
 from llmserve.catalog.sources import (
     DEFAULT_TIMEOUT_S,
     FetchError,
@@ -22,7 +25,13 @@ from llmserve.catalog.sources import (
     partial_path,
     sha256_file,
 )
-from llmserve.catalog.spec import HuggingFaceSource, ModelSpec, UrlSource, describe_source
+from llmserve.catalog.spec import (
+    HuggingFaceSource,
+    ModelSpec,
+    OllamaSource,
+    UrlSource,
+    describe_source,
+)
 from llmserve.catalog.transfer import meta_path
 from llmserve.errors import LlmserveError
 from llmserve.units import format_size
@@ -52,7 +61,9 @@ def add_models_parser(sub: Any, flag: Any) -> None:
     common(ls)
     ls.add_argument("--json", action="store_true", help="JSON instead of a table")
     pull = msub.add_parser("pull", help="download models into the models dir")
-    pull.add_argument("names", nargs="+", help="alias, file name, hf://owner/repo/file.gguf or URL")
+    pull.add_argument("names", nargs="+",
+                      help="alias, file name, hf://owner/repo/file.gguf, "
+                           "ollama://[namespace/]name[:tag] or URL")
     common(pull)
     pull.add_argument("--quiet", action="store_true", help="no progress bars")
     flag(pull, "timeout", type=float,
@@ -129,12 +140,20 @@ def _list(args: argparse.Namespace, library: ModelLibrary) -> int:
 
 
 def _adhoc_spec(name: str) -> ModelSpec | None:
-    """A spec for `hf://owner/repo/file.gguf` or an http(s) URL ending in .gguf."""
+    """A spec for `hf://owner/repo/file.gguf`, `ollama://[ns/]name[:tag]` or an http(s) URL
+    ending in .gguf."""
     match = _HF_REF.match(name)
-    if match:
+    if name.startswith("ollama://"):
+        try:
+            ref = parse_ollama_ref(name)
+        except ValueError as exc:
+            raise CliError(str(exc), 2) from exc
+        filename = default_filename(ref)
+        source: HuggingFaceSource | UrlSource | OllamaSource = ref
+    elif match:
         repo_id, path = match.groups()
         filename = path.rsplit("/", 1)[-1]
-        source: HuggingFaceSource | UrlSource = HuggingFaceSource(repo_id, path)
+        source = HuggingFaceSource(repo_id, path)
     elif name.startswith(("http://", "https://")) and name.lower().endswith(".gguf"):
         filename = urllib.parse.unquote(urllib.parse.urlsplit(name).path.rsplit("/", 1)[-1])
         source = UrlSource(name)
@@ -151,12 +170,14 @@ def _pull(args: argparse.Namespace, library: ModelLibrary) -> int:
         if spec is None:
             known = ", ".join(library.catalog())
             raise CliError(
-                f"unknown model {name!r}; known: {known} (or hf://owner/repo/file.gguf)", 2
+                f"unknown model {name!r}; known: {known} (or hf://owner/repo/file.gguf, "
+                "ollama://name[:tag])", 2
             )
         specs.append(spec)
     timeout = args.timeout or DEFAULT_TIMEOUT_S
     for spec in specs:
         try:
+            spec = _with_ollama_facts(spec, timeout)
             path = fetch(spec, library.models_dir, progress=not args.quiet, timeout=timeout)
         except FetchError as exc:
             raise CliError(str(exc)) from exc
@@ -164,6 +185,18 @@ def _pull(args: argparse.Namespace, library: ModelLibrary) -> int:
         if spec.origin == "builtin" and add_entry(library.manifest_path, spec):
             _out(f"{spec.alias}: added to {library.manifest_path}")
     return 0
+
+
+def _with_ollama_facts(spec: ModelSpec, timeout: float) -> ModelSpec:
+    """An ad-hoc `ollama://` spec with the registry's digest, size and parameter defaults,
+    so the entry `pull` writes to models.yaml carries them."""
+    source = spec.sources[0] if spec.sources else None
+    if spec.origin != "builtin" or spec.sha256 or not isinstance(source, OllamaSource):
+        return spec
+    model = ollama.resolve(source, timeout)
+    return dataclasses.replace(
+        spec, sha256=model.sha256, size=model.size, load=model.load, sampling=model.sampling
+    )
 
 
 def _resolve(library: ModelLibrary, name: str) -> str:

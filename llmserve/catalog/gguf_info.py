@@ -32,6 +32,16 @@ TENSOR_TYPES = {
     23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16",
     34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
 }  # fmt: skip
+# ggml_type -> (elements per block, bytes per block), as gguf-py's GGML_QUANT_SIZES.
+TYPE_SIZES = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+    9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
+    15: (256, 292), 16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18),
+    21: (256, 110), 22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4),
+    27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66),
+    39: (32, 17),
+}  # fmt: skip
+_DEFAULT_ALIGNMENT = 32
 _FTYPE_GUESSED = 1024
 _SCALARS = {
     0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
@@ -69,6 +79,13 @@ class GGUFInfo:
     metadata: dict[str, Any] = field(repr=False)
     quantization: str | None = None
     special_tokens: dict[str, tuple[int, str]] = field(default_factory=dict)
+    # Bytes the file needs to hold every tensor's data (None: a tensor type we cannot size).
+    required_size: int | None = None
+
+    @property
+    def truncated(self) -> bool:
+        """The file ends before the tensor data its header describes (a cut download)."""
+        return self.required_size is not None and self.file_size < self.required_size
 
     @property
     def architecture(self) -> str | None:
@@ -238,6 +255,7 @@ def _parse(path: Path, buf: mmap.mmap, size: int) -> GGUFInfo:
         metadata[key] = r.value(vtype)
     parameters = 0
     tensor_types: Counter[int] = Counter()
+    data_end: int | None = 0  # end of the last tensor's data, relative to the data section
     for _ in range(tensor_count):
         r.skip_string()
         n_dims = r.scalar("<I")
@@ -247,10 +265,19 @@ def _parse(path: Path, buf: mmap.mmap, size: int) -> GGUFInfo:
         for _ in range(n_dims):
             elements *= r.scalar("<Q")
         ggml_type = r.scalar("<I")
-        r.scalar("<Q")  # data offset
+        offset = r.scalar("<Q")
         parameters += elements
         if n_dims >= 2:
             tensor_types[ggml_type] += elements
+        block = TYPE_SIZES.get(ggml_type)
+        if block is None or data_end is None:
+            data_end = None
+        else:
+            data_end = max(data_end, offset + -(-elements // block[0]) * block[1])
+    alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0:
+        alignment = _DEFAULT_ALIGNMENT
+    data_start = -(-r.pos // alignment) * alignment
     return GGUFInfo(
         path=str(path),
         file_size=size,
@@ -260,6 +287,7 @@ def _parse(path: Path, buf: mmap.mmap, size: int) -> GGUFInfo:
         metadata=metadata,
         quantization=_quantization(metadata, tensor_types) or quant_from_filename(path.name),
         special_tokens=_special_tokens(r, metadata, tokens_at),
+        required_size=None if data_end is None or not tensor_count else data_start + data_end,
     )
 
 

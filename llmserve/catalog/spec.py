@@ -39,7 +39,21 @@ class LocalSource:
     path: Path
 
 
-Source = HuggingFaceSource | PypiSource | UrlSource | LocalSource
+@dataclass(frozen=True)
+class OllamaSource:
+    """A model in an Ollama registry (`ollama://[namespace/]name[:tag]`): its model layer."""
+
+    name: str
+    namespace: str = "library"
+    tag: str = "latest"
+
+    @property
+    def ref(self) -> str:
+        """`namespace/name:tag`."""
+        return f"{self.namespace}/{self.name}:{self.tag}"
+
+
+Source = HuggingFaceSource | PypiSource | UrlSource | LocalSource | OllamaSource
 
 # Load settings a catalog entry may set per model (the server's flags are the fallback).
 LOAD_PARAMS = ("n_ctx", "n_gpu_layers", "n_threads", "n_batch")
@@ -70,6 +84,12 @@ class ModelSpec:
     load: Mapping[str, int] = field(default_factory=dict)
     sampling: Mapping[str, float] = field(default_factory=dict)
     origin: str = "builtin"  # "builtin", or the manifest path it came from
+    aliases: tuple[str, ...] = ()  # more names clients may send (e.g. "gpt-4o-mini")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The alias and every extra alias."""
+        return (self.alias, *self.aliases)
 
 
 def describe_source(source: Source) -> str:
@@ -81,6 +101,8 @@ def describe_source(source: Source) -> str:
         return "pypi " + " ".join(source.packages)
     if isinstance(source, LocalSource):
         return f"local {source.path}"
+    if isinstance(source, OllamaSource):
+        return f"ollama {source.ref}"
     return f"url {source.url}"
 
 
@@ -100,12 +122,16 @@ def source_to_dict(source: Source) -> dict[str, Any]:
         return {"pypi": {"packages": list(source.packages), **members}}
     if isinstance(source, LocalSource):
         return {"local": str(source.path)}
+    if isinstance(source, OllamaSource):
+        return {"ollama": source.ref}
     return {"url": source.url}
 
 
 def spec_to_dict(spec: ModelSpec) -> dict[str, Any]:
     """A spec as its models.yaml entry (empty fields left out)."""
     entry: dict[str, Any] = {"path": spec.filename}
+    if spec.aliases:
+        entry["aliases"] = list(spec.aliases)
     if spec.description:
         entry["description"] = spec.description
     if spec.size is not None:

@@ -133,20 +133,25 @@ def download(
     progress: bool,
     size_hint: int | None = None,
     desc: str = "",
+    immutable: bool = False,
 ) -> None:
-    """Download url into partial, resuming what an earlier attempt left there."""
+    """Download url into partial, resuming what an earlier attempt left there.
+
+    immutable: the URL names its content (an Ollama blob by digest), so a partial file is
+    resumed even when the server sent no validator."""
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in {"http", "https", "file"}:
         raise FetchError(f"unsupported URL scheme {scheme!r}")
     meta = _read_meta(meta_path(partial))
     have = partial.stat().st_size if partial.is_file() else 0
     validator = meta.get("etag") or meta.get("last_modified")
-    if have and (meta.get("url") != url or not isinstance(validator, str)):
+    if have and (meta.get("url") != url or not (isinstance(validator, str) or immutable)):
         have = 0
     request_headers = {"User-Agent": "llmserve", **(headers or {})}
-    if have and isinstance(validator, str):
+    if have:
         request_headers["Range"] = f"bytes={have}-"
-        request_headers["If-Range"] = validator
+        if isinstance(validator, str) and not immutable:
+            request_headers["If-Range"] = validator
         logger.info("resuming %s at byte %d", desc or partial.name, have)
     opener = urllib.request.build_opener(_KeepAuthOnSameHost)
     request = urllib.request.Request(url, headers=request_headers)

@@ -202,7 +202,7 @@ def plan_chat(req: ChatCompletionRequest) -> ChatPlan:
         tools=[t.model_dump(exclude_none=True) for t in tools] if mode != "none" else None,
         # NOTE: a named tool_choice means one call to that function.
         specs=specs, tool_mode=mode, forced=forced,
-        parallel=req.parallel_tool_calls and isinstance(choice, str),
+        parallel=req.parallel_tool_calls is True and isinstance(choice, str),
         content=content, raw_grammar=req.grammar, variables=variables,
     )
 

@@ -13,6 +13,7 @@ Families (see `detect_family`):
 
 from __future__ import annotations
 
+import json
 import secrets
 import string
 from collections.abc import Callable
@@ -42,26 +43,50 @@ def new_call_id() -> str:
     return "call_" + "".join(secrets.choice(_ALPHABET) for _ in range(24))
 
 
-class ToolCallParser:
-    """Base: content with held-back whitespace, call numbering. Subclasses implement _feed."""
+def _call_key(name: str, arguments: str) -> tuple[str, str]:
+    """A call's identity: its name and its arguments as canonical JSON."""
+    try:
+        return name, json.dumps(json.loads(arguments or "{}"), sort_keys=True)
+    except ValueError:
+        return name, arguments
 
-    def __init__(self) -> None:
+
+class ToolCallParser:
+    """Base: content with held-back whitespace, call numbering. Subclasses implement _feed.
+
+    `done` turns true when the output should end: `max_calls` calls are complete (1 when the
+    request does not allow parallel calls), or the model began repeating a call it already
+    made, word for word (small models loop on `<tool_call>` until max_tokens). The calls after
+    the first are held back until complete, so a repeated one is dropped unseen.
+    """
+
+    def __init__(self, max_calls: int | None = None) -> None:
         self._out: list[Piece] = []
         self.calls = 0
+        self.max_calls = max_calls
+        self.done = False
         self._ws = ""
         self._after_call = False
         self._open = False
+        self._name = ""
+        self._args = ""
+        self._held: list[Piece] | None = None  # a later call's deltas, until it is complete
+        self._seen: set[tuple[str, str]] = set()
 
     def feed(self, text: str) -> list[Piece]:
         """Content and tool-call pieces for the next piece of generated text."""
-        if text:
+        if text and not self.done:
             self._feed(text)
         out, self._out = self._out, []
         return out
 
     def finish(self) -> list[Piece]:
         """Everything still held back, at the end of generation."""
-        self._finish()
+        if not self.done:
+            self._finish()
+            if self._held:  # cut off mid-call (max_tokens): what streamed before, as before
+                self._out += self._held
+        self._held = None
         if self._ws and not self.calls:
             self._out.append(self._ws)
         self._ws = ""
@@ -89,19 +114,38 @@ class ToolCallParser:
             self._ws += text
 
     def first_delta(self, name: str) -> None:
+        if self.done:
+            return
         self._ws = ""
         self._open = True
-        self._out.append(ToolCallDelta(self.calls, new_call_id(), name, ""))
+        self._name, self._args = name, ""
+        delta = ToolCallDelta(self.calls, new_call_id(), name, "")
+        if self.calls:
+            self._held = [delta]
+        else:
+            self._out.append(delta)
 
     def arguments(self, text: str) -> None:
-        if text:
-            self._out.append(ToolCallDelta(self.calls, arguments=text))
+        if text and not self.done:
+            self._args += text
+            delta = ToolCallDelta(self.calls, arguments=text)
+            (self._held if self._held is not None else self._out).append(delta)
 
     def end_call(self) -> None:
-        if self._open:
-            self.calls += 1
-            self._open = False
-            self._after_call = True
+        if not self._open or self.done:
+            return
+        self._open = False
+        self._after_call = True
+        held, self._held = self._held, None
+        key = _call_key(self._name, self._args)
+        if key in self._seen:
+            self.done = True  # a repeat: drop it and end the output
+            return
+        self._seen.add(key)
+        self._out += held or []
+        self.calls += 1
+        if self.max_calls is not None and self.calls >= self.max_calls:
+            self.done = True
 
 
 def _held_prefix(text: str, marker: str) -> int:
@@ -117,8 +161,8 @@ class HermesParser(ToolCallParser):
 
     START, END = "<tool_call>", "</tool_call>"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, max_calls: int | None = None) -> None:
+        super().__init__(max_calls)
         self._buf = ""
         self._call: CallObject | None = None
         self._block = ""
@@ -174,8 +218,8 @@ class _JsonStartParser(ToolCallParser):
 
     openers: tuple[str, ...] = ()
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, max_calls: int | None = None) -> None:
+        super().__init__(max_calls)
         self._head = ""
         self._objects: CallObjects | None = None
         self._text = False  # decided: plain content
@@ -253,8 +297,8 @@ class MistralParser(ToolCallParser):
 
     START, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, max_calls: int | None = None) -> None:
+        super().__init__(max_calls)
         self._buf = ""
         self._mode = "text"  # text | head | list | name | args
         self._objects: CallObjects | None = None
@@ -323,7 +367,7 @@ class PlainText(ToolCallParser):
         pass
 
 
-PARSERS: dict[str, Callable[[], ToolCallParser]] = {
+PARSERS: dict[str, Callable[..., ToolCallParser]] = {
     "hermes": HermesParser,
     "llama3": Llama3Parser,
     "mistral": MistralParser,
@@ -342,8 +386,9 @@ def detect_family(template: str) -> str:
     return "json"
 
 
-def make_parser(family: str | None) -> ToolCallParser:
-    """The parser for a family (None: no tools, plain text)."""
+def make_parser(family: str | None, *, max_calls: int | None = None) -> ToolCallParser:
+    """The parser for a family (None: no tools, plain text); max_calls=1 for requests that
+    do not allow parallel tool calls."""
     if family is None:
         return PlainText()
-    return PARSERS.get(family, JsonParser)()
+    return PARSERS.get(family, JsonParser)(max_calls=max_calls)

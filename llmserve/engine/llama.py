@@ -189,6 +189,10 @@ class LlamaEngine:
             data = b"".join(self.token_bytes(t) for t in tokens)
         return data.decode("utf-8", errors="replace")
 
+    def token_piece(self, token: int) -> bytes:
+        """A token's bytes with special tokens rendered as their text (/tokenize pieces)."""
+        return self._piece(token, special=True)
+
     def token_bytes(self, token: int) -> bytes:
         """The bytes one token stands for (special tokens render empty)."""
         piece = self._piece_cache.get(token)
@@ -236,7 +240,10 @@ class LlamaEngine:
     def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[tuple[int, bytes]]:
         """Sample tokens after prompt on a sequence of its own (tests and scripts)."""
         if len(prompt) >= self.info.n_ctx:
-            raise ContextLengthError(f"the prompt is {len(prompt)} tokens", param="prompt")
+            raise ContextLengthError(
+                f"the prompt is {len(prompt)} tokens", param="prompt",
+                n_prompt_tokens=len(prompt), n_ctx=self.info.n_ctx,
+            )
         seq = self.open_seq(prompt, params)
         if seq is None:
             raise InternalError("every sequence is busy")

@@ -90,7 +90,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 def create_app(settings: Settings, engine_factory: EngineFactory | None = None) -> FastAPI:
     """The ASGI app; engine_factory defaults to llama.cpp (tests pass a fake)."""
     worker = Scheduler(settings.max_queue, settings.n_batch)
-    manager = ModelManager(settings, engine_factory or _llama_factory(), worker)
+    manager = ModelManager(
+        settings, engine_factory or _llama_factory(), worker, check_files=engine_factory is None
+    )
     cache = PrefixCache(
         settings.prompt_cache, settings.cache_dir, settings.cache_ram_bytes,
         settings.cache_disk_bytes, settings.cache_block_tokens,

@@ -57,11 +57,11 @@ async def _json_body(request: Request, model: type[M]) -> M:
 
 @router.post("/tokenize")
 async def tokenize(request: Request, extra: ExtraDep) -> dict[str, Any]:
-    """`{"content", "add_special"?, "parse_special"?}` -> `{"tokens": [...]}`."""
+    """`{"content", "add_special"?, "parse_special"?, "with_pieces"?}` -> `{"tokens": [...]}`."""
     body = await _json_body(request, TokenizeRequest)
     tokens = await extra.tokenize(
         body.content, add_special=body.add_special, parse_special=body.parse_special,
-        model=body.model,
+        model=body.model, with_pieces=body.with_pieces,
     )
     return {"tokens": tokens}
 

@@ -250,11 +250,13 @@ async def list_models(manager: ManagerDep) -> dict[str, Any]:
     active = manager.active_name
     names = [m.name for m in manager.files()]
     ordered = ([active] if active in names else []) + [n for n in names if n != active]
+    # NOTE: models.yaml `aliases` (e.g. gpt-4o-mini) are names clients may pick from here.
+    aliases = [a for a, _ in manager.library.served_aliases() if a not in names]
     created = 0
     return {
         "object": "list",
         "data": [
             {"id": n, "object": "model", "created": created, "owned_by": "llmserve"}
-            for n in ordered
+            for n in ordered + aliases
         ],
     }

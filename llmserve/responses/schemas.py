@@ -40,7 +40,7 @@ class ResponsesRequest(SamplingFields):
     instructions: str | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: bool | None = None  # None: one call (the chat default, see README)
     max_output_tokens: int | None = Field(default=None, ge=1)
     text: TextConfig | None = None
     metadata: dict[str, str] | None = None

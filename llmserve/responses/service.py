@@ -173,7 +173,7 @@ def _skeleton(req: ResponsesRequest, gen: Generation) -> dict[str, Any]:
         "status": "in_progress", "background": False, "error": None,
         "incomplete_details": None, "instructions": req.instructions,
         "max_output_tokens": req.max_output_tokens, "max_tool_calls": req.max_tool_calls,
-        "model": gen.model, "output": [], "parallel_tool_calls": req.parallel_tool_calls,
+        "model": gen.model, "output": [], "parallel_tool_calls": req.parallel_tool_calls is True,
         "previous_response_id": req.previous_response_id,
         "reasoning": req.reasoning or {"effort": None, "summary": None},
         "store": req.store, "temperature": req.temperature, "text": convert.text_echo(req.text),
