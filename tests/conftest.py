@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from llmserve.config import Settings
@@ -164,6 +165,14 @@ def smol_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def client(smol_server: ServerProcess) -> Iterator[openai.OpenAI]:
+    """The openai SDK on the shared SmolLM2 server (closed after the test: no leaked socket)."""
+    with openai.OpenAI(base_url=f"{smol_server.base_url}/v1", api_key="unused",
+                       max_retries=0) as sdk:
+        yield sdk
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

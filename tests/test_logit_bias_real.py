@@ -19,11 +19,6 @@ COLOURS = 'root ::= "red" | "blue" | "green"'
 N_VOCAB = 49152  # SmolLM2's
 
 
-@pytest.fixture
-def client(smol_server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{smol_server.base_url}/v1", api_key="unused", max_retries=0)
-
-
 def token(server: ServerProcess, text: str) -> int:
     [tok] = httpx.post(f"{server.base_url}/tokenize", json={"content": text}).json()["tokens"]
     return int(tok)

@@ -9,16 +9,11 @@ import numpy as np
 import openai
 import pytest
 
-from tests.conftest import MODELS_DIR, SMOL, ServerProcess
+from tests.conftest import MODELS_DIR, SMOL
 
 pytestmark = pytest.mark.real_model
 
 ASK = [{"role": "user", "content": "Name three colors of the rainbow."}]
-
-
-@pytest.fixture
-def client(smol_server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{smol_server.base_url}/v1", api_key="unused", max_retries=0)
 
 
 def test_chat_logprobs_shape_and_greedy_choice(client: openai.OpenAI) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import anthropic
 import pytest
 
@@ -22,8 +24,10 @@ SYSTEM = "You are a careful assistant for a weather service. " + " ".join(
 
 
 @pytest.fixture
-def client(smol_server: ServerProcess) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=smol_server.base_url, api_key="unused", max_retries=0)
+def client(smol_server: ServerProcess) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=smol_server.base_url, api_key="unused",
+                             max_retries=0) as sdk:
+        yield sdk
 
 
 def text_of(message: anthropic.types.Message) -> str:

@@ -77,14 +77,6 @@ def test_special_tokens(smol_server: ServerProcess) -> None:
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
 
 
-@pytest.fixture
-def client(smol_server: ServerProcess) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(
-        base_url=f"{smol_server.base_url}/v1", api_key="unused", max_retries=0
-    ) as sdk:
-        yield sdk
-
-
 def _norm(v: list[float]) -> float:
     return math.sqrt(sum(x * x for x in v))
 

@@ -42,7 +42,9 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
                            "--n_threads", "2", "--chat_template", str(template), "--no_announce")
     try:
         server.wait_ready()
-        yield openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+        with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused",
+                           max_retries=0) as sdk:
+            yield sdk
     finally:
         server.stop()
 

@@ -46,74 +46,75 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 def test_create_and_stream(server: ServerProcess) -> None:
-    client = sdk(server)
-    made = client.responses.create(model=SMOL, input="Name three colors.", temperature=0,
-                                   max_output_tokens=200)
-    assert made.status == "completed" and made.output_text.strip()
-    assert made.usage is not None and made.usage.output_tokens > 0
-    assert made.usage.input_tokens > 5
-    deltas: list[str] = []
-    kinds: list[str] = []
-    with client.responses.stream(model=SMOL, input="Name three animals.", temperature=0,
-                                 max_output_tokens=200) as stream:
-        for event in stream:
-            kinds.append(event.type)
-            if event.type == "response.output_text.delta":
-                deltas.append(event.delta)
-        final = stream.get_final_response()
-    assert final.output_text and "".join(deltas) == final.output_text
-    assert kinds[:2] == ["response.created", "response.in_progress"]
-    assert kinds[-1] == "response.completed"
-    got = client.responses.retrieve(final.id)
-    assert got.output_text == final.output_text
+    with sdk(server) as client:
+        made = client.responses.create(model=SMOL, input="Name three colors.", temperature=0,
+                                       max_output_tokens=200)
+        assert made.status == "completed" and made.output_text.strip()
+        assert made.usage is not None and made.usage.output_tokens > 0
+        assert made.usage.input_tokens > 5
+        deltas: list[str] = []
+        kinds: list[str] = []
+        with client.responses.stream(model=SMOL, input="Name three animals.", temperature=0,
+                                     max_output_tokens=200) as stream:
+            for event in stream:
+                kinds.append(event.type)
+                if event.type == "response.output_text.delta":
+                    deltas.append(event.delta)
+            final = stream.get_final_response()
+        assert final.output_text and "".join(deltas) == final.output_text
+        assert kinds[:2] == ["response.created", "response.in_progress"]
+        assert kinds[-1] == "response.completed"
+        got = client.responses.retrieve(final.id)
+        assert got.output_text == final.output_text
 
 
 def test_function_call_round_trip(server: ServerProcess) -> None:
-    client = sdk(server)
-    first = client.responses.create(model=SMOL, input=ASK, tools=[WEATHER],
-                                    tool_choice="required", temperature=0,
-                                    max_output_tokens=60, parallel_tool_calls=False)
-    [call] = [item for item in first.output if item.type == "function_call"]
-    assert call.name == "get_weather" and call.call_id.startswith("call_")
-    assert isinstance(json.loads(call.arguments)["city"], str)
-    answer = client.responses.create(
-        model=SMOL, previous_response_id=first.id, tools=[WEATHER], temperature=0,
-        max_output_tokens=40,
-        input=[{"type": "function_call_output", "call_id": call.call_id,
-                "output": json.dumps({"temperature_c": 21, "sky": "sunny"})}],
-    )
-    assert answer.status in ("completed", "incomplete")
-    assert answer.output and answer.usage is not None and first.usage is not None
-    assert answer.usage.input_tokens > first.usage.input_tokens
-    # the second turn's prompt starts with the first one's prompt and call
-    assert answer.usage.input_tokens_details.cached_tokens > 0
-    listed = client.responses.input_items.list(answer.id, order="asc")
-    assert [i.type for i in listed.data] == ["message", "function_call", "function_call_output"]
+    with sdk(server) as client:
+        first = client.responses.create(model=SMOL, input=ASK, tools=[WEATHER],
+                                        tool_choice="required", temperature=0,
+                                        max_output_tokens=60, parallel_tool_calls=False)
+        [call] = [item for item in first.output if item.type == "function_call"]
+        assert call.name == "get_weather" and call.call_id.startswith("call_")
+        assert isinstance(json.loads(call.arguments)["city"], str)
+        answer = client.responses.create(
+            model=SMOL, previous_response_id=first.id, tools=[WEATHER], temperature=0,
+            max_output_tokens=40,
+            input=[{"type": "function_call_output", "call_id": call.call_id,
+                    "output": json.dumps({"temperature_c": 21, "sky": "sunny"})}],
+        )
+        assert answer.status in ("completed", "incomplete")
+        assert answer.output and answer.usage is not None and first.usage is not None
+        assert answer.usage.input_tokens > first.usage.input_tokens
+        # the second turn's prompt starts with the first one's prompt and call
+        assert answer.usage.input_tokens_details.cached_tokens > 0
+        listed = client.responses.input_items.list(answer.id, order="asc")
+        assert [i.type for i in listed.data] == ["message", "function_call", "function_call_output"]
 
 
 def test_previous_response_id_across_restart(tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
     first = start(tmp_path, "first", cache_dir)
     try:
-        one = sdk(first).responses.create(
-            model=SMOL, input="Tell me about the planet Mars in a few sentences.",
-            instructions="You are a concise astronomy tutor.", temperature=0,
-            max_output_tokens=60)
+        with sdk(first) as client:
+            one = client.responses.create(
+                model=SMOL, input="Tell me about the planet Mars in a few sentences.",
+                instructions="You are a concise astronomy tutor.", temperature=0,
+                max_output_tokens=60)
     finally:
         first.stop()
     assert one.output_text
     second = start(tmp_path, "second", cache_dir)
     try:
-        client = sdk(second)
-        stored = client.responses.retrieve(one.id)
-        two = client.responses.create(
-            model=SMOL, previous_response_id=one.id, input="And Venus?",
-            instructions="You are a concise astronomy tutor.", temperature=0,
-            max_output_tokens=30)
-        items = client.responses.input_items.list(two.id, order="asc")
-        client.responses.delete(one.id)
-        with pytest.raises(openai.NotFoundError):
-            client.responses.retrieve(one.id)
+        with sdk(second) as client:
+            stored = client.responses.retrieve(one.id)
+            two = client.responses.create(
+                model=SMOL, previous_response_id=one.id, input="And Venus?",
+                instructions="You are a concise astronomy tutor.", temperature=0,
+                max_output_tokens=30)
+            items = client.responses.input_items.list(two.id, order="asc")
+            client.responses.delete(one.id)
+            with pytest.raises(openai.NotFoundError):
+                client.responses.retrieve(one.id)
     finally:
         second.stop()
     assert stored.output_text == one.output_text

@@ -19,11 +19,6 @@ pytestmark = pytest.mark.real_model
 ASK = [{"role": "user", "content": "Name three colors of the rainbow."}]
 
 
-@pytest.fixture
-def client(smol_server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{smol_server.base_url}/v1", api_key="unused", max_retries=0)
-
-
 def test_models_list(client: openai.OpenAI, smol_server: ServerProcess) -> None:
     ids = [m.id for m in client.models.list()]
     active = httpx.get(f"{smol_server.base_url}/").json()["model"]

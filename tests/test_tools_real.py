@@ -31,11 +31,6 @@ ASK: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
 ONE: dict[str, Any] = {"temperature": 0, "max_tokens": 60, "parallel_tool_calls": False}
 
 
-@pytest.fixture
-def client(smol_server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{smol_server.base_url}/v1", api_key="unused", max_retries=0)
-
-
 def check_args(name: str, arguments: str) -> dict[str, Any]:
     """The arguments are JSON matching the schema of the named tool in TOOLS."""
     args = json.loads(arguments)
