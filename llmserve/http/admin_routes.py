@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 
-from llmserve import __version__
+from llmserve.version import __version__
 from llmserve.cache.manager import PrefixCache
 from llmserve.errors import error_body
 from llmserve.http.deps import CacheDep, ManagerDep, ServiceDep

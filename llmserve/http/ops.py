@@ -6,7 +6,7 @@ import logging
 
 from fastapi import FastAPI
 
-from llmserve import __version__
+from llmserve.version import __version__
 from llmserve.catalog.registry import ModelManager
 from llmserve.config import Settings
 from llmserve.discovery import Announcer, txt_records
