@@ -8,12 +8,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 
-from llmserve.version import __version__
 from llmserve.cache.manager import PrefixCache
 from llmserve.errors import error_body
 from llmserve.http.deps import CacheDep, ManagerDep, ServiceDep
 from llmserve.http.ui_routes import wants_html
 from llmserve.schemas import RestoreCacheRequest, SetModelRequest
+from llmserve.version import __version__
 
 router = APIRouter()
 

@@ -14,7 +14,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmserve.version import __version__
 from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import EngineFactory, ModelManager
 from llmserve.config import Settings
@@ -30,6 +29,7 @@ from llmserve.http.guard import BodyGuard
 from llmserve.http.ops import Ops
 from llmserve.scheduler import Scheduler
 from llmserve.service import ChatService
+from llmserve.version import __version__
 
 logger = logging.getLogger(__name__)
 ENGINE_STOP_WAIT = 3.0  # seconds shutdown waits for the engine thread's current work

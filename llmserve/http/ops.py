@@ -6,7 +6,6 @@ import logging
 
 from fastapi import FastAPI
 
-from llmserve.version import __version__
 from llmserve.catalog.registry import ModelManager
 from llmserve.config import Settings
 from llmserve.discovery import Announcer, txt_records
@@ -16,6 +15,7 @@ from llmserve.http.auth import APIKeyMiddleware, is_loopback_host
 from llmserve.metrics import LoadedModel, Metrics
 from llmserve.scheduler import Scheduler
 from llmserve.service import ChatService
+from llmserve.version import __version__
 
 logger = logging.getLogger(__name__)
 
