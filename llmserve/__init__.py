@@ -5,15 +5,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from llmserve.config import Settings
+from llmserve.version import __version__
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from llmserve.discovery import Node
 
-__version__ = "0.1.0"
 Config = Settings
 
 
-def create_app(settings: Settings | None = None):  # type: ignore[no-untyped-def]
+def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the ASGI app (imported lazily so `import llmserve` stays light)."""
     from llmserve.http.app import create_app as _create_app
 

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llmserve import __version__
 from llmserve.catalog.cli_models import add_models_parser, run_models
 from llmserve.config import Settings
 from llmserve.units import parse_size
+from llmserve.version import __version__
 
 logger = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -180,13 +180,14 @@ class ChatService:
     """Creates chat and text completions on the active (or requested) model."""
 
     def __init__(
-        self, settings: Settings, manager: ModelManager, worker: Scheduler, cache: PrefixCache
+        self, settings: Settings, manager: ModelManager, worker: Scheduler, cache: PrefixCache,
+        metrics: Metrics | None = None,
     ):
         self.settings = settings
         self.manager = manager
         self.worker = worker
         self.cache = cache
-        self.metrics: Metrics | None = None  # set by create_app; see _metered
+        self.metrics = metrics  # see _metered
         self._adapters: dict[int, IteratorBatch] = {}  # engines without batching (the fake)
         self.env = Env(manager, cache, settings.stream_interval_ms / 1000, self._batch_for)
 

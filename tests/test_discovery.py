@@ -39,7 +39,7 @@ async def test_announced_updated_on_switch_and_withdrawn(fake_models_dir: Path) 
     )
     app = create_app(settings, engine_factory=lambda p, _: FakeEngine(p))
     async with app.router.lifespan_context(app):
-        announcer = app.state.ops.announcer
+        announcer = app.state.announcer
         await asyncio.wait_for(announcer.registered.wait(), timeout=20)
         node = await _find(port, lambda n: n.model == "alpha.gguf")
         assert node is not None
@@ -63,7 +63,7 @@ async def test_no_announce(fake_models_dir: Path) -> None:
                         no_announce=True)
     app = create_app(settings, engine_factory=lambda p, _: FakeEngine(p))
     async with app.router.lifespan_context(app):
-        assert app.state.ops.announcer is None
+        assert app.state.announcer is None
 
 
 async def test_server_starts_when_multicast_fails(

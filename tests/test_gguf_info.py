@@ -61,6 +61,24 @@ def test_quantization_falls_back_to_tensor_types(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("ftype", "name"),
+    [(15, "Q4_K_M"), (15 | 1024, "Q4_K_M"), (0, "F32"), (1024, "F32"), (38, "MXFP4_MOE")],
+)
+def test_file_type_names(tmp_path: Path, ftype: int, name: str) -> None:
+    assert read_gguf(tiny_llama(tmp_path / "t.gguf", ftype=ftype)).quantization == name
+
+
+def test_tensor_data_size_uses_ggml_block_sizes(tmp_path: Path) -> None:
+    def required(ggml_type: int) -> int | None:
+        path = write_gguf(tmp_path / f"{ggml_type}.gguf", {}, [("a", (32, 4), ggml_type)])
+        return read_gguf(path).required_size
+
+    q8_0, q8_1, unknown = required(8), required(9), required(99)
+    assert q8_0 is not None and q8_1 is not None and unknown is None
+    assert q8_1 - q8_0 == 4 * (36 - 34)  # 4 blocks; ggml's block_q8_1 is 36 bytes, not 40
+
+
+@pytest.mark.parametrize(
     ("content", "message"),
     [
         (b"GGUF fake", "not a GGUF file"),

@@ -4,6 +4,7 @@ GGUF layout (little-endian): magic ``GGUF``, version u32, tensor count, key/valu
 key/value pairs, then one info record per tensor (name, dims, type, offset). Counts and string
 lengths are u64 from version 2 on (u32 in version 1). The file is memory-mapped and only the
 header pages are touched; big arrays (the vocabulary, scores) are skipped, not decoded.
+The type tables (value types, file types, ggml tensor types and block sizes) are gguf-py's.
 """
 
 from __future__ import annotations
@@ -13,41 +14,28 @@ import re
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-# general.file_type (llama_ftype) -> the quantization name llama.cpp prints.
-FILE_TYPES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
-    17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
-    23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
-    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
-}  # fmt: skip
-# ggml_type of a tensor -> name, for files without general.file_type.
-TENSOR_TYPES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
-    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
-    17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
-    23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16",
-    34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
-}  # fmt: skip
-# ggml_type -> (elements per block, bytes per block), as gguf-py's GGML_QUANT_SIZES.
-TYPE_SIZES = {
-    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
-    9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
-    15: (256, 292), 16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18),
-    21: (256, 110), 22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4),
-    27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66),
-    39: (32, 17),
-}  # fmt: skip
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
+
+# ggml_type -> (elements per block, bytes per block).
+TYPE_SIZES: dict[int, tuple[int, int]] = {int(t): size for t, size in GGML_QUANT_SIZES.items()}
+# NOTE: gguf-py sizes Q8_1 as 40 bytes; ggml's block_q8_1 is two halves + 32 int8 (36).
+TYPE_SIZES[GGMLQuantizationType.Q8_1] = (32, 36)
 _DEFAULT_ALIGNMENT = 32
-_FTYPE_GUESSED = 1024
-_SCALARS = {
-    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-    12: "<d",
-}  # fmt: skip
-_STRING, _ARRAY = 8, 9
+_SCALARS: dict[int, str] = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}
+_ITEM_NAMES: dict[int, str] = {
+    GGUFValueType.STRING: "string", GGUFValueType.ARRAY: "array", GGUFValueType.FLOAT32: "f32",
+    GGUFValueType.FLOAT64: "f64", GGUFValueType.BOOL: "bool",
+}
+_STRING, _ARRAY = GGUFValueType.STRING, GGUFValueType.ARRAY
 _KEEP_ARRAY = 64  # arrays up to this many items are decoded; longer ones are summarised
 _QUANT_IN_NAME = re.compile(r"(?i)(?<![a-z0-9])(i?q\d_(?:k_[sml]|k|\d|[a-z]+)|bf16|f16|f32)")
 
@@ -215,8 +203,7 @@ class _Reader:
 
 
 def _type_name(vtype: int) -> str:
-    names = {8: "string", 9: "array", 6: "f32", 12: "f64", 7: "bool"}
-    return names.get(vtype, "int")
+    return _ITEM_NAMES.get(vtype, "int")
 
 
 def read_gguf(path: Path) -> GGUFInfo:
@@ -294,12 +281,19 @@ def _parse(path: Path, buf: mmap.mmap, size: int) -> GGUFInfo:
 def _quantization(metadata: dict[str, Any], tensor_types: Counter[int]) -> str | None:
     ftype = metadata.get("general.file_type")
     if isinstance(ftype, int):
-        name = FILE_TYPES.get(ftype & ~_FTYPE_GUESSED)
-        if name:
-            return name
-    if tensor_types:
-        return TENSOR_TYPES.get(tensor_types.most_common(1)[0][0])
+        name = _enum_name(LlamaFileType, ftype & ~LlamaFileType.GUESSED)
+        if name:  # the name llama.cpp prints: "MOSTLY_Q4_K_M" -> "Q4_K_M", "ALL_F32" -> "F32"
+            return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    if tensor_types:  # files without general.file_type: the commonest matrix type
+        return _enum_name(GGMLQuantizationType, tensor_types.most_common(1)[0][0])
     return None
+
+
+def _enum_name(kind: type[IntEnum], value: int) -> str | None:
+    try:
+        return kind(value).name
+    except ValueError:
+        return None
 
 
 def _special_tokens(

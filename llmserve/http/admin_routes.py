@@ -8,12 +8,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 
-from llmserve import __version__
 from llmserve.cache.manager import PrefixCache
 from llmserve.errors import error_body
-from llmserve.http.deps import CacheDep, ManagerDep, ServiceDep
+from llmserve.http.deps import CacheDep, ManagerDep, ServiceDep, SettingsDep, WorkerDep
 from llmserve.http.ui_routes import wants_html
 from llmserve.schemas import RestoreCacheRequest, SetModelRequest
+from llmserve.version import __version__
 
 router = APIRouter()
 
@@ -34,12 +34,13 @@ async def status(request: Request, manager: ManagerDep) -> dict[str, Any] | Redi
 
 
 @router.get("/health", response_model=None)
-async def health(request: Request, manager: ManagerDep, cache: CacheDep) -> Any:
+async def health(
+    manager: ManagerDep, cache: CacheDep, settings: SettingsDep, worker: WorkerDep
+) -> Any:
     """200 while the server can serve (a model is loaded, or one was and another is loading);
     503 before the first model is ready, or when the engine thread is dead or wedged (busy
     with no progress for --health_stall_seconds). The body says which, and the cache state."""
-    settings = request.app.state.settings
-    engine = request.app.state.worker.liveness()
+    engine = worker.liveness()
     loaded = manager.loaded_names()
     body: dict[str, Any] = {
         "status": "ok", "model": manager.active_name, "state": manager.state,

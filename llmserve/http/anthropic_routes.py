@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -22,8 +22,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmserve.anthropic.convert import stop_reason
 from llmserve.anthropic.events import MessageBuilder, error_body, message_id, sse, usage
 from llmserve.anthropic.schemas import CountTokensRequest, MessagesRequest
-from llmserve.anthropic.service import MessagesService, PromptFacts, cache_usage, parts
+from llmserve.anthropic.service import PromptFacts, cache_usage, parts
 from llmserve.errors import LlmserveError, QueueFullError
+from llmserve.http.deps import MessagesDep
 from llmserve.http.openai_routes import collect_unless_gone
 from llmserve.service import Finished, Generation
 
@@ -74,11 +75,6 @@ class AnthropicRoute(APIRoute):
         return route
 
 
-def _service(request: Request) -> MessagesService:
-    return MessagesService(request.app.state.service)
-
-
-MessagesDep = Annotated[MessagesService, Depends(_service)]
 router = APIRouter(prefix="/v1", route_class=AnthropicRoute)
 
 

@@ -1,4 +1,9 @@
-"""create_app(): builds every component, hangs them on app.state, maps errors once."""
+"""create_app(): builds every component, hangs them on app.state, maps errors once.
+
+The lifespan loads the first model, runs the keep-alive reaper and the LAN announcement, and
+on shutdown stops them and the engine thread. Middleware order, outermost first:
+RequestMetricsMiddleware -> APIKeyMiddleware -> BodyGuard -> the routes.
+"""
 
 from __future__ import annotations
 
@@ -14,22 +19,33 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmserve import __version__
+from llmserve.anthropic.service import MessagesService
 from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import EngineFactory, ModelManager
 from llmserve.config import Settings
+from llmserve.discovery import Announcer, txt_records
+from llmserve.embeddings import EmbeddingService
 from llmserve.errors import LlmserveError, QueueFullError, error_body
 from llmserve.http import (
     admin_routes,
     anthropic_routes,
+    embedding_routes,
+    observe,
     openai_routes,
+    plain_chat_routes,
     responses_routes,
+    token_routes,
     ui_routes,
 )
+from llmserve.http.auth import APIKeyMiddleware, is_loopback_host
 from llmserve.http.guard import BodyGuard
-from llmserve.http.ops import Ops
+from llmserve.metrics import LoadedModel, Metrics
+from llmserve.responses.service import ResponsesService
+from llmserve.responses.store import ResponseStore
 from llmserve.scheduler import Scheduler
 from llmserve.service import ChatService
+from llmserve.tokens import TokenService
+from llmserve.version import __version__
 
 logger = logging.getLogger(__name__)
 ENGINE_STOP_WAIT = 3.0  # seconds shutdown waits for the engine thread's current work
@@ -97,17 +113,25 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
         settings.prompt_cache, settings.cache_dir, settings.cache_ram_bytes,
         settings.cache_disk_bytes, settings.cache_block_tokens,
     )
-    service = ChatService(settings, manager, worker, cache)
+    metrics = Metrics()
+    metrics.track(
+        queue_depth=lambda: worker.queued, loaded=lambda: _loaded_models(manager),
+        active_sequences=lambda: worker.active_sequences,
+    )
+    worker.observers.append(metrics.scheduled)
+    service = ChatService(settings, manager, worker, cache, metrics)
+    keys = settings.api_keys()
 
     @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(_initial_load(manager, settings.model_name))
         reaper = asyncio.create_task(manager.run_reaper())  # keep_alive / idle unloading
-        ops.start()
+        announcer = app.state.announcer = _announce(settings, manager, keys)
         try:
             yield
         finally:
-            await ops.stop()
+            if announcer is not None:
+                await announcer.stop()
             loading.cancel()
             reaper.cancel()
             await _stop_engine(worker, manager)
@@ -119,19 +143,68 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     app.state.manager = manager
     app.state.service = service
     app.state.cache = cache
+    app.state.metrics = metrics
+    app.state.tokens = TokenService(manager, worker)
+    app.state.embeddings = EmbeddingService(manager, worker, metrics)
+    app.state.responses = ResponsesService(  # /v1/responses (issue 10)
+        service, ResponseStore(settings.cache_dir / "responses", settings.responses_max)
+    )
+    app.state.messages = MessagesService(service)
+    app.state.announcer = None  # set by the lifespan unless --no_announce
     _install_error_handlers(app)
     app.include_router(admin_routes.router)
     app.include_router(openai_routes.router)
     app.include_router(openai_routes.router, prefix="/v1")
     app.include_router(openai_routes.v1_router)
-    responses_routes.install(app, settings, service)  # /v1/responses (issue 10)
+    app.include_router(responses_routes.router)
     app.include_router(anthropic_routes.router)  # Anthropic-shaped errors on its routes
     app.include_router(ui_routes.router)
-    # NOTE: added before Ops' middlewares, so it runs inside them: after the API key check.
+    app.include_router(token_routes.router)
+    app.include_router(embedding_routes.router)
+    app.include_router(plain_chat_routes.router)
+    app.include_router(observe.router)
+    # NOTE: the last middleware added runs first: the body guard runs after the API key
+    # check, and the metrics also count refused requests.
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes,
                        timeout_body=settings.timeout_body)
-    ops = Ops(app, settings, manager, worker, service)  # keys, metrics, discovery, extra routes
+    app.add_middleware(APIKeyMiddleware, keys=keys)
+    app.add_middleware(
+        observe.RequestMetricsMiddleware, metrics=metrics,
+        paths=lambda: app.openapi()["paths"].keys(),
+    )
     return app
+
+
+def _loaded_models(manager: ModelManager) -> list[LoadedModel]:
+    """What is in memory now: the active model, and its embedding context if made."""
+    engine = manager.engine
+    if engine is None:
+        return []
+    out = [LoadedModel(engine.info.name, "chat", manager.load_seconds)]
+    if engine.embedding_loaded:
+        out.append(LoadedModel(engine.info.name, "embedding"))
+    return out
+
+
+def _announce(settings: Settings, manager: ModelManager, keys: list[str]) -> Announcer | None:
+    """Warn about an open server; start the LAN announcement unless --no_announce."""
+    if not keys and not is_loopback_host(settings.host):
+        logger.warning(
+            "serving on %s without an API key: anyone who can reach this address can use "
+            "the server (set --api_key or LLMSERVE_API_KEY)", settings.host,
+        )
+    if settings.no_announce:
+        return None
+
+    def txt() -> dict[str, str]:
+        return txt_records(
+            version=__version__, model=manager.active_name,
+            models=[m.name for m in manager.files()], state=manager.state, auth=bool(keys),
+        )
+
+    announcer = Announcer(settings.host, settings.port, txt)
+    announcer.start()
+    return announcer
 
 
 async def _stop_engine(worker: Scheduler, manager: ModelManager) -> None:

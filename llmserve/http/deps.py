@@ -1,31 +1,66 @@
-"""FastAPI dependencies: components built by create_app, read from app.state."""
+"""FastAPI dependencies: the components create_app hangs on app.state, and JSON bodies read
+whatever the Content-Type says."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 
+from llmserve.anthropic.service import MessagesService
 from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import ModelManager
+from llmserve.config import Settings
+from llmserve.embeddings import EmbeddingService
+from llmserve.errors import InvalidRequestError
+from llmserve.metrics import Metrics
+from llmserve.responses.service import ResponsesService
+from llmserve.scheduler import Scheduler
 from llmserve.service import ChatService
+from llmserve.tokens import TokenService
+
+M = TypeVar("M", bound=BaseModel)
 
 
-def _service(request: Request) -> ChatService:
-    service: ChatService = request.app.state.service
-    return service
+def _state(name: str) -> Callable[[Request], Any]:
+    def get(request: Request) -> Any:
+        return getattr(request.app.state, name)
+
+    get.__name__ = f"get_{name}"
+    return get
 
 
-def _manager(request: Request) -> ModelManager:
-    manager: ModelManager = request.app.state.manager
-    return manager
+SettingsDep = Annotated[Settings, Depends(_state("settings"))]
+WorkerDep = Annotated[Scheduler, Depends(_state("worker"))]
+ManagerDep = Annotated[ModelManager, Depends(_state("manager"))]
+CacheDep = Annotated[PrefixCache, Depends(_state("cache"))]
+ServiceDep = Annotated[ChatService, Depends(_state("service"))]
+MetricsDep = Annotated[Metrics, Depends(_state("metrics"))]
+TokensDep = Annotated[TokenService, Depends(_state("tokens"))]
+EmbeddingsDep = Annotated[EmbeddingService, Depends(_state("embeddings"))]
+ResponsesDep = Annotated[ResponsesService, Depends(_state("responses"))]
+MessagesDep = Annotated[MessagesService, Depends(_state("messages"))]
 
 
-def _cache(request: Request) -> PrefixCache:
-    cache: PrefixCache = request.app.state.cache
-    return cache
+def json_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
+    """A dependency reading the body as JSON into `model`, whatever the Content-Type.
 
+    NOTE: `curl -d '{...}'` sends application/x-www-form-urlencoded; llama-server reads its
+    /tokenize, /detokenize and /chat bodies as JSON all the same, and so do we."""
 
-CacheDep = Annotated[PrefixCache, Depends(_cache)]
-ServiceDep = Annotated[ChatService, Depends(_service)]
-ManagerDep = Annotated[ModelManager, Depends(_manager)]
+    async def read(request: Request) -> M:
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidRequestError("request body is not valid JSON") from exc
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from exc
+
+    return read

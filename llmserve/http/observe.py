@@ -5,24 +5,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llmserve.http.deps import MetricsDep
 from llmserve.metrics import CONTENT_TYPE, Metrics
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
-
-
-def _metrics(request: Request) -> Metrics:
-    metrics: Metrics = request.app.state.metrics
-    return metrics
-
-
-MetricsDep = Annotated[Metrics, Depends(_metrics)]
 
 
 @router.get("/metrics", response_class=Response)

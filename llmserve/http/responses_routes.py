@@ -6,32 +6,15 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Query, Request
 from sse_starlette.sse import EventSourceResponse
 
-from llmserve.config import Settings
+from llmserve.http.deps import ResponsesDep
 from llmserve.http.openai_routes import collect_unless_gone, sse_response, stream_error
 from llmserve.responses.schemas import InputItemsQuery, ResponsesRequest
-from llmserve.responses.service import ResponseRun, ResponsesService
-from llmserve.responses.store import ResponseStore
-from llmserve.service import ChatService
+from llmserve.responses.service import ResponseRun
 
 router = APIRouter(prefix="/v1")
-
-
-def _responses(request: Request) -> ResponsesService:
-    service: ResponsesService = request.app.state.responses
-    return service
-
-
-ResponsesDep = Annotated[ResponsesService, Depends(_responses)]
-
-
-def install(app: FastAPI, settings: Settings, chat: ChatService) -> None:
-    """The store (<cache_dir>/responses, --responses_max), the service and the routes."""
-    store = ResponseStore(settings.cache_dir / "responses", settings.responses_max)
-    app.state.responses = ResponsesService(chat, store)
-    app.include_router(router)
 
 
 def _sse(run: ResponseRun) -> EventSourceResponse:

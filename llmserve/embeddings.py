@@ -1,4 +1,5 @@
-"""Tokenize, detokenize and embeddings: thin flows onto the engine thread (no HTTP here)."""
+"""Embeddings: normalised vectors from the model's embedding context, on the engine thread
+(no HTTP here)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from llmserve.catalog.registry import ModelManager
 from llmserve.engine.base import Engine
 from llmserve.errors import ContextLengthError, InvalidRequestError, RequestCancelledError
-from llmserve.extra_schemas import EmbeddingRequest
-from llmserve.limits import TOKENIZE_CONTEXTS, check_text_fits
+from llmserve.limits import check_text_fits
 from llmserve.metrics import Metrics
 from llmserve.scheduler import Scheduler
+from llmserve.schemas import EmbeddingRequest
+from llmserve.tokens import check_token_ids
 
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
 
@@ -39,90 +40,26 @@ class Embeddings:
         return base64.b64encode(self.vectors[index]).decode("ascii")
 
 
-def check_token_ids(tokens: list[int], n_vocab: int, param: str) -> None:
-    """400 for ids outside the vocabulary (llama.cpp would read out of bounds)."""
-    bad = [t for t in tokens if not 0 <= t < n_vocab]
-    if bad:
-        raise InvalidRequestError(
-            f"token id {bad[0]} is outside the model's vocabulary (0..{n_vocab - 1})",
-            param=param,
-        )
-
-
-def token_piece(engine: Engine, token: int) -> bytes:
-    """A token's bytes, special tokens as their text (engines without the method: its text)."""
-    piece = getattr(engine, "token_piece", None)
-    if callable(piece):
-        return bytes(piece(token))
-    return engine.detokenize([token], special=True).encode("utf-8")
-
-
-def piece_json(raw: bytes) -> str | list[int]:
-    """A piece as llama-server writes it: a string if valid UTF-8, else its byte values."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return list(raw)
-
-
 def _unit_float32(vector: list[float]) -> bytes:
     norm = math.sqrt(sum(x * x for x in vector))
     scaled = [x / norm for x in vector] if norm > 0 else vector
     return struct.pack(f"<{len(scaled)}f", *scaled)
 
 
-class ExtraService:
-    """The routes beyond chat: every model call runs on the engine thread."""
+class EmbeddingService:
+    """/v1/embeddings: every model call runs on the engine thread."""
 
-    def __init__(self, manager: ModelManager, worker: Scheduler, metrics: Metrics | None = None):
+    def __init__(self, manager: ModelManager, worker: Scheduler, metrics: Metrics):
         self.manager = manager
         self.worker = worker
         self.metrics = metrics
-
-    def _filename(self, model: str | None) -> str | None:
-        return self.manager.resolve(model) if model else None
-
-    async def tokenize(
-        self, content: str, *, add_special: bool, parse_special: bool, model: str | None = None,
-        with_pieces: bool = False,
-    ) -> list[int] | list[dict[str, Any]]:
-        """Text to token ids with the active (or named) model's tokenizer; with_pieces gives
-        llama-server's `{"id", "piece"}` items instead."""
-        filename = self._filename(model)
-
-        def job() -> list[int] | list[dict[str, Any]]:
-            engine = self.manager.ensure(filename)
-            check_text_fits(content, engine.info, "content", TOKENIZE_CONTEXTS)
-            tokens = engine.tokenize(content, add_special=add_special, parse_special=parse_special)
-            if not with_pieces:
-                return tokens
-            return [{"id": t, "piece": piece_json(token_piece(engine, t))} for t in tokens]
-
-        return await self.worker.call(job)
-
-    async def detokenize(self, tokens: list[int], model: str | None = None) -> str:
-        """Token ids to text; special tokens are rendered (llama-server does the same)."""
-        filename = self._filename(model)
-
-        def job() -> str:
-            engine = self.manager.ensure(filename)
-            most = TOKENIZE_CONTEXTS * engine.info.n_ctx
-            if len(tokens) > most:
-                raise InvalidRequestError(
-                    f"{len(tokens)} tokens; at most {most} ({TOKENIZE_CONTEXTS} contexts) per "
-                    "request", param="tokens",
-                )
-            check_token_ids(tokens, engine.info.n_vocab, "tokens")
-            return engine.detokenize(tokens, special=True)
-
-        return await self.worker.call(job)
 
     async def embed(
         self, req: EmbeddingRequest, cancelled: threading.Event | None = None
     ) -> Embeddings:
         """Normalised embeddings for every input of the request; stops between inputs once
         `cancelled` is set (the client went away)."""
-        filename = self._filename(req.model)
+        filename = self.manager.resolve(req.model) if req.model else None
         inputs = req.input
         if isinstance(inputs, list) and not inputs:
             raise InvalidRequestError("input must not be empty", param="input")
@@ -143,8 +80,7 @@ class ExtraService:
                 check()
                 vectors += engine.embed([tokens])
             total = sum(len(t) for t in batch)
-            if self.metrics is not None:
-                self.metrics.embedded(engine.info.name, total)
+            self.metrics.embedded(engine.info.name, total)
             return Embeddings(engine.info.name, [_unit_float32(v) for v in vectors], total)
 
         result = await self.worker.call(job)
