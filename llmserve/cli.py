@@ -143,6 +143,21 @@ def cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _install_parser(sub: Any) -> None:
+    p = sub.add_parser("install", help="build helper programs (llama-server)")
+    isub = p.add_subparsers(dest="install_what", required=True)
+    llama = isub.add_parser(
+        "llama", help="build llama-server from the pinned llama-cpp-python sdist (cached)")
+    accel = llama.add_mutually_exclusive_group()
+    accel.add_argument("--cpu", action="store_true", help="CPU only (default)")
+    accel.add_argument("--cuda", action="store_true", help="with CUDA (-DGGML_CUDA=on)")
+    accel.add_argument("--metal", action="store_true", help="with Metal (-DGGML_METAL=on)")
+    _flag(llama, "output_dir", type=Path,
+          help="build here (default ~/.cache/llmserve/llama-server/<version>-<flags>); a "
+               "folder already holding build/bin/llama-server is reused")
+    _flag(llama, "jobs", type=int, help="parallel compile jobs (default: CPU count)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole CLI."""
     parser = argparse.ArgumentParser(prog="llmserve", description="local OpenAI-compatible server")
@@ -152,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_models_parser(sub, _flag)
     _cache_parser(sub)
     _discover_parser(sub)
+    _install_parser(sub)
     return parser
 
 
@@ -268,4 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         return cache(args)
     if args.command == "discover":
         return discover(args)
+    if args.command == "install":
+        from llmserve.backends.install import run_install
+
+        return run_install(args)
     return models(args)
