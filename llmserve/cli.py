@@ -94,6 +94,15 @@ def _serve_parser(sub: Any) -> None:
           help="require this API key (repeat for several; env LLMSERVE_API_KEY, comma-separated)")
     _flag(p, "api_key_file", type=Path, help="file of API keys, one per line (# comments)")
     _flag(p, "no_announce", action="store_true", help="do not announce the server on the LAN")
+    _flag(p, "llama_server", type=Path,
+          help="llama-server for `backend: llama_server` entries (default: $LLAMA_SERVER, "
+               "PATH, or the one `llmserve install llama` built)")
+    _flag(p, "backend_start_timeout", type=float,
+          help="seconds a llama-server child may take to become healthy (default 120)")
+    _flag(p, "backend_connect_timeout", type=float,
+          help="seconds to connect to a backend server (default 10)")
+    _flag(p, "backend_read_timeout", type=float,
+          help="seconds a backend may go silent mid-request (default 600)")
 
 
 def _discover_parser(sub: Any) -> None:
@@ -186,6 +195,7 @@ def serve(settings: Settings) -> int:
     """Check the model exists, then serve until interrupted."""
     import uvicorn
 
+    from llmserve.backends.checks import backend_names, check_backends
     from llmserve.catalog.library import ModelLibrary
     from llmserve.catalog.manifest import ManifestError
     from llmserve.chat.templates import load_override
@@ -197,7 +207,9 @@ def serve(settings: Settings) -> int:
             settings.models_dir, settings.manifest, allow_symlinks=settings.allow_symlinks
         )
         library.catalog()  # a bad models.yaml stops the start, with its line and field
-        library.resolve(settings.model_name)
+        check_backends(library, settings)
+        if settings.model_name not in backend_names(library):
+            library.resolve(settings.model_name)
     except ManifestError as exc:
         return _fail("; ".join(exc.lines()))
     except LlmserveError as exc:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from llmserve.backends import extras as backends
 from llmserve.catalog.registry import ModelManager
 from llmserve.engine.base import Engine
 from llmserve.errors import ContextLengthError, InvalidRequestError, RequestCancelledError
@@ -88,6 +89,10 @@ class ExtraService:
     ) -> list[int] | list[dict[str, Any]]:
         """Text to token ids with the active (or named) model's tokenizer; with_pieces gives
         llama-server's `{"id", "piece"}` items instead."""
+        asked = {"content": content, "add_special": add_special, "parse_special": parse_special,
+                 "with_pieces": with_pieces}
+        if (proxied := await backends.tokenize(self.manager, model, asked)) is not None:
+            return proxied
         filename = self._filename(model)
 
         def job() -> list[int] | list[dict[str, Any]]:
@@ -102,6 +107,8 @@ class ExtraService:
 
     async def detokenize(self, tokens: list[int], model: str | None = None) -> str:
         """Token ids to text; special tokens are rendered (llama-server does the same)."""
+        if (text := await backends.detokenize(self.manager, model, tokens)) is not None:
+            return text
         filename = self._filename(model)
 
         def job() -> str:
@@ -122,6 +129,8 @@ class ExtraService:
     ) -> Embeddings:
         """Normalised embeddings for every input of the request; stops between inputs once
         `cancelled` is set (the client went away)."""
+        if (proxied := await backends.embed(self.manager, req)) is not None:
+            return proxied
         filename = self._filename(req.model)
         inputs = req.input
         if isinstance(inputs, list) and not inputs:

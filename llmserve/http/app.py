@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmserve import __version__
+from llmserve.backends.pool import BackendPool
 from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import EngineFactory, ModelManager
 from llmserve.config import Settings
@@ -97,10 +98,12 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
         settings.prompt_cache, settings.cache_dir, settings.cache_ram_bytes,
         settings.cache_disk_bytes, settings.cache_block_tokens,
     )
+    manager.backends = backends = BackendPool(settings, manager)  # issue 11
     service = ChatService(settings, manager, worker, cache)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        backends.start()
         loading = asyncio.create_task(_initial_load(manager, settings.model_name))
         reaper = asyncio.create_task(manager.run_reaper())  # keep_alive / idle unloading
         ops.start()
@@ -111,6 +114,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
             loading.cancel()
             reaper.cancel()
             await _stop_engine(worker, manager)
+            await backends.close()  # stops every llama-server child
             cache.close()
 
     app = FastAPI(title="llmserve", version=__version__, lifespan=lifespan)
