@@ -431,17 +431,15 @@ class BackendPool:
         return self.manager.library.backend_specs()
 
     def find(self, model: str) -> ModelSpec | None:
-        """The backend entry a request's model names: alias or extra alias (exact, then
-        case-insensitive), then a llama_server entry's file name."""
+        """The backend entry a request's model names: its alias or an extra alias (exact,
+        then case-insensitive). NOTE: never by file name: a file name is the in-process
+        engine's, so one GGUF can be served both ways."""
         specs = list(self.specs().values())
         name = model.strip()
         for test in (lambda n: n == name, lambda n: n.casefold() == name.casefold()):
             for spec in specs:
                 if any(test(n) for n in spec.names):
                     return spec
-        for spec in specs:
-            if spec.filename and name in (spec.filename, spec.filename.removesuffix(".gguf")):
-                return spec
         return None
 
     def route(self, model: str | None) -> ProxyBackend | None:
@@ -519,16 +517,18 @@ class BackendPool:
                 "state": "ready" if spec.backend.kind == "openai" else "stopped", "error": None}
 
     def remote_entries(self) -> list[dict[str, Any]]:
-        """GET /models rows for entries without a file (backend openai)."""
+        """GET /models rows of the backend entries (named by alias)."""
         out = []
+        models_dir = self.settings.models_dir
         for spec in self.specs().values():
-            if spec.filename:
-                continue
+            row = self.state_of(spec)
             out.append({
                 "name": spec.alias, "alias": spec.alias, "aliases": list(spec.aliases),
-                "file": None, "present": True, "description": spec.description,
-                "use_cases": list(spec.use_cases), "loaded": False, "n_ctx": None,
-                "active": self.active == spec.alias, **self.state_of(spec),
+                "file": spec.filename or None,
+                "present": (models_dir / spec.filename).is_file() if spec.filename else True,
+                "description": spec.description, "use_cases": list(spec.use_cases),
+                "loaded": row["state"] == "ready" and spec.backend.kind == "llama_server",
+                "n_ctx": None, "active": self.active == spec.alias, **row,
             })
         return out
 

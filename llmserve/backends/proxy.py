@@ -123,13 +123,15 @@ class Upstream:
     /detokenize live beside it at the root."""
 
     def __init__(self, name: str, api_base: str, api_key: str | None, *,
-                 connect_timeout: float, read_timeout: float):
+                 connect_timeout: float, read_timeout: float,
+                 transport: httpx.AsyncBaseTransport | None = None):
         self.name = name
         self.api_base = api_base.rstrip("/")
         self.root = self.api_base.removesuffix("/v1")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(
             headers=headers, timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            transport=transport,  # NOTE: tests pass an httpx.MockTransport
         )
 
     async def close(self) -> None:

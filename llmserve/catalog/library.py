@@ -163,8 +163,9 @@ class ModelLibrary:
     def catalog(self) -> dict[str, ModelSpec]:
         """Alias -> spec: models.yaml entries first, then built-in ones it does not override.
 
-        NOTE: entries without a file (backend openai) are left out; see backend_specs."""
-        manifest = {a: s for a, s in self.manifest().items() if s.filename}
+        NOTE: entries on other backends (llama_server, openai) are left out: they answer to
+        their aliases only, through the backend pool; see backend_specs."""
+        manifest = {a: s for a, s in self.manifest().items() if s.backend.kind == "llama_cpp"}
         return {**manifest, **{a: s for a, s in BUILTIN.items() if a not in self.manifest()}}
 
     def backend_specs(self) -> dict[str, ModelSpec]:

@@ -128,7 +128,8 @@ class ModelManager:
         return self.library.files()
 
     def describe(self) -> list[dict[str, Any]]:
-        """Every known model (catalog and files) with loaded/active flags, for GET /models."""
+        """Every known model (catalog and files) with loaded/active flags, backend and state,
+        then the models.yaml entries on other backends, for GET /models."""
         with self._lock:
             loaded = {n: r.engine.info.n_ctx for n, r in self._resident.items()}
         out = []
@@ -138,13 +139,8 @@ class ModelManager:
             d["loaded"] = entry.filename in loaded
             d["n_ctx"] = loaded.get(entry.filename)
             d["active"] = entry.filename == self.active_name
-            spec = entry.spec
-            if pool is not None and spec is not None and spec.backend.kind != "llama_cpp":
-                d.update(pool.state_of(spec))
-                d["active"] = spec.alias == self.active_name
-            else:
-                d.update(backend="llama_cpp", state="ready" if d["loaded"] else "stopped",
-                         error=None)
+            d.update(backend="llama_cpp", state="ready" if d["loaded"] else "stopped",
+                     error=None)
             out.append(d)
         if pool is not None:
             out += pool.remote_entries()
