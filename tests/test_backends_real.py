@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from llmserve.backends.install import find_llama_server
+from llmserve.backends.install import find_llama_server, installed_binaries
 from tests.conftest import (
     MODELS_DIR,
     ROOT,
@@ -37,7 +37,9 @@ LOAD = "{n_ctx: 1024, n_threads: 1, parallel: 2}"
 
 @pytest.fixture(scope="module")
 def llama_server() -> Path:
-    found = find_llama_server(None)
+    # NOTE: the one `make test` built (llmserve install llama) unless LLAMA_SERVER names another
+    built = installed_binaries()
+    found = find_llama_server(None) if os.environ.get("LLAMA_SERVER") or not built else built[0]
     if found is None:
         pytest.skip("llama-server missing: run `make test` (it runs `llmserve install llama`)")
     require_model(SMOL)

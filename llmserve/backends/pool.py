@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -250,6 +251,7 @@ class LlamaServerBackend(ProxyBackend):
         self._start_lock: asyncio.Lock | None = None
         self._guard = threading.Lock()  # NOTE: the engine thread may stop it (eviction)
         self.restarts = 0
+        self.port: int | None = None
 
     @property
     def resident(self) -> bool:
@@ -327,6 +329,7 @@ class LlamaServerBackend(ProxyBackend):
         await self.pool.make_room(self)
         self.state, self.error = "starting", None
         port, key = free_port(), secrets.token_urlsafe(24)
+        self.port = port
         # NOTE: the key goes in the environment (LLAMA_API_KEY), not on the command line
         # where every local user could read it.
         env = {**os.environ, "LLAMA_API_KEY": key}
@@ -393,17 +396,17 @@ class LlamaServerBackend(ProxyBackend):
             return False
         child.stop()
         self.state, self.expires_at = "stopped", None
-        if upstream is not None:
-            # NOTE: its connections point at a dead port; dropped with the object
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(upstream.close(), self.pool.loop)
+        loop = self.pool.loop
+        if upstream is not None and loop is not None and not loop.is_closed():
+            # NOTE: its connections point at a dead port; closed on the event loop
+            with contextlib.suppress(RuntimeError):
+                asyncio.run_coroutine_threadsafe(upstream.close(), loop)
         return True
 
     def describe(self) -> dict[str, Any]:
         child = self.child
         return {**super().describe(), "pid": child.pid if child else None,
-                "port": int(child.proc.args[child.proc.args.index("--port") + 1])
-                if child else None}
+                "port": self.port if child else None}
 
     async def close(self) -> None:
         await asyncio.to_thread(self.stop_now)
@@ -424,7 +427,7 @@ class BackendPool:
         self._backends: dict[str, ProxyBackend] = {}
         self.active: str | None = None  # a backend model that requests naming none go to
         self._reaper: asyncio.Task[None] | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None  # type: ignore[assignment]
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def specs(self) -> dict[str, ModelSpec]:
         """models.yaml entries with a backend other than llama_cpp."""
@@ -436,9 +439,10 @@ class BackendPool:
         engine's, so one GGUF can be served both ways."""
         specs = list(self.specs().values())
         name = model.strip()
-        for test in (lambda n: n == name, lambda n: n.casefold() == name.casefold()):
+        for folded in (False, True):
             for spec in specs:
-                if any(test(n) for n in spec.names):
+                if any((n.casefold() == name.casefold()) if folded else n == name
+                       for n in spec.names):
                     return spec
         return None
 
@@ -498,7 +502,7 @@ class BackendPool:
                 if is_child:
                     await asyncio.to_thread(self.stop_now, victim)
                 else:
-                    await self.manager.run(lambda v=victim: self.manager.unload_idle(v))
+                    await self.manager.run(functools.partial(self.manager.unload_idle, victim))
                 continue
             if time.monotonic() > deadline:
                 raise BackendUnavailableError(
