@@ -185,7 +185,8 @@ class _Entry(BaseModel):
         if remote and self.base_url is None:
             raise ValueError("backend openai needs `base_url` (e.g. http://host:8000/v1)")
         if not remote and self.path is None:
-            raise ValueError(f"backend {self.backend} needs `path` (a .gguf in the models dir)")
+            raise ValueError(f"missing required field 'path' (backend {self.backend} serves a "
+                             ".gguf in the models dir)")
         if remote and self.path is not None:
             raise ValueError("backend openai serves no file: drop `path`")
         misplaced = [k for k in ("base_url", "api_key_env", "upstream_model")
