@@ -31,6 +31,7 @@ from tests.conftest import (
     started_server,
 )
 
+pytestmark = pytest.mark.real_model
 CHAT = [{"role": "user", "content": "Say hi."}]
 LOAD = "{n_ctx: 1024, n_threads: 1, parallel: 2}"
 
