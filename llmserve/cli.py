@@ -103,6 +103,10 @@ def _serve_parser(sub: Any) -> None:
           help="seconds to connect to a backend server (default 10)")
     _flag(p, "backend_read_timeout", type=float,
           help="seconds a backend may go silent mid-request (default 600)")
+    _flag(p, "peers", choices=["auto"],
+          help="auto: send requests for models no local backend has to LAN peers that "
+               "announce them (mDNS)")
+    _flag(p, "peer_api_key", help="API key sent to peers (env LLMSERVE_PEER_API_KEY)")
 
 
 def _discover_parser(sub: Any) -> None:

@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     backend_start_timeout: float = Field(default=120.0, gt=0)
     backend_connect_timeout: float = Field(default=10.0, gt=0)
     backend_read_timeout: float = Field(default=600.0, gt=0)
+    # Peers (issue 11): "auto" routes models no local backend has to LAN peers found over
+    # mDNS, sending them this key.
+    peers: Literal["auto"] | None = None
+    peer_api_key: str | None = None
 
     _file_keys: list[str] = PrivateAttr(default_factory=list)
 

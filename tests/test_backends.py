@@ -284,3 +284,19 @@ async def test_models_list_backends_without_keys(remote_app: Any) -> None:
         r = await client.post("/v1/completions", json={"model": "remote", "prompt": "p"})
         assert r.json()["choices"][0] | {"logprobs": None} == {
             "index": 0, "text": "x", "logprobs": None, "finish_reason": "length"}
+
+
+def test_peer_watcher_find_skips_self_and_the_dead() -> None:
+    from llmserve.backends.peers import PeerWatcher
+    from llmserve.discovery import Node
+
+    watcher = PeerWatcher(own_port=8000)
+    me = Node("me-8000", ["127.0.0.1"], 8000, models=["m1"])
+    other = Node("box-9000", ["127.0.0.1"], 9000, models=["m1", "Gemma"])
+    dead = Node("old-9001", ["127.0.0.1"], 9001, models=["m2"])
+    assert watcher._is_self(me) and not watcher._is_self(other)
+    watcher.nodes = {"box-9000": other, "old-9001": dead}
+    watcher.alive = {"box-9000"}
+    assert watcher.find("m1") is other and watcher.find("gemma") is other
+    assert watcher.find("m2") is None
+    assert watcher.models() == [("m1", other), ("Gemma", other)]

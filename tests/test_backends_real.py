@@ -342,3 +342,45 @@ def test_a_missing_executable_is_a_manifest_error(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 2
     assert f"{manifest}:5: models.smol-child.backend: --llama_server" in done.stderr
+
+
+def test_peer_routing_on_loopback(tmp_path: Path) -> None:
+    """--peers auto: a model only the peer has goes there (with --peer_api_key); the peer is
+    listed with its node and dropped once it is gone."""
+    require_model(SMOL)
+    unique = f"peer-{os.getpid()}-{free_port()}"
+    manifest = _manifest(tmp_path / "models.yaml",
+                         f"  smol-peer:\n    path: {SMOL}\n    aliases: [{unique}]\n")
+    peer = started_server(tmp_path / "peer.log", "--model_name", SMOL, "--n_threads", "1",
+                          "--n_ctx", "1024", "--manifest", str(manifest), "--api_key", "pk-1")
+    front = None
+    try:
+        front = started_server(tmp_path / "front.log", "--model_name", SMOL, "--n_threads",
+                               "1", "--n_ctx", "1024", "--peers", "auto", "--peer_api_key",
+                               "pk-1", "--no_announce",
+                               "--manifest", str(tmp_path / "none.yaml"))
+        base = front.base_url
+        deadline = time.monotonic() + 30
+        rows: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            rows = [m for m in httpx.get(f"{base}/models").json()["models"]
+                    if m["name"] == unique]
+            if rows:
+                break
+            time.sleep(0.2)
+        assert rows, "the peer's model never showed up"
+        assert rows[0]["backend"] == "peer" and rows[0]["node"].endswith(f"-{peer.port}")
+        r = _chat(base, unique)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == unique
+        assert "pk-1" not in httpx.get(f"{base}/models").text
+        peer.stop()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(
+                m["name"] == unique for m in httpx.get(f"{base}/models").json()["models"]):
+            time.sleep(0.2)
+        assert _chat(base, unique).status_code == 404
+    finally:
+        peer.stop()
+        if front is not None:
+            front.stop()

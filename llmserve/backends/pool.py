@@ -31,20 +31,23 @@ import httpx
 
 from llmserve.backends.child import ChildProcess, free_port
 from llmserve.backends.install import find_llama_server
+from llmserve.backends.peers import PeerWatcher
 from llmserve.backends.proxy import Upstream, payload
-from llmserve.catalog.spec import ModelSpec
+from llmserve.catalog.spec import BackendSpec, ModelSpec
 from llmserve.config import Settings
 from llmserve.errors import (
     BackendError,
     BackendUnavailableError,
     InvalidRequestError,
     LlmserveError,
+    ModelNotFoundError,
 )
 from llmserve.output import Emit, Started
 from llmserve.schemas import ChatCompletionRequest, CompletionRequest, RestoreCacheRequest
 
 if TYPE_CHECKING:
     from llmserve.catalog.registry import ModelManager
+    from llmserve.discovery import Node
     from llmserve.scheduler import EventStream
 
 logger = logging.getLogger(__name__)
@@ -212,10 +215,10 @@ class OpenAIBackend(ProxyBackend):
 
     kind = "openai"
 
-    def __init__(self, spec: ModelSpec, settings: Settings):
+    def __init__(self, spec: ModelSpec, settings: Settings, *, api_key: str | None = None):
         super().__init__(spec, settings)
         b = spec.backend
-        key = os.environ.get(b.api_key_env) if b.api_key_env else None
+        key = os.environ.get(b.api_key_env) if b.api_key_env else api_key
         if b.api_key_env and not key:
             logger.warning("backend %s: $%s is not set; sending no key", self.name,
                            b.api_key_env)
@@ -428,6 +431,7 @@ class BackendPool:
         self.active: str | None = None  # a backend model that requests naming none go to
         self._reaper: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.peers: PeerWatcher | None = None  # --peers auto
 
     def specs(self) -> dict[str, ModelSpec]:
         """models.yaml entries with a backend other than llama_cpp."""
@@ -453,7 +457,37 @@ class BackendPool:
             spec = self.specs().get(name) if name else None
         else:
             spec = self.find(model)
-        return self.backend(spec) if spec is not None else None
+        if spec is not None:
+            return self.backend(spec)
+        if model is not None and self.peers is not None and not self._local(model):
+            node = self.peers.find(model)
+            if node is not None:
+                return self._peer(node, model)
+        return None
+
+    def _local(self, model: str) -> bool:
+        """Whether the in-process engine has the model (or must answer for the name)."""
+        try:
+            self.manager.library.resolve(model)
+        except ModelNotFoundError:
+            return False
+        except LlmserveError:
+            return True  # NOTE: a bad name or a refused file is the local 400
+        return True
+
+    def _peer(self, node: Node, model: str) -> ProxyBackend:
+        """A backend for one model on one peer (kept while the peer's URL holds)."""
+        key = f"peer:{node.name}:{model}"
+        spec = ModelSpec(alias=model, filename="", sha256=None, size=None,
+                         description=f"on peer {node.name}", sources=(), origin="peer",
+                         backend=BackendSpec("openai", node.url, None, model))
+        current = self._backends.get(key)
+        if current is not None and current.spec == spec:
+            return current
+        made = OpenAIBackend(spec, self.settings, api_key=self.settings.peer_api_key)
+        made.kind = "peer"
+        self._backends[key] = made
+        return made
 
     def backend(self, spec: ModelSpec) -> ProxyBackend:
         """The backend object of an entry (a changed entry gets a new one)."""
@@ -536,9 +570,22 @@ class BackendPool:
             })
         return out
 
-    def model_ids(self) -> list[str]:
-        """Names for /v1/models: every backend entry's alias and extra aliases."""
-        return [n for spec in self.specs().values() for n in spec.names]
+    def model_ids(self, *, peers: bool = True) -> list[str]:
+        """Names for /v1/models: every backend entry's alias and extra aliases, then the
+        models alive peers announce."""
+        names = [n for spec in self.specs().values() for n in spec.names]
+        if peers and self.peers is not None:
+            names += [m for m, _ in self.peers.models() if m not in names]
+        return names
+
+    def peer_entries(self) -> list[dict[str, Any]]:
+        """GET /models rows of the models peers serve, with their node."""
+        if self.peers is None:
+            return []
+        return [{"name": m, "alias": None, "file": None, "present": True, "loaded": False,
+                 "n_ctx": None, "active": False, "backend": "peer", "state": "ready",
+                 "error": None, "node": node.name, "url": node.url}
+                for m, node in self.peers.models()]
 
     # --- lifetime -----------------------------------------------------------------------------
 
@@ -546,6 +593,9 @@ class BackendPool:
         """On the event loop at startup: the keep-alive reaper."""
         self.loop = asyncio.get_running_loop()
         self._reaper = self.loop.create_task(self._reap())
+        if self.settings.peers == "auto":
+            self.peers = PeerWatcher(self.settings.port)
+            self.peers.start()
 
     async def _reap(self) -> None:
         while True:
@@ -560,6 +610,8 @@ class BackendPool:
         """At shutdown: stop every child, close every connection pool."""
         if self._reaper is not None:
             self._reaper.cancel()
+        if self.peers is not None:
+            await self.peers.stop()
         for backend in list(self._backends.values()):
             try:
                 await backend.close()

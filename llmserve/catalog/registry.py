@@ -143,8 +143,16 @@ class ModelManager:
                      error=None)
             out.append(d)
         if pool is not None:
-            out += pool.remote_entries()
+            out += pool.remote_entries() + pool.peer_entries()
         return out
+
+    def announced_aliases(self) -> list[str]:
+        """Names beyond file names that peers may send: models.yaml aliases of present files
+        and the aliases of entries on other backends (peers excluded)."""
+        names = [a for a, _ in self.library.served_aliases()]
+        if self.backends is not None:
+            names += [n for n in self.backends.model_ids(peers=False) if n not in names]
+        return names
 
     def sampling_defaults(self, filename: str | None) -> Mapping[str, float]:
         """The catalog's default sampling parameters for a model (empty if none)."""

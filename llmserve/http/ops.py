@@ -65,7 +65,8 @@ class Ops:
         """The announcement's TXT records, from the current state."""
         return txt_records(
             version=__version__, model=self.manager.active_name,
-            models=[m.name for m in self.manager.files()], state=self.manager.state,
+            models=[m.name for m in self.manager.files()] + self.manager.announced_aliases(),
+            state=self.manager.state,
             auth=bool(self.keys),
         )
 
