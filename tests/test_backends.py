@@ -58,7 +58,7 @@ def test_manifest_backend_fields() -> None:
 @pytest.mark.parametrize(("entry", "expected"), [
     ("    backend: vllm\n    path: a.gguf\n", "models.yaml:4: models.x.backend: Input should be"),
     ("    backend: openai\n", "models.yaml:3: models.x: backend openai needs `base_url`"),
-    ("    backend: llama_server\n", "models.x: missing required field 'path' (backend llama_server"),
+    ("    backend: llama_server\n", "missing required field 'path' (backend llama_server"),
     ("    path: a.gguf\n    args: [--x]\n", "models.x: args only apply to backend llama_server"),
     ("    backend: openai\n    base_url: http://h/v1\n    path: a.gguf\n", "drop `path`"),
     ("    path: a.gguf\n    base_url: http://h/v1\n", "base_url only apply to backend openai"),
