@@ -300,3 +300,39 @@ def test_peer_watcher_find_skips_self_and_the_dead() -> None:
     assert watcher.find("m1") is other and watcher.find("gemma") is other
     assert watcher.find("m2") is None
     assert watcher.models() == [("m1", other), ("Gemma", other)]
+
+
+def test_install_llama_reuses_a_build_and_says_what_is_missing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from types import SimpleNamespace
+
+    from llmserve.backends import install
+
+    assert install.pinned_version() == next(
+        line.split("==")[1].strip() for line in (install._REQUIREMENTS).read_text().splitlines()
+        if line.startswith("llama-cpp-python=="))
+    built = tmp_path / "given" / "build" / "bin" / "llama-server"
+    built.parent.mkdir(parents=True)
+    built.write_text("#!/bin/sh\n")
+    args = SimpleNamespace(cuda=False, metal=False, output_dir=tmp_path / "given", jobs=None)
+    assert install.run_install(args) == 0
+    assert capsys.readouterr().out == f"{built}\n"
+    # the default folder: a stamp of the same version and flags skips the build
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = install.default_dir(install.pinned_version(), "cpu")
+    assert folder == (tmp_path / "cache" / "llmserve" / "llama-server" /
+                      f"{install.pinned_version()}-cpu")
+    monkeypatch.setattr(install.shutil, "which", lambda _: None)
+    args = SimpleNamespace(cuda=True, metal=False, output_dir=None, jobs=1)
+    assert install.run_install(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llmserve: cmake is not installed") and err.count("\n") == 1
+    (folder / "build" / "bin").mkdir(parents=True)
+    (folder / "build" / "bin" / "llama-server").write_text("")
+    (folder / install.STAMP).write_text(json.dumps(
+        {"version": install.pinned_version(), "accel": "cpu"}))
+    args = SimpleNamespace(cuda=False, metal=False, output_dir=None, jobs=1)
+    assert install.run_install(args) == 0
+    assert capsys.readouterr().out.strip() == str(folder / "build" / "bin" / "llama-server")
+    assert install.installed_binaries() == [folder / "build" / "bin" / "llama-server"]

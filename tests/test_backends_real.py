@@ -294,7 +294,12 @@ def test_sigkill_leaves_no_child_and_switching_stops_it(
         # one model at a time: the in-process model's next request stops the child
         assert _chat(base, SMOL).status_code == 200
         assert _wait_gone(first)
-        assert _chat(base, "smol-child").status_code == 200
+        # switching to it makes it the model requests naming none go to
+        r = httpx.post(f"{base}/setModel", json={"modelName": "smol-child"}, timeout=120)
+        assert r.json() == {"status": "ok", "model": "smol-child"}
+        reply = httpx.post(f"{base}/v1/chat/completions", timeout=120,
+                           json={"messages": CHAT, "max_tokens": 2}).json()
+        assert reply["model"] == "smol-child"
         second = _row(base, "smol-child")["pid"]
         assert _row(base, SMOL)["loaded"] is False
         os.kill(server.proc.pid, signal.SIGKILL)

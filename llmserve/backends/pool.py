@@ -388,22 +388,33 @@ class LlamaServerBackend(ProxyBackend):
         ttl = keep_alive if keep_alive is not None else self.settings.idle_unload_seconds
         self.expires_at = None if ttl is None or math.isinf(ttl) else time.monotonic() + ttl
         if ttl == 0 and self.users == 0 and self.child is not None:
-            asyncio.get_running_loop().run_in_executor(None, self.stop_now)
+            # NOTE: detached at once, so the next request starts a new child rather than
+            # using one that is being stopped
+            child = self.detach()
+            if child is not None:
+                asyncio.get_running_loop().run_in_executor(None, child.stop)
 
-    def stop_now(self) -> bool:
-        """Stop the child (any thread; waits for it); False if none ran."""
+    def detach(self) -> ChildProcess | None:
+        """Take the child out of service (any thread): state stopped, its client closed;
+        the caller stops the process it returns."""
         with self._guard:
             child, self.child = self.child, None
             upstream, self._upstream = self._upstream, None
-        if child is None:
-            return False
-        child.stop()
-        self.state, self.expires_at = "stopped", None
+            if child is not None:
+                self.state, self.expires_at = "stopped", None
         loop = self.pool.loop
         if upstream is not None and loop is not None and not loop.is_closed():
             # NOTE: its connections point at a dead port; closed on the event loop
             with contextlib.suppress(RuntimeError):
                 asyncio.run_coroutine_threadsafe(upstream.close(), loop)
+        return child
+
+    def stop_now(self) -> bool:
+        """Stop the child (any thread; waits for it); False if none ran."""
+        child = self.detach()
+        if child is None:
+            return False
+        child.stop()
         return True
 
     def describe(self) -> dict[str, Any]:
@@ -604,7 +615,9 @@ class BackendPool:
             for b in self._children():
                 if b.resident and not b.users and b.expires_at and b.expires_at <= now:
                     logger.info("%s idle past its keep-alive: stopping it", b.name)
-                    await asyncio.to_thread(b.stop_now)
+                    child = b.detach()
+                    if child is not None:
+                        await asyncio.to_thread(child.stop)
 
     async def close(self) -> None:
         """At shutdown: stop every child, close every connection pool."""
