@@ -44,7 +44,7 @@ chromium:
 	fi
 
 # llama-server for the backend tests (issue 11), built from the llama.cpp in the pinned
-# llama-cpp-python sdist into ~/.cache/llmserve/llama-server/<version>-cpu: about 10 minutes on
+# llama-cpp-python sdist into ~/.cache/llmserve/llama-server/<version>-cpu: 10-20 minutes on
 # 2 cores the first time, skipped after (`llmserve install llama` checks version and flags).
 LLAMA_JOBS ?= $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
 llama-server: install
