@@ -294,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             return _fail(f"invalid setting: {exc}")
         logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+        if settings.log_level != "debug":
+            # NOTE: httpx logs every proxied request and health poll at INFO
+            logging.getLogger("httpx").setLevel(logging.WARNING)
         return serve(settings)
     logging.basicConfig(level="INFO", format="%(levelname)s %(name)s: %(message)s")
     if args.command == "cache":
