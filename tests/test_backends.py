@@ -31,6 +31,7 @@ models:
     api_key_env: TEST_UPSTREAM_KEY
     upstream_model: big/model
     aliases: [gpt-remote]
+    sampling: {temperature: 0.3, top_k: 20}
   child:
     path: alpha.gguf
     backend: llama_server
@@ -52,7 +53,7 @@ def test_manifest_backend_fields() -> None:
         "openai", "http://upstream.test/v1", "TEST_UPSTREAM_KEY")
     assert specs["remote"].filename == ""
     assert child.kind == "llama_server" and child.args == ("--flash-attn", "off")
-    assert child.line == 11 and specs["child"].load["parallel"] == 2
+    assert child.line == 12 and specs["child"].load["parallel"] == 2
 
 
 @pytest.mark.parametrize(("entry", "expected"), [
@@ -75,7 +76,7 @@ def test_missing_llama_server_is_a_manifest_error(tmp_path: Path) -> None:
     with pytest.raises(ManifestError) as info:
         check_backends(library, settings)
     assert info.value.lines() == [
-        f"{tmp_path / 'models.yaml'}:11: models.child.backend: --llama_server "
+        f"{tmp_path / 'models.yaml'}:12: models.child.backend: --llama_server "
         f"{tmp_path / 'no-such-llama-server'} is not a file"
     ]
 
@@ -183,6 +184,7 @@ async def test_openai_backend_chat(remote_app: Any) -> None:
         sent = json.loads(seen[0].content)
         assert sent["model"] == "big/model" and sent["stream"] is True
         assert "keep_alive" not in sent and sent["max_tokens"] == 5
+        assert sent["temperature"] == 0.3 and sent["top_k"] == 20  # the entry's defaults
         assert seen[0].headers["authorization"] == f"Bearer {KEY}"
         assert str(seen[0].url) == "http://upstream.test/v1/chat/completions"
         # an extra alias routes there too; the in-process model still serves its file

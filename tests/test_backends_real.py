@@ -163,6 +163,7 @@ def stack(llama_server: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             tmp / "front.log", "--model_name", SMOL, "--n_threads", "1", "--n_ctx", "1024",
             "--manifest", str(manifest), "--llama_server", str(llama_server),
             "--max_loaded_models", "6", "--log_level", "debug", "--no_announce"))
+        stack.callback(lambda: [os.environ.pop(k, None) for k in ("TEST_LS_KEY", "TEST_LM_KEY")])
         yield {"base": front.base_url, "server": front}
 
 
