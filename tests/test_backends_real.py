@@ -75,6 +75,11 @@ def _chat(base: str, model: str, **kw: Any) -> httpx.Response:
                       json={"model": model, "messages": CHAT, "max_tokens": 4, **kw})
 
 
+def _sdk(base: str) -> openai.OpenAI:
+    """The openai SDK on llmserve (use it in `with`: closed after, no leaked socket)."""
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+
+
 def _manifest(path: Path, entries: str) -> Path:
     path.write_text(f"version: 1\nmodels:\n{entries}")
     return path
@@ -178,7 +183,13 @@ def _server(log: Path, *args: str) -> Iterator[ServerProcess]:
 
 def test_chat_and_stream_through_the_sdk(stack: dict[str, Any]) -> None:
     base = stack["base"]
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+    with _sdk(base) as client:
+        _chat_and_stream(client, base)
+    # its log goes to ours at debug
+    assert "[smol-child]" in stack["server"].log()
+
+
+def _chat_and_stream(client: openai.OpenAI, base: str) -> None:
     reply = client.chat.completions.create(model="smol-child", messages=CHAT, max_tokens=6)
     assert reply.model == "smol-child" and reply.choices[0].message.content
     assert reply.usage is not None and reply.usage.prompt_tokens > 0
@@ -190,9 +201,6 @@ def test_chat_and_stream_through_the_sdk(stack: dict[str, Any]) -> None:
     assert not _gone(row["pid"])
     text = client.completions.create(model="smol-child", prompt="Once upon a", max_tokens=4)
     assert text.choices[0].text
-    # its log goes to ours at debug, the key it was given nowhere
-    log = stack["server"].log()
-    assert "[smol-child]" in log
 
 
 def test_tokenize_detokenize_restore_cache(stack: dict[str, Any]) -> None:
@@ -212,8 +220,8 @@ def test_tokenize_detokenize_restore_cache(stack: dict[str, Any]) -> None:
 
 
 def test_embeddings(stack: dict[str, Any]) -> None:
-    client = openai.OpenAI(base_url=f"{stack['base']}/v1", api_key="unused")
-    result = client.embeddings.create(model="smol-embed", input=["hello", "a cat"])
+    with _sdk(stack["base"]) as client:
+        result = client.embeddings.create(model="smol-embed", input=["hello", "a cat"])
     assert [d.index for d in result.data] == [0, 1]
     assert len(result.data[0].embedding) == 576 and result.model == "smol-embed"
 
@@ -223,6 +231,11 @@ def test_keep_alive_zero_frees_the_process(stack: dict[str, Any]) -> None:
     assert _chat(base, "smol-once").status_code == 200
     pid = _row(base, "smol-once")["pid"]
     assert _chat(base, "smol-once", keep_alive=0).status_code == 200
+    assert _wait_gone(pid)
+    assert _row(base, "smol-once")["state"] == "stopped"
+    # a keep_alive that runs out: the idle reaper stops it
+    assert _chat(base, "smol-once", keep_alive="1s").status_code == 200
+    pid = _row(base, "smol-once")["pid"]
     assert _wait_gone(pid)
     assert _row(base, "smol-once")["state"] == "stopped"
 
@@ -264,13 +277,13 @@ def test_a_child_that_cannot_start_reports_its_exit(stack: dict[str, Any]) -> No
 
 def test_openai_backend_against_real_servers(stack: dict[str, Any]) -> None:
     base = stack["base"]
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
-    for model in ("remote-ls", "remote-llmserve"):
-        reply = client.chat.completions.create(model=model, messages=CHAT, max_tokens=4)
-        assert reply.model == model and reply.choices[0].message.content
-        chunks = list(client.chat.completions.create(model=model, messages=CHAT, max_tokens=4,
-                                                     stream=True))
-        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    with _sdk(base) as client:
+        for model in ("remote-ls", "remote-llmserve"):
+            reply = client.chat.completions.create(model=model, messages=CHAT, max_tokens=4)
+            assert reply.model == model and reply.choices[0].message.content
+            chunks = list(client.chat.completions.create(
+                model=model, messages=CHAT, max_tokens=4, stream=True))
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     r = _chat(base, "remote-badkey")
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     r = _chat(base, "remote-down")
