@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+from typing import Any
 
 import httpx
 from zeroconf import InterfaceChoice, ServiceStateChange, Zeroconf
@@ -27,8 +28,15 @@ PEER_CHECK_S = 1.0
 class PeerWatcher:
     """The peers seen on the network: resolved nodes by service name, and which answer."""
 
-    def __init__(self, own_port: int):
+    def __init__(self, own_port: int, host: str = ""):
         self.own_port = own_port
+        # NOTE: a server bound to loopback can only reach peers on this machine (which
+        # announce on loopback, discovery.py): browse there only
+        try:
+            loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        self._interfaces: Any = ["127.0.0.1"] if loopback else InterfaceChoice.All
         self.nodes: dict[str, Node] = {}
         self.alive: set[str] = set()
         self._zc: AsyncZeroconf | None = None
@@ -40,7 +48,7 @@ class PeerWatcher:
     def start(self) -> None:
         """Browse in the background (a failure to use multicast is one warning)."""
         try:
-            self._zc = AsyncZeroconf(interfaces=InterfaceChoice.All)
+            self._zc = AsyncZeroconf(interfaces=self._interfaces)
             self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE_TYPE,
                                                 handlers=[self._on_change])
         except Exception as exc:  # NOTE: no multicast (containers, firewalls): keep serving

@@ -212,7 +212,7 @@ class BackendPool:
         self.loop = asyncio.get_running_loop()
         self._reaper = self.loop.create_task(self._reap())
         if self.settings.peers == "auto":
-            self.peers = PeerWatcher(self.settings.port)
+            self.peers = PeerWatcher(self.settings.port, self.settings.host)
             self.peers.start()
 
     async def _reap(self) -> None:
