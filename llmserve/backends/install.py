@@ -126,7 +126,16 @@ def _source(folder: Path, version: str) -> Path:
     if not archives:
         raise InstallError(f"pip downloaded no {PACKAGE} sdist into {dl}")
     with tarfile.open(archives[-1]) as tar:
-        tar.extractall(folder, filter="data")
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(folder, filter="data")
+        else:  # NOTE: Python < 3.11.4: no extraction filters; refuse paths leaving folder
+            root = folder.resolve()
+            for member in tar.getmembers():
+                target = root / member.name
+                linked = (target.parent / member.linkname) if member.issym() else target
+                if not all(p.resolve().is_relative_to(root) for p in (target, linked)):
+                    raise InstallError(f"{archives[-1].name}: unsafe member {member.name}")
+            tar.extractall(folder)
     if not (src / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
         raise InstallError(f"{archives[-1].name} holds no vendor/llama.cpp")
     return src
