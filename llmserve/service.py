@@ -300,6 +300,7 @@ class ChatService:
             text, setup = answer_only(rendered.text, setup)
             return rendered, extended(rendered, text), setup
         return rendered, rendered, setup
+
     def _backend(self, model: str | None) -> ProxyBackend | None:
         """The backend serving a request's model; None for the in-process engine."""
         pool = self.manager.backends
