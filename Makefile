@@ -7,7 +7,7 @@ ARGS   ?=
 # llama-cpp-python compiles from source; pip caches the wheel it builds.
 # GPU builds: CMAKE_ARGS="-DGGML_CUDA=on" make reinstall-llama  (or -DGGML_METAL=on)
 
-.PHONY: install dev models test-models chromium run test lint bench reinstall-llama clean
+.PHONY: install dev models test-models chromium llama-server run test lint bench reinstall-llama clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,10 +43,17 @@ chromium:
 		     "Chromium at /usr/bin/chromium yourself; until then the browser UI tests are skipped." >&2; \
 	fi
 
+# llama-server for the backend tests (issue 11), built from the llama.cpp in the pinned
+# llama-cpp-python sdist into ~/.cache/llmserve/llama-server/<version>-cpu: 10-20 minutes on
+# 2 cores the first time, skipped after (`llmserve install llama` checks version and flags).
+LLAMA_JOBS ?= $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
+llama-server: install
+	$(PY) -m llmserve install llama --jobs $(LLAMA_JOBS)
+
 run: models
 	$(PY) server.py --model_name $(MODEL) $(ARGS)
 
-test: dev test-models chromium
+test: dev test-models chromium llama-server
 	$(PY) -m pytest
 
 lint: dev

@@ -94,6 +94,19 @@ def _serve_parser(sub: Any) -> None:
           help="require this API key (repeat for several; env LLMSERVE_API_KEY, comma-separated)")
     _flag(p, "api_key_file", type=Path, help="file of API keys, one per line (# comments)")
     _flag(p, "no_announce", action="store_true", help="do not announce the server on the LAN")
+    _flag(p, "llama_server", type=Path,
+          help="llama-server for `backend: llama_server` entries (default: $LLAMA_SERVER, "
+               "PATH, or the one `llmserve install llama` built)")
+    _flag(p, "backend_start_timeout", type=float,
+          help="seconds a llama-server child may take to become healthy (default 120)")
+    _flag(p, "backend_connect_timeout", type=float,
+          help="seconds to connect to a backend server (default 10)")
+    _flag(p, "backend_read_timeout", type=float,
+          help="seconds a backend may go silent mid-request (default 600)")
+    _flag(p, "peers", choices=["auto"],
+          help="auto: send requests for models no local backend has to LAN peers that "
+               "announce them (mDNS)")
+    _flag(p, "peer_api_key", help="API key sent to peers (env LLMSERVE_PEER_API_KEY)")
 
 
 def _discover_parser(sub: Any) -> None:
@@ -143,6 +156,21 @@ def cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _install_parser(sub: Any) -> None:
+    p = sub.add_parser("install", help="build helper programs (llama-server)")
+    isub = p.add_subparsers(dest="install_what", required=True)
+    llama = isub.add_parser(
+        "llama", help="build llama-server from the pinned llama-cpp-python sdist (cached)")
+    accel = llama.add_mutually_exclusive_group()
+    accel.add_argument("--cpu", action="store_true", help="CPU only (default)")
+    accel.add_argument("--cuda", action="store_true", help="with CUDA (-DGGML_CUDA=on)")
+    accel.add_argument("--metal", action="store_true", help="with Metal (-DGGML_METAL=on)")
+    _flag(llama, "output_dir", type=Path,
+          help="build here (default ~/.cache/llmserve/llama-server/<version>-<flags>); a "
+               "folder already holding build/bin/llama-server is reused")
+    _flag(llama, "jobs", type=int, help="parallel compile jobs (default: CPU count)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole CLI."""
     parser = argparse.ArgumentParser(prog="llmserve", description="local OpenAI-compatible server")
@@ -152,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_models_parser(sub, _flag)
     _cache_parser(sub)
     _discover_parser(sub)
+    _install_parser(sub)
     return parser
 
 
@@ -170,6 +199,7 @@ def serve(settings: Settings) -> int:
     """Check the model exists, then serve until interrupted."""
     import uvicorn
 
+    from llmserve.backends.checks import backend_names, check_backends
     from llmserve.catalog.library import ModelLibrary
     from llmserve.catalog.manifest import ManifestError
     from llmserve.chat.templates import load_override
@@ -181,7 +211,9 @@ def serve(settings: Settings) -> int:
             settings.models_dir, settings.manifest, allow_symlinks=settings.allow_symlinks
         )
         library.catalog()  # a bad models.yaml stops the start, with its line and field
-        library.resolve(settings.model_name)
+        check_backends(library, settings)
+        if settings.model_name not in backend_names(library):
+            library.resolve(settings.model_name)
     except ManifestError as exc:
         return _fail("; ".join(exc.lines()))
     except LlmserveError as exc:
@@ -262,10 +294,17 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             return _fail(f"invalid setting: {exc}")
         logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+        if settings.log_level != "debug":
+            # NOTE: httpx logs every proxied request and health poll at INFO
+            logging.getLogger("httpx").setLevel(logging.WARNING)
         return serve(settings)
     logging.basicConfig(level="INFO", format="%(levelname)s %(name)s: %(message)s")
     if args.command == "cache":
         return cache(args)
     if args.command == "discover":
         return discover(args)
+    if args.command == "install":
+        from llmserve.backends.install import run_install
+
+        return run_install(args)
     return models(args)

@@ -102,6 +102,17 @@ class Settings(BaseSettings):
     api_key_file: Path | None = None
     # LAN discovery: announce the server over mDNS/zeroconf unless this is set.
     no_announce: bool = False
+    # Backends (issue 11): the llama-server for `backend: llama_server` entries (else
+    # $LLAMA_SERVER, PATH, or the one `llmserve install llama` built), how long a child may
+    # take to become healthy, and the timeouts of proxied requests.
+    llama_server: Path | None = None
+    backend_start_timeout: float = Field(default=120.0, gt=0)
+    backend_connect_timeout: float = Field(default=10.0, gt=0)
+    backend_read_timeout: float = Field(default=600.0, gt=0)
+    # Peers (issue 11): "auto" routes models no local backend has to LAN peers found over
+    # mDNS, sending them this key.
+    peers: Literal["auto"] | None = None
+    peer_api_key: str | None = None
 
     _file_keys: list[str] = PrivateAttr(default_factory=list)
 

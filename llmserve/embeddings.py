@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from llmserve.backends import extras as backends
 from llmserve.catalog.registry import ModelManager
 from llmserve.engine.base import Engine
 from llmserve.errors import ContextLengthError, InvalidRequestError, RequestCancelledError
@@ -59,6 +60,8 @@ class EmbeddingService:
     ) -> Embeddings:
         """Normalised embeddings for every input of the request; stops between inputs once
         `cancelled` is set (the client went away)."""
+        if (proxied := await backends.embed(self.manager, req)) is not None:
+            return proxied
         filename = self.manager.resolve(req.model) if req.model else None
         inputs = req.input
         if isinstance(inputs, list) and not inputs:

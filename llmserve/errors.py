@@ -14,6 +14,12 @@ LlmserveError
  +-- RequestCancelledError      499 code=cancelled (the client left; nobody reads it)
  +-- ModelLoadError             500 server_error code=model_load_failed
  +-- InternalError              500 server_error
+ +-- UpstreamError              4xx passed through from a backend (its message, type, code)
+ +-- BackendError               502 bad_gateway code=backend_error (a backend failed or
+ |                                  crashed, an upstream 5xx, a child that could not start)
+ +-- BackendUnavailableError    503 service_unavailable code=backend_unavailable (connection
+ |                                  refused; a child still starting past the timeout)
+ +-- BackendTimeoutError        504 gateway_timeout code=backend_timeout (read timeout)
 """
 
 from __future__ import annotations
@@ -129,3 +135,34 @@ class ModelLoadError(LlmserveError):
 class InternalError(LlmserveError):
     status = 500
     type = "server_error"
+
+
+class UpstreamError(LlmserveError):
+    """A backend's 4xx, passed through in our error shape with its status."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, status: int, message: str, *, type_: str | None = None,
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message, param=param, code=code)
+        self.status = status
+        if type_:
+            self.type = type_
+
+
+class BackendError(LlmserveError):
+    status = 502
+    type = "bad_gateway"
+    code = "backend_error"
+
+
+class BackendUnavailableError(LlmserveError):
+    status = 503
+    type = "service_unavailable"
+    code = "backend_unavailable"
+
+
+class BackendTimeoutError(LlmserveError):
+    status = 504
+    type = "gateway_timeout"
+    code = "backend_timeout"

@@ -59,6 +59,7 @@ class Finished:
     cached_tokens: int | None = None  # prompt tokens reused, known once the prompt is in
     stop_sequence: str | None = None  # the stop string that ended the output, if one did
     reasoning_tokens: int = 0  # of completion_tokens, those inside the reasoning
+    prompt_tokens: int | None = None  # set when known only at the end (proxied backends)
 
 
 @dataclass(frozen=True)

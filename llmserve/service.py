@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from llmserve.backends.pool import Gen, ProxyBackend
 from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import ModelManager
 from llmserve.chat import gbnf
@@ -99,6 +100,8 @@ class Generation:
                 done.add(event.choice)
                 if event.choice == 0 and event.cached_tokens is not None:
                     self.cached_tokens = event.cached_tokens  # final once the prompt is in
+                if event.choice == 0 and event.prompt_tokens is not None:
+                    self.prompt_tokens = event.prompt_tokens  # a proxied backend's usage
             yield event
             if len(done) >= self.n:
                 return
@@ -208,6 +211,9 @@ class ChatService:
         on_prompt sees the engine and the prompt's tokens on the engine thread before they are
         evaluated, and returns the tokens to use (the Anthropic routes add a prefill and pin
         cache_control prefixes there)."""
+        if (backend := self._backend(req.model)) is not None:
+            self._check_messages(req)
+            return _proxied(await backend.chat(req, self._wrap), req.n)
         plan = self._plan(req)
         reasoning_format = req.reasoning_format or self.settings.reasoning_format
 
@@ -229,6 +235,10 @@ class ChatService:
 
     async def apply_template(self, req: ChatCompletionRequest) -> dict[str, Any]:
         """The prompt a chat request renders to, its token count and the template used."""
+        if (backend := self._backend(req.model)) is not None:
+            raise InvalidRequestError(
+                f"model {backend.name} runs on backend {backend.kind}: its template is not "
+                "available here", param="model")
         plan = self._plan(req)
         filename = self.manager.resolve(req.model) if req.model else None
 
@@ -252,6 +262,8 @@ class ChatService:
 
         The prompt is rendered exactly as a chat request with these messages and tools; the
         warm-up is a prefill-only request in the batch, so decoding sequences go on."""
+        if (backend := self._backend(req.model)) is not None:
+            return await backend.restore_cache(req)
         plan = self._plan(
             ChatCompletionRequest(model=req.model, messages=req.messages, tools=req.tools)
         )
@@ -289,7 +301,20 @@ class ChatService:
             text, setup = answer_only(rendered.text, setup)
             return rendered, extended(rendered, text), setup
         return rendered, rendered, setup
+
+    def _backend(self, model: str | None) -> ProxyBackend | None:
+        """The backend serving a request's model; None for the in-process engine."""
+        pool = self.manager.backends
+        return pool.route(model) if pool is not None else None
+
+    def _wrap(self, put: Emit) -> Emit:
+        return put if self.metrics is None else _metered(put, self.metrics)
+
     def _plan(self, req: ChatCompletionRequest) -> ChatPlan:
+        self._check_messages(req)
+        return plan_chat(req)
+
+    def _check_messages(self, req: ChatCompletionRequest) -> None:
         # NOTE: rendering and tokenizing cost grows with the message count (100k messages
         # held the engine thread for minutes); --max_messages bounds it before any work.
         if len(req.messages) > self.settings.max_messages:
@@ -297,7 +322,6 @@ class ChatService:
                 f"{len(req.messages)} messages; at most {self.settings.max_messages} per "
                 "request (--max_messages)", param="messages",
             )
-        return plan_chat(req)
 
     def _render(self, engine: Engine, plan: ChatPlan) -> RenderedChat:
         return render_chat(
@@ -306,6 +330,8 @@ class ChatService:
 
     async def complete(self, req: CompletionRequest) -> Generation:
         """Start a text completion."""
+        if (backend := self._backend(req.model)) is not None:
+            return _proxied(await backend.complete(req, self._wrap), req.n)
         text = req.prompt_text()
         if req.grammar is not None:
             gbnf.validate(req.grammar)
@@ -359,6 +385,11 @@ class ChatService:
             stream.cancel()
             raise
         return Generation(request.id, first, stream, n)
+
+
+def _proxied(gen: Gen, n: int) -> Generation:
+    """A backend's generation as ours (its events are already TextDelta, Finished, ...)."""
+    return Generation(gen.id, gen.started, gen.stream, n)
 
 
 def _metered(emit: Emit, metrics: Metrics) -> Emit:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmserve.backends import extras as backends
 from llmserve.catalog.registry import ModelManager
 from llmserve.engine.base import Engine
 from llmserve.errors import InvalidRequestError
@@ -50,6 +51,10 @@ class TokenService:
     ) -> list[int] | list[dict[str, Any]]:
         """Text to token ids with the active (or named) model's tokenizer; with_pieces gives
         llama-server's `{"id", "piece"}` items instead."""
+        asked = {"content": content, "add_special": add_special, "parse_special": parse_special,
+                 "with_pieces": with_pieces}
+        if (proxied := await backends.tokenize(self.manager, model, asked)) is not None:
+            return proxied
         filename = self.manager.resolve(model) if model else None
 
         def job() -> list[int] | list[dict[str, Any]]:
@@ -64,6 +69,8 @@ class TokenService:
 
     async def detokenize(self, tokens: list[int], model: str | None = None) -> str:
         """Token ids to text; special tokens are rendered (llama-server does the same)."""
+        if (text := await backends.detokenize(self.manager, model, tokens)) is not None:
+            return text
         filename = self.manager.resolve(model) if model else None
 
         def job() -> str:

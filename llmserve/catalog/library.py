@@ -161,9 +161,16 @@ class ModelLibrary:
         return self._manifest
 
     def catalog(self) -> dict[str, ModelSpec]:
-        """Alias -> spec: models.yaml entries first, then built-in ones it does not override."""
-        manifest = self.manifest()
-        return {**manifest, **{a: s for a, s in BUILTIN.items() if a not in manifest}}
+        """Alias -> spec: models.yaml entries first, then built-in ones it does not override.
+
+        NOTE: entries on other backends (llama_server, openai) are left out: they answer to
+        their aliases only, through the backend pool; see backend_specs."""
+        manifest = {a: s for a, s in self.manifest().items() if s.backend.kind == "llama_cpp"}
+        return {**manifest, **{a: s for a, s in BUILTIN.items() if a not in self.manifest()}}
+
+    def backend_specs(self) -> dict[str, ModelSpec]:
+        """models.yaml entries served by another backend than the in-process engine."""
+        return {a: s for a, s in self.manifest().items() if s.backend.kind != "llama_cpp"}
 
     def find_spec(self, name: str) -> ModelSpec | None:
         """The catalog entry whose alias or file name is name (exact, then case-insensitive)."""

@@ -21,6 +21,16 @@ appends entries).
           - url: https://example.com/model.gguf
           - local: ~/Downloads/model.gguf
           - ollama: library/qwen2.5:0.5b     # [namespace/]name[:tag] in $OLLAMA_REGISTRY
+      qwen-child:                          # the same kind of file, served by a llama-server
+        path: qwen2.5-0.5b-instruct-q4_k_m.gguf   # child llmserve starts and stops
+        backend: llama_server
+        load: {n_ctx: 8192, parallel: 4}
+        args: [--flash-attn, "on"]         # extra llama-server arguments
+      big:                                 # a remote OpenAI-compatible server (vLLM, SGLang)
+        backend: openai
+        base_url: http://gpu-box:8000/v1
+        api_key_env: BIG_API_KEY           # the variable holding its key (never logged)
+        upstream_model: meta-llama/Llama-3.3-70B-Instruct
 """
 
 from __future__ import annotations
@@ -42,6 +52,8 @@ from pydantic import (
 )
 
 from llmserve.catalog.spec import (
+    LOCAL,
+    BackendSpec,
     HuggingFaceSource,
     LocalSource,
     ModelSpec,
@@ -133,6 +145,7 @@ class _Load(BaseModel):
     n_gpu_layers: int | None = None
     n_threads: int | None = Field(default=None, ge=1)
     n_batch: int | None = Field(default=None, ge=1)
+    parallel: int | None = Field(default=None, ge=1)  # llama_server slots (-np)
 
 
 class _Sampling(BaseModel):
@@ -148,7 +161,12 @@ class _Sampling(BaseModel):
 
 class _Entry(BaseModel):
     model_config = _STRICT
-    path: str
+    path: str | None = None
+    backend: Literal["llama_cpp", "llama_server", "openai"] = "llama_cpp"
+    base_url: str | None = Field(default=None, pattern=r"^https?://[^\s]+$")
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    upstream_model: str | None = Field(default=None, min_length=1)
+    args: list[str] = Field(default_factory=list)
     aliases: list[Annotated[str, AfterValidator(lambda a: _check_alias(a))]] = Field(
         default_factory=list
     )
@@ -161,9 +179,30 @@ class _Entry(BaseModel):
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
     download: list[_Download] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _backend_fields(self) -> _Entry:
+        remote = self.backend == "openai"
+        if remote and self.base_url is None:
+            raise ValueError("backend openai needs `base_url` (e.g. http://host:8000/v1)")
+        if not remote and self.path is None:
+            raise ValueError(f"missing required field 'path' (backend {self.backend} serves a "
+                             ".gguf in the models dir)")
+        if remote and self.path is not None:
+            raise ValueError("backend openai serves no file: drop `path`")
+        misplaced = [k for k in ("base_url", "api_key_env", "upstream_model")
+                     if not remote and getattr(self, k) is not None]
+        if self.args and self.backend != "llama_server":
+            misplaced.append("args")
+        if misplaced:
+            raise ValueError(f"{', '.join(misplaced)} only apply to backend "
+                             f"{'llama_server' if misplaced == ['args'] else 'openai'}")
+        return self
+
     @field_validator("path")
     @classmethod
-    def _file_name(cls, v: str) -> str:
+    def _file_name(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         if not v or v.startswith(".") or any(c in v for c in "/\\\0") or not v.endswith(".gguf"):
             raise ValueError("must be a .gguf file name inside the models dir (no folders)")
         return v
@@ -221,7 +260,7 @@ def parse_manifest(text: str, path: Path) -> dict[str, ModelSpec]:
         raise ManifestError(path, _problems(exc, node)) from exc
     specs: dict[str, ModelSpec] = {}
     for alias, entry in (manifest.models or {}).items():
-        specs[alias] = _to_spec(alias, entry, path)
+        specs[alias] = _to_spec(alias, entry, path, _line(node, ("models", alias, "backend")))
     clashes = _alias_clashes(specs, node)
     if clashes:
         raise ManifestError(path, clashes)
@@ -241,7 +280,7 @@ def _alias_clashes(specs: dict[str, ModelSpec], node: yaml.Node | None) -> list[
     owner: dict[str, str] = {}  # case-folded name -> what it already names
     for alias, spec in specs.items():
         owner.setdefault(alias.casefold(), f"entry {alias!r}")
-        for name in (spec.filename, spec.filename.removesuffix(".gguf")):
+        for name in (spec.filename, spec.filename.removesuffix(".gguf")) if spec.filename else ():
             owner.setdefault(name.casefold(), f"the file of entry {alias!r}")
     problems: list[Problem] = []
     for alias, spec in specs.items():
@@ -368,7 +407,7 @@ def _problems(exc: ValidationError, root: yaml.Node | None) -> list[Problem]:
     return out
 
 
-def _to_spec(alias: str, entry: _Entry, path: Path) -> ModelSpec:
+def _to_spec(alias: str, entry: _Entry, path: Path, backend_line: int | None) -> ModelSpec:
     sources: list[Source] = []
     for item in entry.download:
         if item.huggingface is not None:
@@ -387,7 +426,7 @@ def _to_spec(alias: str, entry: _Entry, path: Path) -> ModelSpec:
     exact = entry.size if isinstance(entry.size, int) else None
     return ModelSpec(
         alias=alias,
-        filename=entry.path,
+        filename=entry.path or "",
         sha256=entry.sha256.lower() if entry.sha256 else None,
         size=exact,
         description=entry.description,
@@ -399,4 +438,8 @@ def _to_spec(alias: str, entry: _Entry, path: Path) -> ModelSpec:
         sampling=entry.sampling.model_dump(exclude_none=True),
         origin=str(path),
         aliases=tuple(entry.aliases),
+        backend=LOCAL if entry.backend == "llama_cpp" else BackendSpec(
+            entry.backend, entry.base_url.rstrip("/") if entry.base_url else None,
+            entry.api_key_env, entry.upstream_model, tuple(entry.args), backend_line,
+        ),
     )

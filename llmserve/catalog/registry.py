@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from llmserve.catalog.library import ModelFile, ModelLibrary, list_model_files
 from llmserve.catalog.manifest import template_text
@@ -28,6 +28,9 @@ from llmserve.config import Settings
 from llmserve.engine.base import Engine
 from llmserve.errors import ModelLoadError, ModelNotReadyError
 from llmserve.scheduler import Busy, Scheduler
+
+if TYPE_CHECKING:
+    from llmserve.backends.pool import BackendPool
 
 __all__ = ["EngineFactory", "ModelFile", "ModelManager", "list_model_files", "resolve_model_name"]
 
@@ -85,6 +88,9 @@ class ModelManager:
         self.load_seconds = 0.0
         self.loads = 0  # models loaded since start (a resident switch does not count)
         self._users: dict[str, int] = {}  # live requests per model (engine thread only)
+        # NOTE: models.yaml entries on other backends (issue 11), set by create_app; their
+        # llama-server children count against --max_loaded_models with these engines.
+        self.backends: BackendPool | None = None
         worker.after_each_job(self._job_done)
 
     # --- read side (any thread) ---------------------------------------------------------------
@@ -96,7 +102,9 @@ class ModelManager:
 
     @property
     def active_name(self) -> str | None:
-        """File name of the model that requests naming no model go to."""
+        """File name (or backend alias) of the model that requests naming no model go to."""
+        if self.backends is not None and self.backends.active is not None:
+            return self.backends.active
         return self.default_name
 
     @property
@@ -120,17 +128,31 @@ class ModelManager:
         return self.library.files()
 
     def describe(self) -> list[dict[str, Any]]:
-        """Every known model (catalog and files) with loaded/active flags, for GET /models."""
+        """Every known model (catalog and files) with loaded/active flags, backend and state,
+        then the models.yaml entries on other backends, for GET /models."""
         with self._lock:
             loaded = {n: r.engine.info.n_ctx for n, r in self._resident.items()}
         out = []
+        pool = self.backends
         for entry in self.library.entries():
             d = self.library.describe(entry)
             d["loaded"] = entry.filename in loaded
             d["n_ctx"] = loaded.get(entry.filename)
-            d["active"] = entry.filename == self.default_name
+            d["active"] = entry.filename == self.active_name
+            d.update(backend="llama_cpp", state="ready" if d["loaded"] else "stopped",
+                     error=None)
             out.append(d)
+        if pool is not None:
+            out += pool.remote_entries() + pool.peer_entries()
         return out
+
+    def announced_aliases(self) -> list[str]:
+        """Names beyond file names that peers may send: models.yaml aliases of present files
+        and the aliases of entries on other backends (peers excluded)."""
+        names = [a for a, _ in self.library.served_aliases()]
+        if self.backends is not None:
+            names += [n for n in self.backends.model_ids(peers=False) if n not in names]
+        return names
 
     def sampling_defaults(self, filename: str | None) -> Mapping[str, float]:
         """The catalog's default sampling parameters for a model (empty if none)."""
@@ -151,9 +173,18 @@ class ModelManager:
         return await self._worker.call(fn)
 
     async def switch(self, name: str) -> str:
-        """Make `name` the active model once in-flight work is done; returns its file name."""
+        """Make `name` the active model once in-flight work is done; returns its file name
+        (a backend entry's alias for models on other backends: started if need be)."""
+        backend = self.backends.route(name) if self.backends is not None else None
+        if backend is not None and self.backends is not None:
+            await backend.start()
+            self.backends.active = backend.name
+            self.state, self.error = "ready", None
+            return backend.name
         filename = self.resolve(name)
         await self._worker.call(self.ensure, filename)
+        if self.backends is not None:
+            self.backends.active = None
         return filename
 
     def ensure(self, filename: str | None, keep_alive: float | None = None) -> Engine:
@@ -235,19 +266,37 @@ class ModelManager:
         self.default_name = name
         return engine
 
+    def idle_residents(self) -> list[tuple[float, str]]:
+        """(last used, file) of resident models no request uses (any thread; a snapshot)."""
+        with self._lock:
+            return [(r.last_used, n) for n, r in self._resident.items() if not self.busy(n)]
+
+    def unload_idle(self, name: str) -> bool:
+        """On the engine thread: unload name unless a request uses it."""
+        return not self.busy(name) and self.unload(name)
+
     def _make_room(self, footprint: int) -> list[str]:
         budget = self.settings.memory_budget
         evicted: list[str] = []
-        while self._resident:
+        pool = self.backends
+        while self._resident or (pool is not None and pool.resident_count()):
             used = sum(r.footprint for r in self._resident.values())
-            over_count = len(self._resident) >= self.settings.max_loaded_models
+            children = pool.resident_count() if pool is not None else 0
+            over_count = len(self._resident) + children >= self.settings.max_loaded_models
             if not over_count and (budget is None or used + footprint <= budget):
                 break
-            idle = [n for n in self._resident if not self.busy(n)]
+            # NOTE: in-process models in LRU order (the OrderedDict's), children by last use
+            idle = [(r.last_used, n, False) for n, r in self._resident.items()
+                    if not self.busy(n)][:1]
+            if pool is not None and over_count:
+                idle += sorted((t, n, True) for t, n in pool.idle_lru())[:1]
             if not idle:
                 raise Busy(f"every resident model is serving; {footprint} bytes must wait")
-            victim = idle[0]
+            _, victim, is_child = min(idle)
             logger.info("evicting %s (least recently used) to make room", victim)
+            if is_child and pool is not None:
+                pool.stop_now(victim)
+                continue
             self.unload(victim)
             evicted.append(victim)
         if budget is not None and footprint > budget:

@@ -55,6 +55,25 @@ class OllamaSource:
 
 Source = HuggingFaceSource | PypiSource | UrlSource | LocalSource | OllamaSource
 
+# Where an entry's requests run (issue 11): in-process, a llama-server child, a remote server.
+BACKENDS = ("llama_cpp", "llama_server", "openai")
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """An entry's backend: llama_cpp (in-process), llama_server (a child llmserve starts),
+    or openai (a remote OpenAI-compatible server). `line` is the manifest line of `backend:`."""
+
+    kind: str = "llama_cpp"
+    base_url: str | None = None  # openai
+    api_key_env: str | None = None  # openai: the environment variable holding its key
+    upstream_model: str | None = None  # openai: the name sent upstream (default: the alias)
+    args: tuple[str, ...] = ()  # llama_server: extra command-line arguments
+    line: int | None = None
+
+
+LOCAL = BackendSpec()
+
 # Load settings a catalog entry may set per model (the server's flags are the fallback).
 LOAD_PARAMS = ("n_ctx", "n_gpu_layers", "n_threads", "n_batch")
 # Request sampling fields a catalog entry may give defaults for.
@@ -85,6 +104,7 @@ class ModelSpec:
     sampling: Mapping[str, float] = field(default_factory=dict)
     origin: str = "builtin"  # "builtin", or the manifest path it came from
     aliases: tuple[str, ...] = ()  # more names clients may send (e.g. "gpt-4o-mini")
+    backend: BackendSpec = LOCAL  # openai entries have no file: filename is ""
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -129,7 +149,15 @@ def source_to_dict(source: Source) -> dict[str, Any]:
 
 def spec_to_dict(spec: ModelSpec) -> dict[str, Any]:
     """A spec as its models.yaml entry (empty fields left out)."""
-    entry: dict[str, Any] = {"path": spec.filename}
+    entry: dict[str, Any] = {"path": spec.filename} if spec.filename else {}
+    if spec.backend.kind != "llama_cpp":
+        b = spec.backend
+        entry["backend"] = b.kind
+        for key in ("base_url", "api_key_env", "upstream_model"):
+            if getattr(b, key) is not None:
+                entry[key] = getattr(b, key)
+        if b.args:
+            entry["args"] = list(b.args)
     if spec.aliases:
         entry["aliases"] = list(spec.aliases)
     if spec.description:

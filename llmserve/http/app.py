@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmserve.anthropic.service import MessagesService
+from llmserve.backends.pool import BackendPool
 from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import EngineFactory, ModelManager
 from llmserve.config import Settings
@@ -113,6 +114,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
         settings.prompt_cache, settings.cache_dir, settings.cache_ram_bytes,
         settings.cache_disk_bytes, settings.cache_block_tokens,
     )
+    manager.backends = backends = BackendPool(settings, manager)  # issue 11
     metrics = Metrics()
     metrics.track(
         queue_depth=lambda: worker.queued, loaded=lambda: _loaded_models(manager),
@@ -124,6 +126,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        backends.start()
         loading = asyncio.create_task(_initial_load(manager, settings.model_name))
         reaper = asyncio.create_task(manager.run_reaper())  # keep_alive / idle unloading
         announcer = app.state.announcer = _announce(settings, manager, keys)
@@ -135,6 +138,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
             loading.cancel()
             reaper.cancel()
             await _stop_engine(worker, manager)
+            await backends.close()  # stops every llama-server child
             cache.close()
 
     app = FastAPI(title="llmserve", version=__version__, lifespan=lifespan)
@@ -199,7 +203,8 @@ def _announce(settings: Settings, manager: ModelManager, keys: list[str]) -> Ann
     def txt() -> dict[str, str]:
         return txt_records(
             version=__version__, model=manager.active_name,
-            models=[m.name for m in manager.files()], state=manager.state, auth=bool(keys),
+            models=[m.name for m in manager.files()] + manager.announced_aliases(),
+            state=manager.state, auth=bool(keys),
         )
 
     announcer = Announcer(settings.host, settings.port, txt)

@@ -246,12 +246,15 @@ async def completions(
 
 @v1_router.get("/models")
 async def list_models(manager: ManagerDep) -> dict[str, Any]:
-    """OpenAI model list: the active model first, then the rest of the models dir."""
+    """OpenAI model list: the active model first, then the rest of the models dir, then
+    aliases (models.yaml's, and those of entries on other backends)."""
     active = manager.active_name
     names = [m.name for m in manager.files()]
     ordered = ([active] if active in names else []) + [n for n in names if n != active]
     # NOTE: models.yaml `aliases` (e.g. gpt-4o-mini) are names clients may pick from here.
     aliases = [a for a, _ in manager.library.served_aliases() if a not in names]
+    if manager.backends is not None:  # models on other backends (issue 11), by alias
+        aliases += [a for a in manager.backends.model_ids() if a not in {*names, *aliases}]
     created = 0
     return {
         "object": "list",

@@ -1,0 +1,213 @@
+"""A model served over OpenAI-compatible HTTP, at the request level: ProxyBackend (requests
+in, our events out, users counted for keep-alive) and OpenAIBackend (a remote server:
+base_url, the key from $api_key_env, upstream_model)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from llmserve.backends.proxy import Upstream, payload
+from llmserve.catalog.spec import ModelSpec
+from llmserve.config import Settings
+from llmserve.errors import InvalidRequestError
+from llmserve.output import Emit, Started
+from llmserve.schemas import ChatCompletionRequest, CompletionRequest, RestoreCacheRequest
+
+if TYPE_CHECKING:
+    from llmserve.scheduler import EventStream
+
+logger = logging.getLogger(__name__)
+Wrap = Callable[[Emit], Emit]
+
+
+class Gen:
+    """What ChatService needs to build a Generation: (id, Started, stream)."""
+
+    def __init__(self, id_: str, started: Started, stream: EventStream):
+        self.id, self.started, self.stream = id_, started, stream
+
+
+class ProxyBackend:
+    """A model served over OpenAI-compatible HTTP; subclasses say where and when."""
+
+    kind = ""
+
+    def __init__(self, spec: ModelSpec, settings: Settings):
+        self.spec = spec
+        self.name = spec.alias
+        self.settings = settings
+        self.state = "ready"
+        self.error: str | None = None
+        self.users = 0
+        self.last_used = time.monotonic()
+        self.expires_at: float | None = None
+
+    # --- subclass hooks ----------------------------------------------------------------------
+
+    async def upstream(self) -> Upstream:
+        """The server to talk to, started or reached first if need be."""
+        raise NotImplementedError
+
+    def upstream_model(self) -> str | None:
+        """The `model` sent upstream."""
+        return None
+
+    async def start(self) -> None:
+        """Make it ready to serve (a child is started and health-waited)."""
+        await self.upstream()
+
+    def acquire(self) -> None:
+        """A request starts using the backend."""
+        self.users += 1
+        self.last_used = time.monotonic()
+
+    def release(self, keep_alive: float | None) -> None:
+        """A request ended; apply its keep_alive (resident backends only)."""
+        self.users = max(0, self.users - 1)
+        self.last_used = time.monotonic()
+
+    @property
+    def resident(self) -> bool:
+        """Whether it holds a model in memory here (counts against --max_loaded_models)."""
+        return False
+
+    def describe(self) -> dict[str, Any]:
+        """Backend facts for GET /models (never the key)."""
+        return {"backend": self.kind, "state": self.state, "error": self.error}
+
+    async def close(self) -> None:
+        """Free what it holds."""
+
+    # --- requests -----------------------------------------------------------------------------
+
+    async def chat(self, req: ChatCompletionRequest, wrap: Wrap) -> Gen:
+        """Start a chat completion upstream."""
+        return await self._stream("/chat/completions", self._body(req), True, req, wrap)
+
+    async def complete(self, req: CompletionRequest, wrap: Wrap) -> Gen:
+        """Start a text completion upstream."""
+        return await self._stream("/completions", self._body(req), False, req, wrap)
+
+    def _body(self, req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+        # NOTE: the entry's `sampling` defaults fill what the request did not set, as for
+        # in-process models
+        sent = req.model_fields_set
+        defaults = {k: v for k, v in self.spec.sampling.items() if k not in sent}
+        return payload(req, self.upstream_model(), {**defaults, **self._extra()})
+
+    def _extra(self) -> dict[str, Any]:
+        return {}
+
+    async def _stream(self, path: str, body: dict[str, Any], chat: bool,
+                      req: ChatCompletionRequest | CompletionRequest, wrap: Wrap) -> Gen:
+        upstream = await self._use()
+        released = False
+
+        def on_end() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._after(req.keep_alive)
+
+        try:
+            id_, started, stream = await upstream.stream(
+                path, body, chat=chat, model=self.name, n=req.n, wrap=wrap, on_end=on_end)
+        except BaseException:
+            on_end()
+            raise
+        return Gen(id_, started, stream)
+
+    async def _use(self) -> Upstream:
+        self.acquire()
+        try:
+            return await self.upstream()
+        except BaseException:
+            self.release(None)
+            raise
+
+    def _after(self, keep_alive: float | None) -> None:
+        self.release(keep_alive)
+        self._check_crash()
+
+    def _check_crash(self) -> None:
+        """After a request: note a child that died under it."""
+
+    async def _call(self, url_of: Callable[[Upstream], str], body: dict[str, Any],
+                    keep_alive: float | None = None) -> dict[str, Any]:
+        upstream = await self._use()
+        try:
+            return await upstream.post_json(url_of(upstream), body)
+        finally:
+            self._after(keep_alive)
+
+    async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        """OpenAI embeddings upstream (the answer as it came, model renamed)."""
+        data = await self._call(lambda u: f"{u.api_base}/embeddings",
+                                {**body, "model": self.upstream_model() or self.name})
+        data["model"] = self.name
+        return data
+
+    async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """llama-server's /tokenize."""
+        return await self._call(lambda u: f"{u.root}/tokenize", body)
+
+    async def detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """llama-server's /detokenize."""
+        return await self._call(lambda u: f"{u.root}/detokenize", body)
+
+    async def restore_cache(self, req: RestoreCacheRequest) -> dict[str, Any]:
+        """Warm the server's prompt cache: the conversation with max_tokens 1 (llama-server
+        keeps prompts with cache_prompt; vLLM and SGLang cache prefixes on their own)."""
+        if req.dry_run:
+            raise InvalidRequestError(f"dry_run is not available for backend {self.kind}",
+                                      param="dry_run")
+        body: dict[str, Any] = {
+            "messages": [m.model_dump(mode="json", exclude_none=True) for m in req.messages],
+            "max_tokens": 1, "stream": False, **self._extra(),
+        }
+        if req.tools:
+            body["tools"] = [t.model_dump(mode="json", exclude_none=True) for t in req.tools]
+        if self.upstream_model():
+            body["model"] = self.upstream_model()
+        start = time.perf_counter()
+        data = await self._call(lambda u: f"{u.api_base}/chat/completions", body)
+        usage = data.get("usage") or {}
+        prompt = int(usage.get("prompt_tokens") or 0)
+        cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+        return {"model": self.name, "prompt_tokens": prompt, "cached_tokens": cached,
+                "evaluated_tokens": prompt - cached,
+                "seconds": round(time.perf_counter() - start, 4)}
+
+
+class OpenAIBackend(ProxyBackend):
+    """A remote OpenAI-compatible server (vLLM, SGLang, llama-server, OpenAI itself)."""
+
+    kind = "openai"
+
+    def __init__(self, spec: ModelSpec, settings: Settings, *, api_key: str | None = None):
+        super().__init__(spec, settings)
+        b = spec.backend
+        key = os.environ.get(b.api_key_env) if b.api_key_env else api_key
+        if b.api_key_env and not key:
+            logger.warning("backend %s: $%s is not set; sending no key", self.name,
+                           b.api_key_env)
+        self._upstream = Upstream(self.name, b.base_url or "", key,
+                                  connect_timeout=settings.backend_connect_timeout,
+                                  read_timeout=settings.backend_read_timeout)
+
+    async def upstream(self) -> Upstream:
+        return self._upstream
+
+    def upstream_model(self) -> str | None:
+        return self.spec.backend.upstream_model or self.name
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "base_url": self.spec.backend.base_url,
+                "upstream_model": self.upstream_model()}
+
+    async def close(self) -> None:
+        await self._upstream.close()
