@@ -20,6 +20,7 @@ from llmserve.catalog.ollama import MANIFEST_TYPE, MODEL_LAYER, PARAMS_LAYER, TE
 from llmserve.catalog.sources import FetchError, ModelSpec, fetch, partial_path
 from llmserve.catalog.spec import OllamaSource
 from llmserve.cli import main
+from tests.fakehttp import range_start, send_ranged
 
 BLOB = bytes(range(256)) * 9_000  # ~2.2 MiB: several chunks
 PARAMS = json.dumps({"temperature": 0.6, "top_k": 30, "num_ctx": 8192, "stop": ["<|im_end|>"]})
@@ -88,24 +89,8 @@ def _handler(reg: FakeRegistry) -> type[BaseHTTPRequestHandler]:
             if ref != reg.advertised:
                 self._send(404, b"{}")
                 return
-            start = 0
-            rng = self.headers.get("Range")
-            if rng:
-                start = int(rng.removeprefix("bytes=").rstrip("-"))
-            body = reg.body[start:]
-            self.send_response(206 if start else 200)
-            if start:
-                end = len(reg.body)
-                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{end}")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()  # NOTE: no ETag: blobs are named by digest
-            if reg.cut_after is not None:
-                self.wfile.write(body[: reg.cut_after])
-                reg.cut_after = None
-                self.wfile.flush()
-                self.connection.shutdown(2)
-                return
-            self.wfile.write(body)
+            cut, reg.cut_after = reg.cut_after, None
+            send_ranged(self, reg.body, range_start(self), cut)  # NOTE: no ETag: named by digest
 
     return Handler
 

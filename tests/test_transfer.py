@@ -22,6 +22,7 @@ from llmserve.catalog.sources import (
     partial_path,
 )
 from llmserve.catalog.transfer import meta_path
+from tests.fakehttp import range_start, send_ranged
 
 BLOB = bytes(range(256)) * 12_000  # ~3 MiB: several 1 MiB chunks
 BLOB_SHA = hashlib.sha256(BLOB).hexdigest()
@@ -64,25 +65,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if self.path not in (resolve, "/cdn/blob", "/plain/model.gguf"):
                 self.send_error(404, "Entry not found")
                 return
-            start = 0
-            rng = self.headers.get("Range")
-            if rng and self.headers.get("If-Range") in (None, hub.etag):
-                start = int(rng.removeprefix("bytes=").rstrip("-"))
-            body = hub.body[start:]
-            self.send_response(206 if start else 200)
-            if start:
-                end = len(hub.body)
-                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{end}")
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("ETag", hub.etag)
-            self.end_headers()
-            if hub.cut_after is not None:
-                self.wfile.write(body[: hub.cut_after])
-                hub.cut_after = None
-                self.wfile.flush()
-                self.connection.shutdown(2)
-                return
-            self.wfile.write(body)
+            start = range_start(self) if self.headers.get("If-Range") in (None, hub.etag) else 0
+            cut, hub.cut_after = hub.cut_after, None
+            send_ranged(self, hub.body, start, cut, {"ETag": hub.etag})
 
     return Handler
 

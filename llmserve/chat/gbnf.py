@@ -217,7 +217,7 @@ def initial_stacks(
     return stacks
 
 
-def _match(rule: list[Element], i: int, ch: int) -> tuple[bool, int]:
+def match_char(rule: list[Element], i: int, ch: int) -> tuple[bool, int]:
     """llama_grammar_match_char: (matched, index after the char set)."""
     positive = rule[i][0] in (CHAR, CHAR_ANY)
     found = False
@@ -269,7 +269,7 @@ def _check_ambiguity(rules: dict[int, list[Element]], start: set[Stack]) -> None
                     if not stack:
                         continue
                     rule_id, i = stack[-1]
-                    ok, after = _match(rules[rule_id], i, ch)
+                    ok, after = match_char(rules[rule_id], i, ch)
                     if not ok:
                         continue
                     rest = stack[:-1]
