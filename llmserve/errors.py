@@ -92,6 +92,18 @@ class InvalidModelError(InvalidRequestError):
     code = "invalid_model"
 
 
+class PayloadTooLargeError(LlmserveError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class BodyTimeoutError(LlmserveError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class AuthenticationError(LlmserveError):
     status = 401
     type = "authentication_error"

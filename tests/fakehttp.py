@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from http.server import BaseHTTPRequestHandler
+import contextlib
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
 
 
 def range_start(handler: BaseHTTPRequestHandler) -> int:
@@ -29,3 +34,18 @@ def send_ranged(handler: BaseHTTPRequestHandler, body: bytes, start: int,
         handler.connection.shutdown(2)
         return
     handler.wfile.write(part)
+
+
+@contextlib.contextmanager
+def serving(handler: type[BaseHTTPRequestHandler], monkeypatch: pytest.MonkeyPatch
+            ) -> Iterator[int]:
+    """Run handler on a 127.0.0.1 port (yielded) in a thread, with no proxy in the way."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from llmserve.catalog.ollama import MANIFEST_TYPE, MODEL_LAYER, PARAMS_LAYER, TE
 from llmserve.catalog.sources import FetchError, ModelSpec, fetch, partial_path
 from llmserve.catalog.spec import OllamaSource
 from llmserve.cli import main
-from tests.fakehttp import range_start, send_ranged
+from tests.fakehttp import range_start, send_ranged, serving
 
 BLOB = bytes(range(256)) * 9_000  # ~2.2 MiB: several chunks
 PARAMS = json.dumps({"temperature": 0.6, "top_k": 30, "num_ctx": 8192, "stop": ["<|im_end|>"]})
@@ -98,17 +97,9 @@ def _handler(reg: FakeRegistry) -> type[BaseHTTPRequestHandler]:
 @pytest.fixture
 def registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeRegistry]:
     state = FakeRegistry()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    state.port = server.server_address[1]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("OLLAMA_REGISTRY", state.url)
-    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    try:
+    with serving(_handler(state), monkeypatch) as state.port:
+        monkeypatch.setenv("OLLAMA_REGISTRY", state.url)
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def spec(source: OllamaSource | None = None, sha256: str | None = None) -> ModelSpec:

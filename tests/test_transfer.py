@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from llmserve.catalog.sources import (
     partial_path,
 )
 from llmserve.catalog.transfer import meta_path
-from tests.fakehttp import range_start, send_ranged
+from tests.fakehttp import range_start, send_ranged, serving
 
 BLOB = bytes(range(256)) * 12_000  # ~3 MiB: several 1 MiB chunks
 BLOB_SHA = hashlib.sha256(BLOB).hexdigest()
@@ -75,21 +74,12 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
     state = FakeHub()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    state.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv("HF_ENDPOINT", state.endpoint)
-    monkeypatch.setenv("HF_TOKEN", "secret-token")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    try:
+    with serving(_handler(state), monkeypatch) as state.port:
+        monkeypatch.setenv("HF_ENDPOINT", state.endpoint)
+        monkeypatch.setenv("HF_TOKEN", "secret-token")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def spec(sha256: str | None = BLOB_SHA, size: int | None = len(BLOB)) -> ModelSpec:

@@ -24,23 +24,17 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llmserve.errors import InvalidRequestError, LlmserveError
+from llmserve.errors import (
+    BodyTimeoutError,
+    InvalidRequestError,
+    LlmserveError,
+    PayloadTooLargeError,
+)
 
 MAX_JSON_DEPTH = 64  # OpenAI bodies nest ~10 deep; tool schemas a few more
 _THREAD_PARSE_BYTES = 1 << 20  # parse bigger bodies off the event loop
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
-
-class PayloadTooLargeError(LlmserveError):
-    status = 413
-    type = "invalid_request_error"
-    code = "request_too_large"
-
-
-class BodyTimeoutError(LlmserveError):
-    status = 408
-    type = "invalid_request_error"
-    code = "request_timeout"
 
 
 def check_json(data: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
