@@ -125,9 +125,6 @@ def _token_lists(
         if not tokens:
             raise InvalidRequestError("input must hold at least one token", param=param)
         if len(tokens) > n_ctx:
-            raise ContextLengthError(
-                f"input {i} is {len(tokens)} tokens but the model's context is {n_ctx} tokens",
-                param=param, n_prompt_tokens=len(tokens), n_ctx=n_ctx,
-            )
+            raise ContextLengthError(len(tokens), n_ctx, param=param, what=f"input {i}")
         out.append(tokens)
     return out

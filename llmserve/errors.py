@@ -59,28 +59,40 @@ class InvalidRequestError(LlmserveError):
 
 
 class ContextLengthError(InvalidRequestError):
-    """The error object also carries llama-server's `n_prompt_tokens` and `n_ctx` when known."""
+    """A prompt longer than the context. The message is OpenAI's wording (what clients such as
+    Codex CLI recognise); `anthropic_message` is Anthropic's (`prompt is too long: N tokens > M
+    maximum`, which Claude Code reads to compact a conversation). The error object also carries
+    llama-server's `n_prompt_tokens` and `n_ctx`. `n_prompt_tokens` may be a lower bound (a
+    text refused by its length before it was tokenized)."""
 
     code = "context_length_exceeded"
 
     def __init__(
         self,
-        message: str,
+        n_prompt_tokens: int,
+        n_ctx: int,
         *,
         param: str | None = None,
-        n_prompt_tokens: int | None = None,
-        n_ctx: int | None = None,
+        what: str = "messages",
+        hint: str = "",
     ):
-        super().__init__(message, param=param)
+        message = (
+            f"This model's maximum context length is {n_ctx} tokens. However, your {what} "
+            f"resulted in {n_prompt_tokens} tokens. Please reduce the length of the {what}."
+        )
+        super().__init__(message + (f" {hint}" if hint else ""), param=param)
         self.n_prompt_tokens = n_prompt_tokens
         self.n_ctx = n_ctx
 
+    @property
+    def anthropic_message(self) -> str:
+        """Anthropic's wording of the same error."""
+        return f"prompt is too long: {self.n_prompt_tokens} tokens > {self.n_ctx} maximum"
+
     def body(self) -> dict[str, Any]:
         body = super().body()
-        if self.n_prompt_tokens is not None:
-            body["error"]["n_prompt_tokens"] = self.n_prompt_tokens
-        if self.n_ctx is not None:
-            body["error"]["n_ctx"] = self.n_ctx
+        body["error"]["n_prompt_tokens"] = self.n_prompt_tokens
+        body["error"]["n_ctx"] = self.n_ctx
         return body
 
 

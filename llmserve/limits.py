@@ -18,8 +18,10 @@ def check_text_fits(text: str, info: ModelInfo, param: str, contexts: int = 1) -
         return
     most = info.n_ctx * info.max_token_bytes * contexts
     if len(text) > most:
+        # NOTE: no token is longer than max_token_bytes, so this many tokens at least.
+        at_least = -(-len(text) // info.max_token_bytes)
         raise ContextLengthError(
-            f"the text is {len(text)} characters; {most} is the most that could fit "
-            f"{'the' if contexts == 1 else contexts} {info.n_ctx}-token context"
-            f"{'' if contexts == 1 else 's'} of {info.name}", param=param,
+            at_least, info.n_ctx * contexts, param=param,
+            what="messages" if param == "messages" else "input",
+            hint=f"(the text is {len(text)} characters, more than {most} could fit)",
         )

@@ -426,7 +426,6 @@ def check_context(n_prompt: int, n_ctx: int) -> None:
     """400 context_length_exceeded when the prompt leaves no room to generate."""
     if n_prompt >= n_ctx:
         raise ContextLengthError(
-            f"the prompt is {n_prompt} tokens but the model's context is {n_ctx} "
-            "tokens; shorten the messages or start the server with a larger --n_ctx",
-            param="messages", n_prompt_tokens=n_prompt, n_ctx=n_ctx,
+            n_prompt, n_ctx, param="messages",
+            hint="(or start the server with a larger --n_ctx)",
         )

@@ -240,10 +240,8 @@ class LlamaEngine:
     def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[tuple[int, bytes]]:
         """Sample tokens after prompt on a sequence of its own (tests and scripts)."""
         if len(prompt) >= self.info.n_ctx:
-            raise ContextLengthError(
-                f"the prompt is {len(prompt)} tokens", param="prompt",
-                n_prompt_tokens=len(prompt), n_ctx=self.info.n_ctx,
-            )
+            raise ContextLengthError(len(prompt), self.info.n_ctx, param="prompt",
+                                     what="prompt")
         seq = self.open_seq(prompt, params)
         if seq is None:
             raise InternalError("every sequence is busy")

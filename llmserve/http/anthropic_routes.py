@@ -23,7 +23,7 @@ from llmserve.anthropic.convert import stop_reason
 from llmserve.anthropic.events import MessageBuilder, error_body, message_id, sse, usage
 from llmserve.anthropic.schemas import CountTokensRequest, MessagesRequest
 from llmserve.anthropic.service import PromptFacts, cache_usage, parts
-from llmserve.errors import LlmserveError, QueueFullError
+from llmserve.errors import ContextLengthError, LlmserveError, QueueFullError
 from llmserve.http.deps import MessagesDep
 from llmserve.http.openai_routes import collect_unless_gone
 from llmserve.service import Finished, Generation
@@ -51,6 +51,11 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse(error_body(status, message), status_code=status, headers=headers)
 
 
+def _message(exc: LlmserveError) -> str:
+    """The error's message in Anthropic's words where they differ from OpenAI's."""
+    return exc.anthropic_message if isinstance(exc, ContextLengthError) else exc.message
+
+
 class AnthropicRoute(APIRoute):
     """An APIRoute whose errors are answered in Anthropic's shape."""
 
@@ -65,7 +70,7 @@ class AnthropicRoute(APIRoute):
             except LlmserveError as exc:
                 retry = {"Retry-After": str(exc.retry_after)} if isinstance(
                     exc, QueueFullError) else None
-                return _error(exc.status, exc.message, retry)
+                return _error(exc.status, _message(exc), retry)
             except StarletteHTTPException as exc:
                 return _error(exc.status_code, str(exc.detail))
             except Exception as exc:
@@ -111,7 +116,7 @@ def _stream(gen: Generation, facts: PromptFacts, max_tokens: int) -> EventSource
             # NOTE: the status line is gone; an `error` event is how Anthropic ends a stream.
             logger.exception("message stream failed")
             status = exc.status if isinstance(exc, LlmserveError) else 500
-            message = exc.message if isinstance(exc, LlmserveError) else f"internal error: {exc}"
+            message = _message(exc) if isinstance(exc, LlmserveError) else f"internal error: {exc}"
             yield {"event": "error", "data": json.dumps(error_body(status, message))}
         finally:
             gen.cancel()  # runs on client disconnect too
