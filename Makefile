@@ -7,7 +7,8 @@ ARGS   ?=
 # llama-cpp-python compiles from source; pip caches the wheel it builds.
 # GPU builds: CMAKE_ARGS="-DGGML_CUDA=on" make reinstall-llama  (or -DGGML_METAL=on)
 
-.PHONY: install dev models test-models chromium llama-server run test lint bench reinstall-llama clean
+.PHONY: install dev models test-models chromium llama-server run test lint bench agents-check \
+	reinstall-llama clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +60,11 @@ test: dev test-models chromium llama-server
 lint: dev
 	$(PY) -m ruff check .
 	$(PY) -m mypy
+
+# The real Claude Code and Codex CLIs (pinned, from npm, cached) against server.py with defaults,
+# every other host blocked; PASS/FAIL per check. Not part of `make test`: it takes minutes.
+agents-check: install test-models
+	$(PY) tests/agents_check.py
 
 bench: dev models
 	$(PY) benchmarks/decode.py

@@ -1,0 +1,211 @@
+"""`make agents-check`: the real Claude Code and Codex CLIs against `python server.py`.
+
+Not part of `make test` (a 20k-token prefill takes about a minute on 2 cores). It installs the
+pinned CLIs from npm into ~/.cache/llmserve/agents/, starts `server.py --model_name MODEL`
+with no other flag, blocks every other host (HTTPS_PROXY/HTTP_PROXY at a local proxy that
+closes every connection), and runs in a scratch project holding hello.py:
+  claude -p ... --output-format json          claude -p ... --output-format stream-json
+  codex exec ...                              codex exec --json ...
+printing PASS or FAIL per check (exit status 1 on any FAIL). A check passes when the CLI ends
+without an API error; what a small model answers is the model's business.
+
+    .venv/bin/python tests/agents_check.py [--model_name FILE] [--only claude|codex]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+CLAUDE_CODE = "@anthropic-ai/claude-code@2.1.332"
+CODEX = "@openai/codex@0.171.0"
+PROMPT = "Read hello.py and tell me in one sentence what it does."
+CLI_TIMEOUT = 1800  # seconds per CLI run: a base model may ramble to its token limit
+
+
+def install_clis() -> Path:
+    """The pinned CLIs' bin dir, installed with npm once into the cache."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmserve"
+    prefix = cache / "agents" / (CLAUDE_CODE.rsplit("/", 1)[1] + "_" + CODEX.rsplit("/", 1)[1])
+    bin_dir = prefix / "node_modules" / ".bin"
+    if not ((bin_dir / "claude").exists() and (bin_dir / "codex").exists()):
+        npm = shutil.which("npm")
+        if npm is None:
+            sys.exit("agents-check needs npm (Node.js) to install the agent CLIs")
+        print(f"installing {CLAUDE_CODE} and {CODEX} into {prefix}", flush=True)
+        subprocess.run([npm, "install", "--no-fund", "--no-audit", "--prefix", str(prefix),
+                        CLAUDE_CODE, CODEX], check=True)
+    return bin_dir
+
+
+@contextlib.contextmanager
+def dead_end_proxy() -> Iterator[str]:
+    """A proxy URL on loopback that closes every connection: no request leaves the machine."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn, _ = listener.accept()
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+@contextlib.contextmanager
+def server(model: str, log_path: Path, cache_dir: Path) -> Iterator[str]:
+    """`python server.py --model_name MODEL` on a free loopback port, defaults otherwise."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "server.py"), "--model_name", model, "--port", str(port),
+             "--cache_dir", str(cache_dir), "--no_announce"],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    sys.exit(f"server.py exited {proc.returncode}:\n{log_path.read_text()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                        break
+                time.sleep(0.3)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def run(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True,
+                              timeout=CLI_TIMEOUT, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return subprocess.CompletedProcess(cmd, 124, out, f"timed out after {CLI_TIMEOUT} s")
+
+
+def claude_result(out: str) -> str | None:
+    """None when Claude Code's final result line says the run succeeded, else why not."""
+    lines = [line for line in out.splitlines() if line.strip().startswith("{")]
+    if not lines:
+        return "no JSON output"
+    result = json.loads(lines[-1])
+    if result.get("type") != "result":
+        return f"last line is {result.get('type')!r}, not the result"
+    if result.get("is_error") or result.get("api_error_status"):
+        return (f"is_error {result.get('is_error')}, api_error_status "
+                f"{result.get('api_error_status')}: {str(result.get('result'))[:300]}")
+    usage = result.get("usage", {})
+    print(f"    turns {result.get('num_turns')}, input {usage.get('input_tokens')}, cache read "
+          f"{usage.get('cache_read_input_tokens')}, output {usage.get('output_tokens')}; "
+          f"result: {str(result.get('result'))[:160]!r}")
+    return None
+
+
+def codex_result(out: str, as_json: bool) -> str | None:
+    """None when Codex's output shows a completed turn, else why not."""
+    if not as_json:
+        return None if out.strip() else "no final message on stdout"
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    kinds = [e.get("type") for e in events]
+    if "turn.failed" in kinds or "error" in kinds:
+        return json.dumps([e for e in events if e.get("type") in ("turn.failed", "error")])[:400]
+    if "turn.completed" not in kinds:
+        return f"no turn.completed event (events: {kinds[-5:]})"
+    usage = next(e for e in events if e.get("type") == "turn.completed").get("usage", {})
+    print(f"    usage {usage}")
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model_name", default="gemma-3-270m-q4_k_m.gguf")
+    ap.add_argument("--only", choices=("claude", "codex"))
+    args = ap.parse_args()
+    bin_dir = install_clis()
+    failures = 0
+    with tempfile.TemporaryDirectory(prefix="agents-check-") as tmp, dead_end_proxy() as proxy:
+        work = Path(tmp)
+        project, home, codex_home = work / "project", work / "home", work / "codex"
+        for d in (project, home, codex_home):
+            d.mkdir()
+        (project / "hello.py").write_text('print("hello")\n')
+        log = work / "server.log"
+        with server(args.model_name, log, work / "cache") as base:
+            env = {**os.environ, "HOME": str(home), "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy,
+                   "https_proxy": proxy, "http_proxy": proxy,
+                   "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+            claude_env = {**env, "ANTHROPIC_BASE_URL": base, "ANTHROPIC_API_KEY": "dummy",
+                          "ANTHROPIC_DEFAULT_HAIKU_MODEL": args.model_name,
+                          "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+            (codex_home / "config.toml").write_text(
+                f'model = "{args.model_name}"\nmodel_provider = "llmserve"\n\n'
+                '[model_providers.llmserve]\nname = "llmserve"\n'
+                f'base_url = "{base}/v1"\nwire_api = "responses"\n')
+            codex_env = {**env, "CODEX_HOME": str(codex_home)}
+            claude = [str(bin_dir / "claude"), "-p", PROMPT, "--model", args.model_name,
+                      "--max-turns", "4"]
+            codex = [str(bin_dir / "codex"), "exec", "--skip-git-repo-check"]
+            checks: list[tuple[str, str, list[str], dict[str, str],
+                               Callable[[str], str | None]]] = [
+                ("claude", "claude -p --output-format json",
+                 [*claude, "--output-format", "json"], claude_env, claude_result),
+                ("claude", "claude -p --output-format stream-json",
+                 [*claude, "--output-format", "stream-json", "--verbose"], claude_env,
+                 claude_result),
+                ("codex", "codex exec", [*codex, PROMPT], codex_env,
+                 lambda out: codex_result(out, False)),
+                ("codex", "codex exec --json", [*codex, "--json", PROMPT], codex_env,
+                 lambda out: codex_result(out, True)),
+            ]
+            for kind, name, cmd, cmd_env, judge in checks:
+                if args.only and kind != args.only:
+                    continue
+                start = time.monotonic()
+                done = run(cmd, cmd_env, project)
+                why = f"exit status {done.returncode}: {done.stderr.strip()[-400:]}" if (
+                    done.returncode) else judge(done.stdout)
+                took = time.monotonic() - start
+                print(f"{'PASS' if why is None else 'FAIL'} {name} ({took:.0f} s)"
+                      + ("" if why is None else f": {why}"), flush=True)
+                failures += why is not None
+        if failures:
+            print("--- server log (tail) ---\n" + log.read_text(errors="replace")[-3000:])
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

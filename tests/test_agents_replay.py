@@ -1,0 +1,166 @@
+"""What Claude Code and Codex CLI really send, replayed against `python server.py`.
+
+The requests in tests/fixtures/agents/ were captured from the pinned CLIs through
+tests/fixtures/agents/record.py (scrubbed). Each is replayed with its own path, query and
+headers; only `model` is replaced and the output limit lowered (a base model may ramble to its
+limit). The answers are parsed by the official SDKs' own stream and response types, and the
+prefix cache is checked the way an agent uses it: the follow-up turn, a new session with the
+same system prompt and tools, and a billing header whose per-request nonce changes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import anthropic
+import openai
+import pytest
+from anthropic.lib.streaming import MessageStream
+from openai.types.responses import Response, ResponseStreamEvent
+
+from tests.conftest import GEMMA, SMOL, ServerProcess, require_model, started_server
+
+pytestmark = pytest.mark.real_model
+
+FIXTURES = Path(__file__).parent / "fixtures" / "agents"
+CLAUDE = ("claude_code_json", "claude_code_stream", "claude_code_named")
+CODEX = ("codex_exec", "codex_exec_json")
+MAX_OUT = 8
+
+
+def fixture(name: str) -> dict[str, Any]:
+    return json.loads((FIXTURES / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """SmolLM2 (trained on 8k) with a context that holds an agent's ~20k-token prompt."""
+    require_model(SMOL)
+    log = tmp_path_factory.mktemp("agents") / "server.log"
+    server = started_server(log, "--model_name", SMOL, "--n_ctx", "32768")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Gemma 3 with defaults only, as a new user starts it."""
+    require_model(GEMMA)
+    log = tmp_path_factory.mktemp("agents-gemma") / "server.log"
+    server = started_server(log, "--model_name", GEMMA)
+    yield server
+    server.stop()
+
+
+def _split(rec: dict[str, Any]) -> tuple[str, dict[str, str], dict[str, str]]:
+    url = urlsplit(rec["path"])
+    headers = {k: v for k, v in rec["headers"].items()
+               if k not in ("content-type", "accept", "authorization", "x-api-key")}
+    return url.path, dict(parse_qsl(url.query)), headers
+
+
+def claude(server: ServerProcess, rec: dict[str, Any], model: str) -> anthropic.types.Message:
+    """One captured Messages request through the anthropic SDK; the final Message."""
+    path, query, headers = _split(rec)
+    body = {**copy.deepcopy(rec["body"]), "model": model, "max_tokens": MAX_OUT}
+    options: Any = {"headers": headers, "params": query}
+    with anthropic.Anthropic(base_url=server.base_url, api_key="dummy", max_retries=0,
+                             timeout=600) as sdk:
+        if not body.get("stream"):
+            message = sdk.post(path, body=body, options=options,
+                               cast_to=anthropic.types.Message)
+            assert isinstance(message, anthropic.types.Message)
+            return message
+        raw = sdk.post(path, body=body, options=options, cast_to=anthropic.types.Message,
+                       stream=True,
+                       stream_cls=anthropic.Stream[anthropic.types.RawMessageStreamEvent])
+        # NOTE: MessageStream is the SDK's own accumulator: it fails on events out of order.
+        with MessageStream(raw) as stream:  # type: ignore[arg-type]
+            return stream.get_final_message()
+
+
+def codex(server: ServerProcess, rec: dict[str, Any], model: str) -> Response:
+    """One captured Responses request through the openai SDK; the completed Response."""
+    path, query, headers = _split(rec)
+    body = {**copy.deepcopy(rec["body"]), "model": model, "max_output_tokens": MAX_OUT}
+    options: Any = {"headers": headers, "params": query}
+    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="dummy", max_retries=0,
+                       timeout=600) as sdk:
+        stream = sdk.post(path.removeprefix("/v1"), body=body, options=options,
+                          cast_to=Response, stream=True,
+                          stream_cls=openai.Stream[ResponseStreamEvent])
+        events = list(stream)
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created", kinds
+    assert kinds[-1] in ("response.completed", "response.incomplete"), kinds
+    numbers = [e.sequence_number for e in events]
+    assert numbers == sorted(numbers)
+    final = events[-1].response  # type: ignore[union-attr]
+    assert isinstance(final, Response)
+    return final
+
+
+def prompt_of(message: anthropic.types.Message) -> int:
+    u = message.usage
+    return u.input_tokens + (u.cache_read_input_tokens or 0) + (
+        u.cache_creation_input_tokens or 0)
+
+
+def test_claude_code_requests_all_answered(smol: ServerProcess) -> None:
+    """Every captured Claude Code request is a 200 that the anthropic SDK parses, and each
+    follow-up turn reads at least 95% of the turn before it from the cache."""
+    for name in CLAUDE:
+        first = claude(smol, fixture(f"{name}_1"), SMOL)
+        second = claude(smol, fixture(f"{name}_2"), SMOL)
+        for message in (first, second):
+            assert message.role == "assistant"
+            assert message.stop_reason in ("end_turn", "max_tokens", "tool_use",
+                                           "stop_sequence")
+            assert message.usage.output_tokens <= MAX_OUT
+        assert prompt_of(first) > 5000  # the real system prompt and tools were rendered
+        read = second.usage.cache_read_input_tokens or 0
+        assert read >= 0.95 * prompt_of(first), (name, read, prompt_of(first))
+
+
+def test_claude_code_new_session_and_billing_nonce_read_the_cache(smol: ServerProcess) -> None:
+    """A new session (same system prompt and tools, another session id) and a billing header
+    with another per-request `cch=` nonce read at least 90% of their prompt from the cache."""
+    claude(smol, fixture("claude_code_json_1"), SMOL)
+    rec = fixture("claude_code_stream_1")
+    billing = rec["body"]["system"][0]
+    assert billing["text"].startswith("x-anthropic-billing-header:")
+    for nonce in ("1a2b3", "9f8e7"):
+        billing["text"] = billing["text"].rstrip(";") + f"; cch={nonce};"
+        message = claude(smol, rec, SMOL)
+        read = message.usage.cache_read_input_tokens or 0
+        assert read >= 0.90 * prompt_of(message), (nonce, read, prompt_of(message))
+
+
+def test_codex_requests_all_answered(smol: ServerProcess) -> None:
+    """Every captured Codex request is a 200 stream the openai SDK parses, and the follow-up
+    reads at least 95% of the first request's prompt from the cache."""
+    for name in CODEX:
+        first = codex(smol, fixture(f"{name}_1"), SMOL)
+        second = codex(smol, fixture(f"{name}_2"), SMOL)
+        assert first.usage is not None and second.usage is not None
+        assert first.usage.input_tokens > 3000
+        cached = second.usage.input_tokens_details.cached_tokens
+        assert cached >= 0.95 * first.usage.input_tokens, (name, cached,
+                                                           first.usage.input_tokens)
+
+
+def test_agents_on_gemma_with_defaults(gemma: ServerProcess) -> None:
+    """Gemma 3 (no template in its GGUF, sliding-window attention) with no flags at all: a
+    Claude Code turn and a Codex turn are answered and their follow-ups come from the cache."""
+    first = claude(gemma, fixture("claude_code_json_1"), GEMMA)
+    second = claude(gemma, fixture("claude_code_json_2"), GEMMA)
+    assert (second.usage.cache_read_input_tokens or 0) >= 0.95 * prompt_of(first)
+    one = codex(gemma, fixture("codex_exec_json_1"), GEMMA)
+    two = codex(gemma, fixture("codex_exec_json_2"), GEMMA)
+    assert one.usage is not None and two.usage is not None
+    assert two.usage.input_tokens_details.cached_tokens >= 0.95 * one.usage.input_tokens
