@@ -122,8 +122,10 @@ def main() -> None:
             port = free_port()
             cmd = [binary, "-m", str(model_path), "--port", str(port), "--host", "127.0.0.1",
                    "-c", str(args.n_ctx), "-t", str(args.n_threads), "--jinja", "-np", "1"]
-            if "gemma" in args.model_name.lower():
-                cmd += ["--chat-template-file", str(ROOT / "templates" / "gemma.jinja")]
+            # NOTE: the template llmserve renders tools with (SmolLM2's own ignores tools), so
+            # both servers see the same prompt.
+            family = "gemma" if "gemma" in args.model_name.lower() else "chatml"
+            cmd += ["--chat-template-file", str(ROOT / "templates" / f"{family}.jinja")]
             servers["llama-server"] = stack.enter_context(running(cmd, port, "llama-server"))
         rows: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
         print(f"{args.model_name}, {args.turns} turns, n_ctx {args.n_ctx}, "
