@@ -2,10 +2,11 @@
 
 Agents put system entries mid-conversation (Claude Code adds one after the first user message).
 Many GGUF templates `raise_exception` on a system message that is not the first one; for those,
-`merge_system_turns` folds each such message into a user turn next to it. The rule looks only
-backwards where it can (append to the nearest user message before it), so what an agent appends
-later never changes how earlier turns render and the prompt prefix stays cacheable across turns;
-a system message with no user message before it is prepended to the next user message.
+`merge_system_turns` folds each such message into a user-side turn next to it. The rule looks
+only backwards where it can (append to the nearest user or tool message before it: a tool
+result is where Claude Code itself puts its reminders), so what an agent appends later never
+changes how earlier turns render and the prompt prefix stays cacheable across turns; a system
+message with no user message before it is prepended to the next user message.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def merge_system_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if m["role"] == "system" and i > 0:
             text = m["content"]
             last_user = next((j for j in range(len(out) - 1, -1, -1)
-                              if out[j]["role"] == "user"), None)
+                              if out[j]["role"] in ("user", "tool")), None)
             if last_user is not None:
                 before = out[last_user]
                 out[last_user] = {**before, "content": _join(before["content"], text)}
