@@ -143,6 +143,13 @@ def sdk_args(name: str, **changes: Any) -> dict[str, Any]:
             "extra_headers": {"user-agent": headers["user-agent"]}}
 
 
+def count_args(name: str) -> dict[str, Any]:
+    """sdk_args for beta.messages.count_tokens (which takes no max_tokens or metadata)."""
+    args = sdk_args(name)
+    del args["max_tokens"], args["metadata"]
+    return args
+
+
 def prompt_total(usage: Any) -> int:
     return int(usage.input_tokens + (usage.cache_read_input_tokens or 0)
                + (usage.cache_creation_input_tokens or 0))
@@ -153,8 +160,7 @@ def test_claude_code_turns_replay_and_keep_their_prefix(agent_server: ServerProc
     with sdk(agent_server) as client:
         first = client.beta.messages.create(**sdk_args("claude_code_json_1"))
         second = client.beta.messages.create(**sdk_args("claude_code_json_2"))
-        counted = client.beta.messages.count_tokens(**{
-            k: v for k, v in sdk_args("claude_code_json_2").items() if k != "max_tokens"})
+        counted = client.beta.messages.count_tokens(**count_args("claude_code_json_2"))
     assert first.stop_reason in ("end_turn", "max_tokens", "tool_use")
     assert first.usage.output_tokens > 0
     one, two = prompt_total(first.usage), prompt_total(second.usage)
@@ -185,8 +191,7 @@ def test_claude_model_name_requests_with_server_tools(agent_server: ServerProces
         first = raw.parse()
         raw = client.beta.messages.with_raw_response.create(**args)
         second = raw.parse()
-        counted = client.beta.messages.count_tokens(**{
-            k: v for k, v in sdk_args("claude_code_named_2").items() if k != "max_tokens"})
+        counted = client.beta.messages.count_tokens(**count_args("claude_code_named_2"))
     assert raw.headers["warning"] == ", ".join([
         WARNING.format(0, "web_search_20250305"), WARNING.format(13, "bash_20250124")])
     assert first.usage.output_tokens > 0 and second.usage.output_tokens > 0
@@ -197,8 +202,7 @@ def test_claude_model_name_requests_with_server_tools(agent_server: ServerProces
 @pytest.mark.real_model
 def test_billing_nonces_count_the_same(agent_server: ServerProcess) -> None:
     def count(billing: str) -> int:
-        args = sdk_args("claude_code_json_2")
-        args.pop("max_tokens")
+        args = count_args("claude_code_json_2")
         args["system"][0]["text"] = billing
         with sdk(agent_server) as client:
             return client.beta.messages.count_tokens(**args).input_tokens
