@@ -133,14 +133,16 @@ def sdk(server: ServerProcess) -> anthropic.Anthropic:
 
 def sdk_args(name: str, **changes: Any) -> dict[str, Any]:
     """A captured request as beta.messages arguments: the served model, max_tokens 8, its
-    betas and user agent; the SDK sends it to /v1/messages?beta=true as Claude Code does."""
+    betas and user agent, sent to /v1/messages?beta=true as Claude Code does."""
     request = captured(name)
     body = copy.deepcopy(request["body"])
     body.update(model=SMOL, max_tokens=8, **changes)
     body.pop("stream")
     headers = request["headers"]
+    # NOTE: this SDK version's beta client sends no `?beta=true`; Claude Code does.
     return {**body, "betas": headers["anthropic-beta"].split(","),
-            "extra_headers": {"user-agent": headers["user-agent"]}}
+            "extra_headers": {"user-agent": headers["user-agent"]},
+            "extra_query": {"beta": "true"}}
 
 
 def count_args(name: str) -> dict[str, Any]:
@@ -169,6 +171,7 @@ def test_claude_code_turns_replay_and_keep_their_prefix(agent_server: ServerProc
     # whole first prompt (all but its last cache block and generation prompt) from the cache
     assert (second.usage.cache_read_input_tokens or 0) >= one - 128
     assert counted.input_tokens == two
+    assert '"POST /v1/messages?beta=true HTTP/1.1" 200' in agent_server.log()
 
 
 @pytest.mark.real_model
