@@ -75,7 +75,10 @@ def assert_error(r: httpx.Response, status: int, kind: str, *words: str) -> None
     ({"model": "alpha.gguf", "messages": [{"role": "user", "content": "Hi"}]}, ["max_tokens"]),
     (body(max_tokens=0), ["max_tokens"]),
     (body(messages=[]), ["messages"]),
-    (body(messages=[{"role": "system", "content": "x"}]), ["role"]),
+    (body(messages=[{"role": "robot", "content": "x"}]), ["role"]),
+    (body(messages=[{"role": "system", "content": [{"type": "tool_use", "id": "t", "name": "f"}]}]),
+     ["system messages take text blocks only"]),
+    (body(messages=[{"role": "user", "content": 7}]), ["messages.0.content"]),
     (body(temperature=1.5), ["temperature"]),
     (body(messages=[{"role": "user", "content": [
         {"type": "image", "source": {"type": "url", "url": "http://x"}}]}]), ["messages"]),

@@ -6,13 +6,21 @@ Decisions where Anthropic's format has no one-to-one counterpart:
 - a tool_result becomes a `tool` message (is_error: its text prefixed with "Error: "), so the
   model's own template renders it; its tool_use_id must answer a tool_use of the message before;
 - thinking blocks sent back in the history are dropped from the prompt;
-- a final assistant message is a prefill: the reply continues it (see `Converted.prefill`).
+- a final assistant message is a prefill: the reply continues it (see `Converted.prefill`);
+- system entries inside `messages` (Claude Code sends them) stay system messages where they
+  stand; templates that refuse them get them merged into a user turn (chat/system_turns.py);
+- server tools (any `type` but custom) are left out of the prompt, with a warning
+  (`Converted.warnings`, sent as `Warning` headers);
+- Claude Code's billing block (a system text block starting `x-anthropic-billing-header:`,
+  with a per-request `cch=` nonce in some modes) is left out, so it never costs a cache miss.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+import re
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -24,6 +32,7 @@ from llmserve.anthropic.schemas import (
     MessagesRequest,
     TextBlock,
     ThinkingBlock,
+    Tool,
     ToolChoiceAny,
     ToolChoiceNone,
     ToolChoiceTool,
@@ -44,7 +53,10 @@ from llmserve.schemas import (
     ToolDefinition,
 )
 
+logger = logging.getLogger(__name__)
+
 MAX_BREAKPOINTS = 4  # as Anthropic
+BILLING_PREFIX = "x-anthropic-billing-header:"
 
 
 @dataclass(frozen=True)
@@ -55,20 +67,38 @@ class Converted:
     prefill: str  # text of a final assistant message: the reply continues it
     pin: ChatCompletionRequest | None  # the conversation cut right after the breakpoint
     pin_seconds: float
+    warnings: tuple[str, ...] = field(default=())  # what was left out, for Warning headers
 
 
 def _blocks(m: MessageParam) -> list[Any]:
     return [TextBlock(type="text", text=m.content)] if isinstance(m.content, str) else m.content
 
 
+def _system_text(blocks: list[TextBlock]) -> str:
+    # NOTE: Claude Code's billing block changes per version and, with a `cch=` nonce, per
+    # request: kept, it would end the cached prefix at the very first system block.
+    return "\n".join(b.text for b in blocks if not b.text.lstrip().startswith(BILLING_PREFIX))
+
+
 def _system(req: CountTokensRequest, upto: int | None = None) -> ChatMessage | None:
     if req.system is None:
         return None
     if isinstance(req.system, str):
-        text = req.system
+        text = _system_text([TextBlock(type="text", text=req.system)])
     else:
-        blocks = req.system if upto is None else req.system[: upto + 1]
-        text = "\n".join(b.text for b in blocks)
+        text = _system_text(req.system if upto is None else req.system[: upto + 1])
+    return ChatMessage(role="system", content=text) if text else None
+
+
+def _system_entry(i: int, blocks: list[Any]) -> ChatMessage | None:
+    """A system entry inside messages: text blocks only."""
+    for j, b in enumerate(blocks):
+        if not isinstance(b, TextBlock):
+            raise InvalidRequestError(
+                f"messages.{i}.content.{j}: system messages take text blocks only",
+                param=f"messages.{i}.content.{j}",
+            )
+    text = _system_text(blocks)
     return ChatMessage(role="system", content=text) if text else None
 
 
@@ -134,6 +164,10 @@ def _messages(
             msg = _assistant(i, blocks)
             open_ids = {c.id for c in msg.tool_calls or []}
             out.append(msg)
+        elif m.role == "system":
+            entry = _system_entry(i, blocks)
+            if entry is not None:
+                out.append(entry)
         else:
             out.extend(_user(i, blocks, open_ids))
             open_ids = set()
@@ -145,7 +179,20 @@ def _tools(req: CountTokensRequest, upto: int | None = None) -> list[ToolDefinit
         return None
     tools = req.tools if upto is None else req.tools[: upto + 1]
     return [ToolDefinition(type="function", function=FunctionDefinition(
-        name=t.name, description=t.description, parameters=t.input_schema)) for t in tools]
+        name=t.name, description=t.description, parameters=t.input_schema))
+        for t in tools if isinstance(t, Tool)] or None
+
+
+def dropped_tools(req: CountTokensRequest) -> list[str]:
+    """A warning for each server tool left out of the prompt."""
+    out: list[str] = []
+    for i, tool in enumerate(req.tools or []):
+        if not isinstance(tool, Tool):
+            # NOTE: the type goes into a header: keep it to header-safe characters.
+            kind = re.sub(r"[^A-Za-z0-9_.-]", "?", tool.type)[:64]
+            out.append(f"tools.{i} ({kind}) is a server tool llmserve cannot run; "
+                       "left out of the prompt")
+    return out
 
 
 def _tool_choice(req: CountTokensRequest) -> tuple[Any, bool]:
@@ -194,8 +241,9 @@ def _cut(req: CountTokensRequest, where: tuple[int, ...], base: ChatCompletionRe
     choice: Literal["none", "auto"] = "none" if base.tool_choice == "none" else "auto"
     if where[0] == 0:
         messages = [ChatMessage(role="user", content="")]
-        return ChatCompletionRequest(messages=messages, tools=_tools(req, where[1]),
-                                     tool_choice=choice if req.tools else None)
+        tools = _tools(req, where[1])
+        return ChatCompletionRequest(messages=messages, tools=tools,
+                                     tool_choice=choice if tools else None)
     if where[0] == 1:
         messages = _messages(req, [], system_upto=where[1])
     else:
@@ -220,8 +268,12 @@ def to_chat(req: CountTokensRequest) -> Converted:
             history = req.messages[:-1]
             prefill = "\n".join(b.text for b in last if isinstance(b, TextBlock)).rstrip()
     tool_choice, parallel = _tool_choice(req)
+    tools = _tools(req)
+    warnings = dropped_tools(req)
+    for warning in warnings:
+        logger.warning("%s", warning)
     fields: dict[str, Any] = {
-        "model": req.model, "messages": _messages(req, history), "tools": _tools(req),
+        "model": req.model, "messages": _messages(req, history), "tools": tools,
         "tool_choice": tool_choice, "parallel_tool_calls": parallel,
     }
     if req.output_config is not None and req.output_config.format is not None:
@@ -229,7 +281,7 @@ def to_chat(req: CountTokensRequest) -> Converted:
             "type": "json_schema",
             "json_schema": {"name": "output", "schema": req.output_config.format.json_schema},
         })
-    if tool_choice is not None and not req.tools:
+    if tool_choice is not None and not tools:
         fields["tool_choice"] = None if tool_choice in ("none", "auto") else tool_choice
     if isinstance(req, MessagesRequest):
         fields["max_tokens"] = req.max_tokens
@@ -252,10 +304,10 @@ def to_chat(req: CountTokensRequest) -> Converted:
         raise InvalidRequestError(f"{where}: {first.get('msg')}", param=where) from exc
     marks = _breakpoints(req)
     if not marks:
-        return Converted(chat, prefill, None, 0.0)
+        return Converted(chat, prefill, None, 0.0, tuple(warnings))
     furthest = marks[-1][0]
     seconds = max(m.seconds for _, m in marks)
-    return Converted(chat, prefill, _cut(req, furthest, chat), seconds)
+    return Converted(chat, prefill, _cut(req, furthest, chat), seconds, tuple(warnings))
 
 
 def stop_reason(finished: Finished, max_tokens: int | None) -> tuple[str, str | None]:

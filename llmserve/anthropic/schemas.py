@@ -6,11 +6,23 @@ the tests against the anthropic SDK's types.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
-# NOTE: like the OpenAI types, unknown fields (service_tier, container, ...) are ignored.
+logger = logging.getLogger(__name__)
+
+# NOTE: like the OpenAI types, unknown fields (service_tier, container, context_management,
+# betas' new fields, ...) are ignored; the known ones are still validated.
 _LENIENT = ConfigDict(extra="ignore")
 
 
@@ -82,19 +94,43 @@ ContentBlock = Annotated[
 
 class MessageParam(BaseModel):
     model_config = _LENIENT
-    role: Literal["user", "assistant"]
+    # NOTE: "system" is not in Anthropic's API, but Claude Code sends system entries inside
+    # messages to servers it does not know as Anthropic's (see chat/system_turns.py).
+    role: Literal["user", "assistant", "system"]
     content: str | list[ContentBlock]
 
 
 class Tool(BaseModel):
+    """A custom (client) tool: the model calls it, the client runs it. `defer_loading` and
+    other fields are ignored: the tool is rendered like any other."""
+
     model_config = _LENIENT
-    # NOTE: server tools (web_search_..., bash_..., ...) carry a versioned type; only custom
-    # (client) tools are served here.
     type: Literal["custom"] | None = None
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     input_schema: dict[str, Any]
     cache_control: CacheControl | None = None
+
+
+class ServerTool(BaseModel):
+    """A tool Anthropic runs itself (web_search_20250305, bash_..., mcp_toolset, ...): nothing
+    here can run it, so it is left out of the prompt (convert.py) instead of refused."""
+
+    model_config = _LENIENT
+    type: str
+    name: str | None = None
+    cache_control: CacheControl | None = None
+
+
+def _tool_kind(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return "custom" if kind in (None, "custom") else "server"
+
+
+AnyTool = Annotated[
+    Annotated[Tool, Tag("custom")] | Annotated[ServerTool, Tag("server")],
+    Discriminator(_tool_kind),
+]
 
 
 class ToolChoiceAuto(BaseModel):
@@ -160,12 +196,21 @@ class CountTokensRequest(BaseModel):
     model: str = Field(min_length=1)
     messages: list[MessageParam] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
-    tools: list[Tool] | None = None
+    tools: list[AnyTool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: ThinkingConfig | None = None
     # top-level cache_control: a breakpoint on the last block (Anthropic's automatic caching)
     cache_control: CacheControl | None = None
     output_config: OutputConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown(cls, data: Any) -> Any:
+        if isinstance(data, dict) and logger.isEnabledFor(logging.DEBUG):
+            unknown = sorted(str(k) for k in data if k not in cls.model_fields)
+            if unknown:
+                logger.debug("Messages request: ignoring unknown fields %s", ", ".join(unknown))
+        return data
 
 
 class MessagesRequest(CountTokensRequest):

@@ -32,8 +32,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PromptFacts:
-    """What the engine thread learnt at admission (written before Started is emitted)."""
+    """What the engine thread learnt at admission (written before Started is emitted), and what
+    the conversion left out of the prompt (`Warning` headers)."""
 
+    warnings: tuple[str, ...] = ()
     tokens: int = 0
     created: int = 0  # prompt tokens the prefix cache lacks and will store for this prompt
     pinned: int = 0  # prompt tokens pinned by the furthest cache_control breakpoint
@@ -63,7 +65,7 @@ class MessagesService:
         """Start generating a Message; raises request errors before any output exists."""
         conv = to_chat(req)
         pin_plan = self._pin_plan(conv)
-        facts = PromptFacts()
+        facts = PromptFacts(conv.warnings)
         cache = self.chat.cache
 
         def on_prompt(engine: Engine, rendered: list[int]) -> list[int]:
@@ -82,8 +84,9 @@ class MessagesService:
         gen = await self.chat.chat(conv.chat, on_prompt)
         return gen, facts
 
-    async def count_tokens(self, req: CountTokensRequest) -> int:
-        """The prompt's token count, rendered exactly as /v1/messages renders it."""
+    async def count_tokens(self, req: CountTokensRequest) -> tuple[int, tuple[str, ...]]:
+        """The prompt's token count, rendered exactly as /v1/messages renders it, and the
+        conversion's warnings."""
         conv = to_chat(req)
         plan = plan_chat(conv.chat)
         manager = self.chat.manager
@@ -93,7 +96,7 @@ class MessagesService:
             engine = manager.ensure(filename)
             return len(self._tokens(engine, conv, self.chat.chat_tokens(engine, plan)))
 
-        return int(await self.chat.worker.call(job))
+        return int(await self.chat.worker.call(job)), conv.warnings
 
 
 async def parts(gen: Generation) -> AsyncIterator[Part | Finished]:

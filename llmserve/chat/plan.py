@@ -26,6 +26,7 @@ from llmserve.chat.grammar import (
     tool_calls_rules,
 )
 from llmserve.chat.reasoning import template_variables
+from llmserve.chat.system_turns import has_late_system, merge_system_turns
 from llmserve.chat.templates import render, resolve_template, uses_tools
 from llmserve.engine.base import ModelInfo
 from llmserve.errors import InvalidRequestError
@@ -264,7 +265,17 @@ def render_chat(
             add_generation_prompt=True, tools=tool_list, variables=plan.variables,
         )
 
-    text = run(messages, tools)
+    try:
+        text = run(messages, tools)
+    except InvalidRequestError:
+        if not has_late_system(messages):
+            raise
+        # NOTE: the template refuses a system message after the first (raise_exception):
+        # merge those into user turns (chat/system_turns.py) rather than fail the request.
+        logger.debug("%s refuses late system messages; merging them into user turns",
+                     template.origin)
+        messages = merge_system_turns(messages)
+        text = run(messages, tools)
     check_text_fits(text, info, "messages")
     control = control_text(info.control_tokens)
     marked_messages, in_messages = mark(messages, control)

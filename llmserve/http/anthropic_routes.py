@@ -47,6 +47,13 @@ def _validation_message(exc: RequestValidationError) -> str:
     return f"{where}: {first.get('msg', 'invalid value')}"
 
 
+def warning_headers(warnings: tuple[str, ...]) -> dict[str, str]:
+    """RFC 7234 `Warning: 299 llmserve "..."` values, joined: what was left out of the prompt."""
+    if not warnings:
+        return {}
+    return {"Warning": ", ".join(f'299 llmserve "{w}"' for w in warnings)}
+
+
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_body(status, message), status_code=status, headers=headers)
 
@@ -121,17 +128,19 @@ def _stream(gen: Generation, facts: PromptFacts, max_tokens: int) -> EventSource
         finally:
             gen.cancel()  # runs on client disconnect too
 
-    return EventSourceResponse(events(), ping=15, ping_message_factory=_ping)
+    return EventSourceResponse(events(), ping=15, ping_message_factory=_ping,
+                               headers=warning_headers(facts.warnings))
 
 
 @router.post("/messages", response_model=None)
 async def create_message(
-    body: MessagesRequest, request: Request, service: MessagesDep
+    body: MessagesRequest, request: Request, response: Response, service: MessagesDep
 ) -> dict[str, Any] | EventSourceResponse:
     """Anthropic Messages: a Message, or its stream of events when `stream` is true."""
     gen, facts = await service.create(body)
     if body.stream:
         return _stream(gen, facts, body.max_tokens)
+    response.headers.update(warning_headers(facts.warnings))
 
     async def collect() -> dict[str, Any]:
         builder = MessageBuilder(message_id(), gen.model)
@@ -149,6 +158,10 @@ async def create_message(
 
 
 @router.post("/messages/count_tokens")
-async def count_tokens(body: CountTokensRequest, service: MessagesDep) -> dict[str, int]:
+async def count_tokens(
+    body: CountTokensRequest, response: Response, service: MessagesDep
+) -> dict[str, int]:
     """The prompt's token count, as /v1/messages would render it."""
-    return {"input_tokens": await service.count_tokens(body)}
+    tokens, warnings = await service.count_tokens(body)
+    response.headers.update(warning_headers(warnings))
+    return {"input_tokens": tokens}
