@@ -167,6 +167,20 @@ def smol_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def agent_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One real server on SmolLM2 with room for an agent's ~20k-token prompts, shared by the
+    agent replay tests so that what one prefilled the next reads from the prompt cache."""
+    require_model(SMOL)
+    log = tmp_path_factory.mktemp("agents") / "server.log"
+    server = started_server(log, "--model_name", SMOL, "--n_ctx", "32768", "--n_threads", "2",
+                            "--cache_dir", str(tmp_path_factory.mktemp("agents-cache")))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def client(smol_server: ServerProcess) -> Iterator[openai.OpenAI]:
     """The openai SDK on the shared SmolLM2 server (closed after the test: no leaked socket)."""

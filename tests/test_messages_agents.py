@@ -104,18 +104,6 @@ async def test_a_template_refusing_late_system_turns_gets_them_merged(
 # --- SmolLM2: the captured requests replayed with the anthropic SDK -------------------------
 
 @pytest.fixture(scope="module")
-def agent_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One server with room for Claude Code's ~15k-token prompts."""
-    require_model(SMOL)
-    log = tmp_path_factory.mktemp("agents") / "server.log"
-    server = started_server(log, "--model_name", SMOL, "--n_ctx", "32768", "--n_threads", "2")
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     require_model(SMOL)
     log = tmp_path_factory.mktemp("small") / "server.log"
