@@ -44,9 +44,14 @@ def _serve_parser(sub: Any) -> None:
     _flag(p, "chat_template",
           help="chat template for every model: a name in the templates dir (chatml, gemma, "
                "llama3, mistral), a .jinja file, or inline Jinja (default: per model)")
-    _flag(p, "n_ctx", type=int, help="context length in tokens, 0 = the model's (default 4096)")
+    _flag(p, "n_ctx", type=int,
+          help="context length in tokens, shared by the --parallel sequences; 0 = the "
+               "model's trained context (default: the trained context, lowered if its KV "
+               "cache would take over half the memory available after the weights)")
     _flag(p, "n_gpu_layers", type=int, help="layers to offload to the GPU, -1 = all (default 0)")
-    _flag(p, "n_threads", type=int, help="CPU threads (default: llama.cpp's choice)")
+    _flag(p, "n_threads", type=int, help="CPU threads for decoding (default: physical cores)")
+    _flag(p, "n_threads_batch", type=int,
+          help="CPU threads for prompt processing (default: --n_threads)")
     _flag(p, "n_batch", type=int, help="tokens per decode step, all sequences (default 512)")
     _flag(p, "parallel", type=int,
           help="sequences decoded together in one context; they share --n_ctx (default 4)")

@@ -33,9 +33,13 @@ class Settings(BaseSettings):
     cache_dir: Path = Path("cache")
     templates_dir: Path = Path("templates")
     chat_template: str | None = None
-    n_ctx: int = Field(default=4096, ge=0)
+    # None: the model's trained context, lowered to fit memory (catalog/context.py); 0: the
+    # trained context as is.
+    n_ctx: int | None = Field(default=None, ge=0)
     n_gpu_layers: int = 0
+    # None: the machine's physical cores (prompt batches: n_threads).
     n_threads: int | None = Field(default=None, ge=1)
+    n_threads_batch: int | None = Field(default=None, ge=1)
     n_batch: int = Field(default=512, ge=1)
     # Continuous batching: sequences decoded together (llama-server's -np) and the wait queue.
     parallel: int = Field(default=4, ge=1, le=256)

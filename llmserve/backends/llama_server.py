@@ -65,7 +65,8 @@ class LlamaServerBackend(ProxyBackend):
 
         cmd = [str(exe), "--model", str(s.models_dir / self.spec.filename), "--host",
                "127.0.0.1", "--port", str(port), "--alias", self.name,
-               "--ctx-size", str(pick("n_ctx", s.n_ctx)),
+               # NOTE: no --n_ctx: 0, llama-server's "the model's trained context"
+               "--ctx-size", str(pick("n_ctx", s.n_ctx) or 0),
                "--n-gpu-layers", str(pick("n_gpu_layers", s.n_gpu_layers)),
                "--batch-size", str(pick("n_batch", s.n_batch)),
                "--parallel", str(load.get("parallel", s.parallel)), "--no-webui"]

@@ -104,19 +104,74 @@ class GGUFInfo:
         return value if isinstance(value, str) else None
 
     def kv_bytes_per_token(self) -> int | None:
-        """f16 KV-cache bytes one context token costs, from the attention shape (an estimate)."""
+        """f16 KV-cache bytes one context token costs on every layer (an estimate)."""
+        layout = self.kv_layout()
+        return layout.full_bytes + layout.swa_bytes if layout else None
+
+    def kv_layout(self) -> KVLayout | None:
+        """f16 KV-cache bytes per token, split into layers that cache every position and
+        sliding-window layers (None: the header lacks the attention shape)."""
         layers = self.arch_value("block_count")
         embd = self.arch_value("embedding_length")
         heads = _max_int(self.arch_value("attention.head_count"))
-        kv_heads = _max_int(self.arch_value("attention.head_count_kv")) or heads
-        if not isinstance(layers, int) or not heads or not kv_heads:
+        if not isinstance(layers, int) or layers <= 0 or not heads:
             return None
+        kv_heads = _per_layer(self.arch_value("attention.head_count_kv"), layers, heads)
         head_dim = embd // heads if isinstance(embd, int) else None
         k_len = self.arch_value("attention.key_length") or head_dim
         v_len = self.arch_value("attention.value_length") or head_dim
         if not isinstance(k_len, int) or not isinstance(v_len, int):
             return None
-        return layers * kv_heads * (k_len + v_len) * 2
+        per_layer = [n * (k_len + v_len) * 2 for n in kv_heads]  # K and V, f16
+        window = self.arch_value("attention.sliding_window")
+        swa = _swa_layers(self, layers) if isinstance(window, int) and window > 0 else set()
+        return KVLayout(
+            full_bytes=sum(b for i, b in enumerate(per_layer) if i not in swa),
+            swa_bytes=sum(b for i, b in enumerate(per_layer) if i in swa),
+            window=window if swa and isinstance(window, int) else 0,
+        )
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """f16 KV-cache bytes per context token: layers caching every position, and
+    sliding-window layers, which llama.cpp's iSWA cache gives only the window's cells."""
+
+    full_bytes: int
+    swa_bytes: int = 0
+    window: int = 0  # tokens the sliding-window layers attend to (0: none)
+
+    def bytes_for(self, n_ctx: int, *, swa_full: bool, n_seq: int = 1,
+                  n_ubatch: int = 512) -> int:
+        """The cache's bytes for n_ctx cells. A windowed layer holds n_swa * n_seq + n_ubatch
+        cells (llama_kv_cache_iswa), unless swa_full keeps every position there too."""
+        swa_cells = n_ctx
+        if not swa_full and self.window:
+            swa_cells = min(n_ctx, self.window * n_seq + n_ubatch)
+        return self.full_bytes * n_ctx + self.swa_bytes * swa_cells
+
+
+# NOTE: llama.cpp hard-codes these architectures' layer patterns (set_swa_pattern: every
+# n-th layer is global); files may instead carry attention.sliding_window_pattern.
+_SWA_PATTERNS = {"gemma2": 2, "gemma3": 6, "cohere2": 4, "gpt-oss": 2}
+
+
+def _swa_layers(info: GGUFInfo, layers: int) -> set[int]:
+    """Indices of the sliding-window layers; an unknown pattern counts none (conservative)."""
+    pattern = info.arch_value("attention.sliding_window_pattern")
+    if isinstance(pattern, list) and len(pattern) == layers:
+        return {i for i, windowed in enumerate(pattern) if windowed}
+    every = pattern if isinstance(pattern, int) else _SWA_PATTERNS.get(info.architecture or "")
+    if not every or every < 2:
+        return set()
+    return {i for i in range(layers) if i % every < every - 1}
+
+
+def _per_layer(value: Any, layers: int, default: int) -> list[int]:
+    """A per-layer count (an int, or an array with one per layer; 0 = no attention there)."""
+    if isinstance(value, list) and len(value) == layers and all(isinstance(v, int) for v in value):
+        return list(value)
+    return [_max_int(value) or default] * layers
 
 
 def _max_int(value: Any) -> int | None:

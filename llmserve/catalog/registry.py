@@ -19,14 +19,16 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
+from llmserve.catalog.context import SWA_FULL, LoadPlan, plan_load
 from llmserve.catalog.library import ModelFile, ModelLibrary, list_model_files
 from llmserve.catalog.manifest import template_text
 from llmserve.catalog.spec import LOAD_PARAMS, SAMPLING_PARAMS
 from llmserve.config import Settings
 from llmserve.engine.base import Engine
 from llmserve.errors import ModelLoadError, ModelNotReadyError
+from llmserve.hardware import machine_available_memory, machine_threads
 from llmserve.scheduler import Busy, Scheduler
 
 if TYPE_CHECKING:
@@ -51,6 +53,7 @@ def resolve_model_name(models_dir: Path, name: str) -> str:
 class _Resident:
     engine: Engine
     footprint: int  # estimated bytes: file + KV cache
+    settings: Settings  # what it was loaded with (n_ctx, threads decided)
     last_used: float
     expires_at: float | None = None  # monotonic time to unload at; None = never
 
@@ -83,6 +86,9 @@ class ModelManager:
         self._in_use: str | None = None
         self._keep_alive: float | None = None
         self.default_name: str | None = None
+        # NOTE: the model a switch is loading; /v1/models lists it first (it is the model
+        # requests naming none will get) before the load finishes.
+        self.switching_to: str | None = None
         self.state: State = "starting"
         self.error: str | None = None
         self.load_seconds = 0.0
@@ -114,10 +120,20 @@ class ModelManager:
             r = self._resident.get(self.default_name or "")
         return r.engine if r else None
 
+    @property
+    def listed_first(self) -> str | None:
+        """The model /v1/models lists first: the one being switched to, else the active one."""
+        return self.switching_to or self.active_name
+
     def loaded_names(self) -> list[str]:
         """Resident models, least recently used first."""
         with self._lock:
             return list(self._resident)
+
+    def resident_settings(self) -> dict[str, tuple[int, Settings]]:
+        """Resident models' (actual n_ctx, load settings), least recently used first."""
+        with self._lock:
+            return {n: (r.engine.info.n_ctx, r.settings) for n, r in self._resident.items()}
 
     def resolve(self, name: str) -> str:
         """A request's model name (alias or file name) to a file name (400/404 on bad names)."""
@@ -126,25 +142,6 @@ class ModelManager:
     def files(self) -> list[ModelFile]:
         """GGUF files in the models dir."""
         return self.library.files()
-
-    def describe(self) -> list[dict[str, Any]]:
-        """Every known model (catalog and files) with loaded/active flags, backend and state,
-        then the models.yaml entries on other backends, for GET /models."""
-        with self._lock:
-            loaded = {n: r.engine.info.n_ctx for n, r in self._resident.items()}
-        out = []
-        pool = self.backends
-        for entry in self.library.entries():
-            d = self.library.describe(entry)
-            d["loaded"] = entry.filename in loaded
-            d["n_ctx"] = loaded.get(entry.filename)
-            d["active"] = entry.filename == self.active_name
-            d.update(backend="llama_cpp", state="ready" if d["loaded"] else "stopped",
-                     error=None)
-            out.append(d)
-        if pool is not None:
-            out += pool.remote_entries() + pool.peer_entries()
-        return out
 
     def announced_aliases(self) -> list[str]:
         """Names beyond file names that peers may send: models.yaml aliases of present files
@@ -177,12 +174,19 @@ class ModelManager:
         (a backend entry's alias for models on other backends: started if need be)."""
         backend = self.backends.route(name) if self.backends is not None else None
         if backend is not None and self.backends is not None:
-            await backend.start()
+            self.switching_to = backend.name
+            try:
+                await backend.start()
+            finally:
+                self.switching_to = None
             self.backends.active = backend.name
             self.state, self.error = "ready", None
             return backend.name
-        filename = self.resolve(name)
-        await self._worker.call(self.ensure, filename)
+        filename = self.switching_to = self.resolve(name)
+        try:
+            await self._worker.call(self.ensure, filename)
+        finally:
+            self.switching_to = None
         if self.backends is not None:
             self.backends.active = None
         return filename
@@ -240,13 +244,12 @@ class ModelManager:
             self.library.check_loadable(name)  # 400 before the active model is touched
         elif not self.library.allow_symlinks:
             self.library.check_inside(name)
-        footprint = self._footprint(name)
         # NOTE: evict before loading so the models never need more than the budget at once;
         # if the load fails, the active model is loaded again when it was evicted for it.
-        evicted = self._make_room(footprint)  # raises Busy while the victims still serve
+        evicted = self._make_room(self._footprint(name, self.plan(name)))  # Busy: victims serve
         self.state = "loading"
         try:
-            engine = self._load(name, footprint)
+            engine = self._load(name)  # planned again: the evictions freed memory
         except Exception as exc:
             # NOTE: llama.cpp's messages carry the server's absolute path; clients see names.
             detail = str(exc).replace(str((self.models_dir / name).resolve()), name)
@@ -256,7 +259,7 @@ class ModelManager:
             self._in_use = None
             if previous in evicted:
                 try:
-                    self._load(previous, self._footprint(previous))
+                    self._load(previous)
                 except Exception:
                     logger.exception("reloading %s failed", previous)
             self.state = "ready" if self._resident else "error"
@@ -315,24 +318,42 @@ class ModelManager:
         update = {k: v for k, v in spec.load.items() if k in LOAD_PARAMS and k not in explicit}
         return self.settings.model_copy(update=update) if update else self.settings
 
-    def _footprint(self, name: str) -> int:
-        """Estimated resident bytes: the file (weights) plus an f16 KV cache for n_ctx."""
-        path = self.models_dir / name
-        size = path.stat().st_size if path.is_file() else 0
-        info = self.library.gguf(name)
-        n_ctx = self._load_settings(name).n_ctx or (info.context_length if info else 0) or 0
-        per_token = info.kv_bytes_per_token() if info else None
-        return size + (per_token or 0) * n_ctx
+    def plan(self, name: str) -> LoadPlan:
+        """The settings name would be loaded with now: n_ctx and threads decided (any thread;
+        reads the GGUF header and the machine's available memory)."""
+        settings = self._load_settings(name)
+        explicit = self.settings.model_fields_set
+        sources = {k: f"--{k}" if k in explicit else f"models.yaml load.{k}"
+                   for k in ("n_ctx", "n_threads")}  # fmt: skip
+        return plan_load(settings, sources=sources, info=self.library.gguf(name),
+                         model_bytes=self._file_size(name),
+                         available=machine_available_memory(), machine_threads=machine_threads())
 
-    def _load(self, name: str, footprint: int) -> Engine:
+    def _file_size(self, name: str) -> int:
+        path = self.models_dir / name
+        return path.stat().st_size if path.is_file() else 0
+
+    def _footprint(self, name: str, plan: LoadPlan) -> int:
+        """Estimated resident bytes: the file (weights) plus an f16 KV cache for n_ctx."""
+        info = self.library.gguf(name)
+        layout = info.kv_layout() if info else None
+        s = plan.settings
+        kv = layout.bytes_for(s.n_ctx or 0, swa_full=SWA_FULL, n_seq=s.parallel,
+                              n_ubatch=s.n_batch) if layout else 0
+        return self._file_size(name) + kv
+
+    def _load(self, name: str) -> Engine:
+        plan = self.plan(name)
+        logger.info("loading %s", plan.summary(name))
         start = time.perf_counter()
-        engine = self._factory(self.models_dir / name, self._load_settings(name))
+        engine = self._factory(self.models_dir / name, plan.settings)
         spec = self.library.spec_for_file(name)
         override = template_text(spec) if spec is not None else None
         if override:
             engine.info = dataclasses.replace(engine.info, template_override=override)
         with self._lock:
-            self._resident[name] = _Resident(engine, footprint, time.monotonic())
+            self._resident[name] = _Resident(
+                engine, self._footprint(name, plan), plan.settings, time.monotonic())
         self.load_seconds = time.perf_counter() - start
         self.loads += 1
         logger.info("loaded %s in %.2f s", name, self.load_seconds)

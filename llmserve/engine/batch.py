@@ -39,15 +39,14 @@ class BatchContext:
     """The context, its batch and its slots (sequence ids 0 .. n_parallel-1)."""
 
     def __init__(self, model: Any, *, n_ctx: int, n_batch: int, n_parallel: int,
-                 n_threads: int | None, swa_full: bool):
+                 n_threads: int, n_threads_batch: int, swa_full: bool):
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = n_batch
         params.n_seq_max = n_parallel
         params.kv_unified = True
         params.swa_full = swa_full
-        if n_threads is not None:
-            params.n_threads = params.n_threads_batch = n_threads
+        params.n_threads, params.n_threads_batch = n_threads, n_threads_batch
         self.params = params
         self.ctx = llama_cpp.llama_init_from_model(model, params)
         if not self.ctx:

@@ -24,6 +24,7 @@ from llmserve.engine.chunking import Cutter
 from llmserve.engine.sampling import GrammarGate, SeqSampler
 from llmserve.engine.vocab import scan_vocab
 from llmserve.errors import ContextLengthError, InternalError, ModelLoadError
+from llmserve.hardware import machine_threads
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ TOOL_MARKERS = ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "[CALL_
 THINK_MARKERS = ("<think>", "</think>")
 HARMONY_MARKERS = ("<|channel|>", "<|message|>", "<|start|>", "<|end|>", "<|constrain|>")
 _backend_ready = False
+# NOTE: an embedding context reserves compute for n_ubatch = n_ctx tokens, which grows with
+# the square of n_ctx (1.7 GiB at 8192 for SmolLM2-135M); it starts this small and grows
+# (powers of two, up to the chat n_ctx) when a longer input arrives.
+EMBED_MIN_CTX = 512
 
 
 def _fingerprint(path: Path, params: Any) -> str:
@@ -112,12 +117,15 @@ class LlamaEngine:
             model = _internals.LlamaModel(path_model=str(path), params=params, verbose=verbose)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"cannot load {path.name}: {exc}") from exc
+        # NOTE: ModelManager decides n_ctx and threads (catalog/context.py) and logs why;
+        # these fallbacks serve direct loads (tests, benchmarks).
+        threads = settings.n_threads or machine_threads()
         try:
             with suppress_stdout_stderr(disable=verbose):
                 batch = BatchContext(
                     model.model, n_ctx=settings.n_ctx or model.n_ctx_train(),
                     n_batch=settings.n_batch, n_parallel=settings.parallel,
-                    n_threads=settings.n_threads,
+                    n_threads=threads, n_threads_batch=settings.n_threads_batch or threads,
                     # NOTE: a full-size sliding-window cache keeps every position, so any
                     # prefix of a Gemma 3 sequence can be kept, copied or restored.
                     swa_full=True,
@@ -279,9 +287,15 @@ class LlamaEngine:
         return self._embedder is not None
 
     def embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        """Pooled embeddings from a second context on the same weights (made on first use)."""
-        if self._embedder is None:
-            self._embedder = _Embedder(self._model, self.info, self.batch.params)
+        """Pooled embeddings from a second context on the same weights (made on first use,
+        made again, bigger, for an input longer than it holds)."""
+        need = max((len(t) for t in inputs), default=1)
+        if self._embedder is None or self._embedder.n_ctx < need:
+            size = min(self.info.n_ctx, max(EMBED_MIN_CTX, 1 << (need - 1).bit_length()))
+            if self._embedder is not None:
+                self._embedder.close()
+                self._embedder = None
+            self._embedder = _Embedder(self._model, self.info, self.batch.params, size)
         return [self._embedder.embed(tokens) for tokens in inputs]
 
     def close(self) -> None:
@@ -361,14 +375,15 @@ class _Embedder:
     The whole input goes into one micro-batch because pooling needs every token at once.
     """
 
-    def __init__(self, model: _internals.LlamaModel, info: ModelInfo, chat_params: Any):
+    def __init__(self, model: _internals.LlamaModel, info: ModelInfo, chat_params: Any,
+                 n_ctx: int):
         declared = info.metadata.get(f"{info.architecture}.pooling_type")
         pooling = (
             llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
             if declared not in (None, "", str(llama_cpp.LLAMA_POOLING_TYPE_NONE))
             else llama_cpp.LLAMA_POOLING_TYPE_MEAN
         )
-        self.n_ctx = info.n_ctx
+        self.n_ctx = n_ctx
         self.n_embd = info.n_embd
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = params.n_batch = params.n_ubatch = self.n_ctx

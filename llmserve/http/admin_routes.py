@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 
 from llmserve.cache.manager import PrefixCache
+from llmserve.catalog.listing import describe_models, loaded_contexts
 from llmserve.errors import error_body
 from llmserve.http.deps import CacheDep, ManagerDep, ServiceDep, SettingsDep, WorkerDep
 from llmserve.http.ui_routes import wants_html
@@ -42,10 +43,14 @@ async def health(
     with no progress for --health_stall_seconds). The body says which, and the cache state."""
     engine = worker.liveness()
     loaded = manager.loaded_names()
+    contexts = loaded_contexts(manager)
+    active = next((c for c in contexts if c["model"] == manager.active_name), None)
     body: dict[str, Any] = {
         "status": "ok", "model": manager.active_name, "state": manager.state,
         "loaded": loaded, "load_error": manager.error, "engine": engine,
         "cache": _cache_state(cache),
+        # the active model's context, then every resident model's n_ctx / threads / parallel
+        "n_ctx": active["n_ctx"] if active else None, "loaded_models": contexts,
     }
     stalled = engine["seconds_since_progress"]
     reason = None
@@ -76,7 +81,7 @@ def _cache_state(cache: PrefixCache) -> dict[str, Any]:
 @router.get("/models")
 async def models(manager: ManagerDep) -> dict[str, Any]:
     """Catalog entries and GGUF files: metadata, present, loaded, active."""
-    described = await asyncio.to_thread(manager.describe)  # reads GGUF headers
+    described = await asyncio.to_thread(describe_models, manager)  # reads GGUF headers
     return {"active": manager.active_name, "loaded": manager.loaded_names(), "models": described}
 
 

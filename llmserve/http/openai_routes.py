@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
 
+from llmserve.catalog.listing import openai_models
 from llmserve.errors import InternalError, LlmserveError, error_body
 from llmserve.http.deps import ManagerDep, ServiceDep
 from llmserve.http.logprobs import chat_logprobs, completion_logprobs
@@ -246,20 +247,6 @@ async def completions(
 
 @v1_router.get("/models")
 async def list_models(manager: ManagerDep) -> dict[str, Any]:
-    """OpenAI model list: the active model first, then the rest of the models dir, then
-    aliases (models.yaml's, and those of entries on other backends)."""
-    active = manager.active_name
-    names = [m.name for m in manager.files()]
-    ordered = ([active] if active in names else []) + [n for n in names if n != active]
-    # NOTE: models.yaml `aliases` (e.g. gpt-4o-mini) are names clients may pick from here.
-    aliases = [a for a, _ in manager.library.served_aliases() if a not in names]
-    if manager.backends is not None:  # models on other backends (issue 11), by alias
-        aliases += [a for a in manager.backends.model_ids() if a not in {*names, *aliases}]
-    created = 0
-    return {
-        "object": "list",
-        "data": [
-            {"id": n, "object": "model", "created": created, "owned_by": "llmserve"}
-            for n in ordered + aliases
-        ],
-    }
+    """OpenAI model list (catalog/listing.py): the active model first, each with its
+    context_length and meta.n_ctx_train."""
+    return {"object": "list", "data": await asyncio.to_thread(openai_models, manager)}
