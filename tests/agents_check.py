@@ -170,6 +170,9 @@ def main() -> None:
                    "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
             claude_env = {**env, "ANTHROPIC_BASE_URL": base, "ANTHROPIC_API_KEY": "dummy",
                           "ANTHROPIC_DEFAULT_HAIKU_MODEL": args.model_name,
+                          # NOTE: Claude Code asks for 32000 tokens; a small model that rambles
+                          # would take many minutes to reach that on 2 cores.
+                          "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "1024",
                           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
             (codex_home / "config.toml").write_text(
                 f'model = "{args.model_name}"\nmodel_provider = "llmserve"\n\n'
