@@ -3,16 +3,20 @@ llama-server's /tokenize, /detokenize and plain /chat."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     Strict,
+    Tag,
     ValidationError,
     ValidatorFunctionWrapHandler,
     WrapValidator,
@@ -41,11 +45,36 @@ class ToolCallFunction(BaseModel):
     arguments: str = ""
 
 
+# A custom (freeform) tool is offered to the model as a function whose one string argument
+# holds the freeform input (chat/custom_tools.py); its calls render back the same way.
+FREEFORM_ARGUMENT = "input"
+
+
+def freeform_arguments(text: str) -> str:
+    """A custom tool call's input as the arguments of the function the model saw."""
+    return json.dumps({FREEFORM_ARGUMENT: text}, ensure_ascii=False)
+
+
 class ToolCall(BaseModel):
+    """An assistant message's tool call; a custom one (`{"type": "custom", "custom": {"name",
+    "input"}}`) is read as the function call the model made for it."""
+
     model_config = _LENIENT
     id: str = ""
     type: Literal["function"] = "function"
     function: ToolCallFunction
+
+    @model_validator(mode="before")
+    @classmethod
+    def _custom_as_function(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("type") == "custom" and isinstance(v.get("custom"), dict):
+            custom = v["custom"]
+            text = custom.get("input")
+            return {"id": v.get("id", ""), "type": "function", "function": {
+                "name": custom.get("name"),
+                "arguments": freeform_arguments(text) if isinstance(text, str) else text,
+            }}
+        return v
 
 
 class ChatMessage(BaseModel):
@@ -80,15 +109,57 @@ class ToolDefinition(BaseModel):
     function: FunctionDefinition
 
 
+class CustomToolSpec(BaseModel):
+    """A custom tool: freeform text input, optionally described by a grammar `format`
+    (`{"type": "grammar", "syntax": "lark" | "regex", "definition"}` or `{"type": "text"}`)."""
+
+    model_config = _LENIENT
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    format: dict[str, Any] | None = None
+
+
+class CustomToolDefinition(BaseModel):
+    """Chat completions' `{"type": "custom", "custom": {...}}`."""
+
+    model_config = _LENIENT
+    type: Literal["custom"]
+    custom: CustomToolSpec
+
+
+def _tool_kind(v: Any) -> str:
+    kind = v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
+    # NOTE: capitalised tags: http/app.py leaves them out of an error's param, and any type
+    # but "custom" gets ToolDefinition's error ("Input should be 'function'") as before.
+    return "CustomToolDefinition" if kind == "custom" else "ToolDefinition"
+
+
+AnyTool = Annotated[
+    Annotated[ToolDefinition, Tag("ToolDefinition")]
+    | Annotated[CustomToolDefinition, Tag("CustomToolDefinition")],
+    Discriminator(_tool_kind),
+]
+
+
 class FunctionName(BaseModel):
     model_config = _LENIENT
     name: str
 
 
 class NamedToolChoice(BaseModel):
+    """`{"type": "function", "function": {"name"}}`; a custom tool's `{"type": "custom",
+    "custom": {"name"}}` names the function it is offered as."""
+
     model_config = _LENIENT
     type: Literal["function"] = "function"
     function: FunctionName
+
+    @model_validator(mode="before")
+    @classmethod
+    def _custom(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("type") == "custom" and "function" not in v:
+            return {"type": "function", "function": v.get("custom")}
+        return v
 
 
 class JsonSchemaFormat(BaseModel):
@@ -192,7 +263,8 @@ class SamplingFields(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[ToolDefinition] | None = None
+    # NOTE: a Sequence, so a list of plain ToolDefinitions type-checks as tools too
+    tools: Sequence[AnyTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     # NOTE: unset means one call, then stop (llama-server's default): small models asked for
     # "required" calls otherwise repeat the same call until max_tokens.
@@ -254,7 +326,7 @@ class RestoreCacheRequest(BaseModel):
     model_config = _LENIENT
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    tools: list[ToolDefinition] | None = None
+    tools: list[AnyTool] | None = None
     dry_run: bool = False
 
 

@@ -187,7 +187,13 @@ async def test_second_turn_prompt_extends_the_first(fake_client: Any) -> None:
 
 
 @pytest.mark.parametrize(("body", "param", "needle"), [
-    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0.type", "web_search"),
+    ({"input": "x", "tools": [{"type": "retrieval"}]}, "tools.0.type", "retrieval"),
+    ({"input": "x", "tools": [{"type": "namespace", "name": "ns", "tools": [
+        {"type": "web_search"}]}]}, "tools.0.tools.0.type", "web_search"),
+    ({"input": "x", "tools": [{"type": "namespace", "name": "ns", "tools": [
+        {"type": "function", "name": "f"}, {"type": "function", "name": "f"}]}]}, "tools", "f"),
+    ({"input": "x", "tools": [{"type": "custom", "name": "bad name!"}]}, "tools.0.name",
+     "name"),
     ({"input": "x", "tools": [{"type": "function", "name": "bad name!"}]}, "tools.0.name",
      "name"),
     ({"input": [{"type": "item_reference", "id": "x"}]}, "input.0.type", "item_reference"),

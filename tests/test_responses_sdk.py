@@ -60,9 +60,9 @@ async def test_sdk_errors_are_api_errors(fake_client: Any) -> None:
         api = sdk(client)
         with pytest.raises(openai.BadRequestError) as info:
             await api.responses.create(model="alpha", input="x",
-                                       tools=[{"type": "web_search"}])  # type: ignore[list-item]
+                                       tools=[{"type": "retrieval"}])  # type: ignore[list-item]
         await api.close()
-    assert info.value.status_code == 400 and "web_search" in info.value.message
+    assert info.value.status_code == 400 and "retrieval" in info.value.message
 
 
 @pytest.mark.parametrize("streamed", [False, True])

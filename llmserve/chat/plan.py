@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from llmserve.chat import gbnf
 from llmserve.chat.client_text import control_text, mark, segments
+from llmserve.chat.custom_tools import as_function
 from llmserve.chat.grammar import (
     PRIMITIVES,
     Fragment,
@@ -31,7 +32,12 @@ from llmserve.chat.templates import render, resolve_template, uses_tools
 from llmserve.engine.base import ModelInfo
 from llmserve.errors import InvalidRequestError
 from llmserve.limits import check_text_fits
-from llmserve.schemas import ChatCompletionRequest, ChatMessage, ToolDefinition
+from llmserve.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CustomToolDefinition,
+    ToolDefinition,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +169,9 @@ def _content_rules(req: ChatCompletionRequest) -> Fragment | None:
 def plan_chat(req: ChatCompletionRequest) -> ChatPlan:
     """Validate a chat request's messages, tools, tool_choice and output format (400s)."""
     messages = message_dicts(req.messages)
-    tools = req.tools or []
+    # NOTE: custom tools are offered (and forced, and parsed) as their freeform functions
+    tools = [as_function(t.custom) if isinstance(t, CustomToolDefinition) else t
+             for t in req.tools or []]
     names = [t.function.name for t in tools]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -13,6 +13,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from llmserve.catalog.listing import openai_models
 from llmserve.errors import InternalError, LlmserveError, error_body
+from llmserve.http.chat_tool_calls import ChatToolCalls, custom_tool_names, function_call_delta
 from llmserve.http.deps import ManagerDep, ServiceDep
 from llmserve.http.logprobs import chat_logprobs, completion_logprobs
 from llmserve.schemas import ChatCompletionRequest, CompletionRequest
@@ -44,25 +45,17 @@ def _usage(gen: Generation, completion_tokens: int, reasoning_tokens: int = 0) -
     }
 
 
-def _chat_choice(reply: Message, index: int, logprobs: bool) -> dict[str, Any]:
+def _chat_choice(reply: Message, index: int, logprobs: bool, calls: ChatToolCalls
+                 ) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": reply.content}
     if reply.reasoning is not None:
         message["reasoning_content"] = reply.reasoning  # llama-server's and DeepSeek's field
     if reply.tool_calls:
         message["content"] = reply.content or None
-        message["tool_calls"] = reply.tool_calls
+        message["tool_calls"] = calls.message(reply.tool_calls)
     return {"index": index, "message": message,
             "logprobs": chat_logprobs(reply.logprobs or []) if logprobs else None,
             "finish_reason": reply.finished.finish_reason}
-
-
-def _tool_call_delta(delta: ToolCallDelta) -> dict[str, Any]:
-    """OpenAI's streamed tool call: id, type and name only in a call's first delta."""
-    call: dict[str, Any] = {"index": delta.index, "function": {"arguments": delta.arguments}}
-    if delta.id is not None:
-        call.update(id=delta.id, type="function")
-        call["function"]["name"] = delta.name
-    return {"tool_calls": [call]}
 
 
 def _text_choice(text: str, reason: str | None, index: int = 0,
@@ -98,6 +91,7 @@ def _sse(
     chunk: Chunk,
     first_delta: dict[str, Any] | None,
     include_usage: bool,
+    calls: ChatToolCalls | None = None,
 ) -> EventSourceResponse:
     """Stream OpenAI chunks as SSE `data:` events, ending with `[DONE]`."""
 
@@ -114,8 +108,12 @@ def _sse(
                 delta = {"reasoning_content": event.text}
                 yield {"data": json.dumps(chunk(delta, None, event.choice))}
             elif isinstance(event, ToolCallDelta):
-                yield {"data": json.dumps(chunk(_tool_call_delta(event), None, event.choice))}
+                piece = calls.delta(event) if calls else function_call_delta(event)
+                if piece is not None:
+                    yield {"data": json.dumps(chunk(piece, None, event.choice))}
             elif isinstance(event, Finished):
+                for rest in calls.flush(event.choice) if calls else []:
+                    yield {"data": json.dumps(chunk(rest, None, event.choice))}
                 completion_tokens += event.completion_tokens
                 reasoning_tokens += event.reasoning_tokens
                 yield {"data": json.dumps(chunk({}, event.finish_reason, event.choice))}
@@ -169,6 +167,7 @@ async def chat_completions(
     """OpenAI chat completion, streamed as SSE when `stream` is true."""
     gen = await service.chat(body)
     logprobs = body.logprobs_count() is not None
+    calls = ChatToolCalls(custom_tool_names(body))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -187,12 +186,12 @@ async def chat_completions(
             return out
 
         first = {"role": "assistant", "content": ""}
-        return _sse(gen, chunk, first, include_usage)
+        return _sse(gen, chunk, first, include_usage, calls)
     replies = await collect_unless_gone(gen, request, gen.collect_messages)
     return {
         "id": gen.id, "object": "chat.completion", "created": gen.created, "model": gen.model,
         "system_fingerprint": None,
-        "choices": [_chat_choice(reply, i, logprobs) for i, reply in enumerate(replies)],
+        "choices": [_chat_choice(reply, i, logprobs, calls) for i, reply in enumerate(replies)],
         "usage": _usage(gen, sum(r.finished.completion_tokens for r in replies),
                         sum(r.finished.reasoning_tokens for r in replies)),
     }

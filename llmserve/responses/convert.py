@@ -8,14 +8,12 @@ import re
 import uuid
 from typing import Any
 
-from pydantic import ValidationError
-
 from llmserve.errors import InvalidRequestError
-from llmserve.responses.schemas import FunctionTool, ResponsesRequest, TextConfig
+from llmserve.responses.schemas import ResponsesRequest, TextConfig
+from llmserve.responses.tools import ToolSet, tool_set
 from llmserve.schemas import (
     ChatCompletionRequest,
     ChatMessage,
-    FunctionDefinition,
     FunctionName,
     JsonSchemaFormat,
     NamedToolChoice,
@@ -23,11 +21,12 @@ from llmserve.schemas import (
     SamplingFields,
     ToolCall,
     ToolCallFunction,
-    ToolDefinition,
+    freeform_arguments,
 )
 
 EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")  # chat's reasoning_effort
-ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
+ITEM_TYPES = ("message", "function_call", "function_call_output", "custom_tool_call",
+              "custom_tool_call_output", "reasoning")
 TEXT_PARTS = ("input_text", "output_text", "text")
 ROLES = ("user", "system", "developer", "assistant")
 
@@ -94,23 +93,15 @@ def _item(i: int, raw: Any) -> dict[str, Any]:
                 param=f"input.{i}.role",
             )
         return _message_item(item_id or new_id("msg"), role, _texts(i, raw.get("content")))
-    if kind == "function_call":
-        arguments = _str_field(i, raw, "arguments")
-        try:
-            json.loads(arguments or "{}")
-        except ValueError:
-            raise InvalidRequestError(
-                f"input[{i}].arguments is not valid JSON", param=f"input.{i}.arguments"
-            ) from None
-        return {"id": item_id or new_id("fc"), "type": "function_call",
-                "call_id": _str_field(i, raw, "call_id"), "name": _str_field(i, raw, "name"),
-                "arguments": arguments, "status": "completed"}
-    if kind == "function_call_output":
+    if kind in ("function_call", "custom_tool_call"):
+        return _call_item(i, raw, kind, item_id)
+    if kind in ("function_call_output", "custom_tool_call_output"):
         output = raw.get("output")
         text = output if isinstance(output, str) else "".join(
             _texts(i, output, where=f"input[{i}].output")
         )
-        return {"id": item_id or new_id("fco"), "type": "function_call_output",
+        prefix = "fco" if kind == "function_call_output" else "ctco"
+        return {"id": item_id or new_id(prefix), "type": kind,
                 "call_id": _str_field(i, raw, "call_id"), "output": text,
                 "status": "completed"}
     if kind == "reasoning":
@@ -120,6 +111,27 @@ def _item(i: int, raw: Any) -> dict[str, Any]:
         f"input[{i}] has type {kind!r}, which llmserve does not support (supported: "
         f"{', '.join(ITEM_TYPES)})", param=f"input.{i}.type",
     )
+
+
+def _call_item(i: int, raw: dict[str, Any], kind: str, item_id: str | None) -> dict[str, Any]:
+    """A function_call (JSON arguments) or custom_tool_call (freeform input) item."""
+    item = {"id": item_id, "type": kind, "call_id": _str_field(i, raw, "call_id"),
+            "name": _str_field(i, raw, "name")}
+    if kind == "function_call":
+        arguments = _str_field(i, raw, "arguments")
+        try:
+            json.loads(arguments or "{}")
+        except ValueError:
+            raise InvalidRequestError(
+                f"input[{i}].arguments is not valid JSON", param=f"input.{i}.arguments"
+            ) from None
+        item.update(id=item_id or new_id("fc"), arguments=arguments)
+    else:
+        item.update(id=item_id or new_id("ctc"), input=_str_field(i, raw, "input"))
+    if isinstance(raw.get("namespace"), str) and raw["namespace"]:
+        item["namespace"] = raw["namespace"]  # a namespace tool's call (see tools.py)
+    item["status"] = "completed"
+    return item
 
 
 def _texts(i: int, content: Any, where: str | None = None) -> list[str]:
@@ -145,12 +157,16 @@ def _texts(i: int, content: Any, where: str | None = None) -> list[str]:
 
 
 def chat_messages(
-    instructions: str | None, items: list[dict[str, Any]], first_input: int = 0
+    instructions: str | None, items: list[dict[str, Any]], first_input: int = 0,
+    tools: ToolSet | None = None,
 ) -> list[ChatMessage]:
     """Canonical items as chat messages: consecutive function calls join the assistant turn
     before them, as our own output rendered them (so the prompt cache sees one prefix).
+    Custom tool calls render as the function calls the model made for them, under the
+    names the model knows (tools.flat_name).
 
     first_input: index of the request's first input item (earlier ones are history)."""
+    tools = tools or ToolSet()
     messages = [ChatMessage(role="system", content=instructions)] if instructions else []
     calls: set[str] = set()
     for i, item in enumerate(items):
@@ -158,21 +174,24 @@ def chat_messages(
         if kind == "message":
             text = "".join(part["text"] for part in item["content"])
             messages.append(ChatMessage(role=item["role"], content=text))
-        elif kind == "function_call":
+        elif kind in ("function_call", "custom_tool_call"):
+            arguments = (item["arguments"] if kind == "function_call"
+                         else freeform_arguments(item["input"]))
             call = ToolCall(id=item["call_id"], function=ToolCallFunction(
-                name=item["name"], arguments=item["arguments"]))
+                name=tools.flat_name(item.get("namespace"), item["name"]),
+                arguments=arguments))
             calls.add(item["call_id"])
             last = messages[-1] if messages else None
             if last is not None and last.role == "assistant":
                 last.tool_calls = [*(last.tool_calls or []), call]
             else:
                 messages.append(ChatMessage(role="assistant", content=None, tool_calls=[call]))
-        elif kind == "function_call_output":
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             if item["call_id"] not in calls:
                 n = i - first_input
                 raise InvalidRequestError(
-                    f"input[{n}] is a function_call_output for call_id {item['call_id']!r}, "
-                    "but no earlier function_call has that call_id",
+                    f"input[{n}] is a {kind} for call_id {item['call_id']!r}, "
+                    "but no earlier tool call has that call_id",
                     param=f"input.{n}.call_id" if n >= 0 else "previous_response_id",
                 )
             messages.append(
@@ -186,39 +205,22 @@ def chat_messages(
 # -- tools, tool_choice, text.format ------------------------------------------------------------
 
 
-def function_tools(tools: list[dict[str, Any]] | None) -> list[FunctionTool]:
-    """Responses' flat function tools, checked; any other tool type is a 400 naming it."""
-    out = []
-    for i, raw in enumerate(tools or []):
-        kind = raw.get("type") if isinstance(raw, dict) else None
-        if kind != "function":
-            raise InvalidRequestError(
-                f"tools[{i}] has type {kind!r}; llmserve supports only function tools",
-                param=f"tools.{i}.type",
-            )
-        try:
-            out.append(FunctionTool.model_validate(raw))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            loc = ".".join(str(p) for p in first.get("loc", ()))
-            raise InvalidRequestError(
-                f"invalid parameter 'tools.{i}.{loc}': {first.get('msg', 'invalid value')}",
-                param=f"tools.{i}.{loc}",
-            ) from None
-    return out
-
-
-def chat_tool_choice(choice: str | dict[str, Any] | None) -> Any:
-    """Responses tool_choice as chat's: the three strings, or {"type":"function","name"}."""
+def chat_tool_choice(choice: str | dict[str, Any] | None, tools: ToolSet | None = None) -> Any:
+    """Responses tool_choice as chat's: the three strings, or {"type": "function" | "custom",
+    "name"} (a namespace tool's with its "namespace")."""
     if choice is None or choice in ("none", "auto", "required"):
         return choice
     if isinstance(choice, dict):
         kind = choice.get("type")
-        if kind == "function" and isinstance(choice.get("name"), str):
-            return NamedToolChoice(function=FunctionName(name=choice["name"]))
+        if kind in ("function", "custom") and isinstance(choice.get("name"), str):
+            namespace = choice.get("namespace")
+            name = (tools or ToolSet()).flat_name(
+                namespace if isinstance(namespace, str) else None, choice["name"])
+            return NamedToolChoice(function=FunctionName(name=name))
         raise InvalidRequestError(
-            f"tool_choice of type {kind!r} is not supported (use none, auto, required or "
-            '{"type": "function", "name": ...})', param="tool_choice",
+            f"tool_choice of type {kind!r} is not supported (use none, auto, required, "
+            '{"type": "function", "name": ...} or {"type": "custom", "name": ...})',
+            param="tool_choice",
         )
     raise InvalidRequestError(
         f"tool_choice must be none, auto, required or a function (got {choice!r})",
@@ -266,20 +268,20 @@ def text_echo(text: TextConfig | None) -> dict[str, Any]:
 
 
 def chat_request(
-    req: ResponsesRequest, history: list[dict[str, Any]], items: list[dict[str, Any]]
+    req: ResponsesRequest, history: list[dict[str, Any]], items: list[dict[str, Any]],
+    tools: ToolSet | None = None,
 ) -> ChatCompletionRequest:
-    """The chat completion that generates this response (history: earlier turns' items)."""
-    tools = function_tools(req.tools)
+    """The chat completion that generates this response (history: earlier turns' items;
+    tools: tool_set(req.tools), when the caller has it already)."""
+    tools = tools if tools is not None else tool_set(req.tools)
     shared = set(SamplingFields.model_fields) - {"stream", "stream_options", "n", "max_tokens"}
     fields = req.model_dump(include=shared, exclude_unset=True)
     return ChatCompletionRequest(
         **fields,
-        messages=chat_messages(req.instructions, [*history, *items], len(history)),
+        messages=chat_messages(req.instructions, [*history, *items], len(history), tools),
         max_completion_tokens=req.max_output_tokens or req.max_tokens,
-        tools=[ToolDefinition(type="function", function=FunctionDefinition(
-            name=t.name, description=t.description, parameters=t.parameters, strict=t.strict,
-        )) for t in tools] or None,
-        tool_choice=chat_tool_choice(req.tool_choice),
+        tools=tools.chat or None,
+        tool_choice=chat_tool_choice(req.tool_choice, tools),
         parallel_tool_calls=req.parallel_tool_calls,
         response_format=response_format(req.text),
         reasoning_effort=reasoning_effort(req.reasoning),

@@ -3,7 +3,8 @@
 One builder serves both shapes: a non-streamed response is the builder's final object, a
 streamed one also sends every event the builder returns (in order, numbered by
 `sequence_number`). Output items: a `message` with one `output_text` part per run of text,
-a `function_call` per tool call, a `reasoning` item for thinking text (the hook below).
+a `function_call` per tool call (a `custom_tool_call` for a custom tool's), a `reasoning`
+item for thinking text (the hook below).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import copy
 import time
 from typing import Any
 
+from llmserve.chat.custom_tools import InputStream
 from llmserve.chat.tools import ToolCallDelta
 from llmserve.output import Finished, ReasoningDelta
 from llmserve.responses.convert import new_id
+from llmserve.responses.tools import ToolSet
 
 Event = dict[str, Any]
 
@@ -46,12 +49,14 @@ def usage(prompt_tokens: int, cached_tokens: int, output_tokens: int, reasoning_
 class ResponseBuilder:
     """Feed it text, tool-call and reasoning pieces; each call returns the stream events."""
 
-    def __init__(self, response: dict[str, Any]):
+    def __init__(self, response: dict[str, Any], tools: ToolSet | None = None):
         self.response = response  # status "in_progress", output []
         self.output: list[dict[str, Any]] = response["output"]
+        self.tools = tools or ToolSet()  # the names calls go back under
         self._seq = 0
         self._open: dict[str, Any] | None = None  # the item receiving pieces now
         self._calls: dict[int, dict[str, Any]] = {}  # ToolCallDelta.index -> its item
+        self._inputs: dict[str, InputStream] = {}  # a custom call's item id -> its input
 
     def _event(self, kind: str, **fields: Any) -> Event:
         event = {"type": kind, "sequence_number": self._seq, **fields}
@@ -114,21 +119,40 @@ class ResponseBuilder:
         return events
 
     def call(self, delta: ToolCallDelta) -> list[Event]:
-        """A tool-call piece: the first (with id and name) opens a function_call item."""
+        """A tool-call piece: the first (with id and name) opens a function_call item, or a
+        custom_tool_call item for a custom tool; a namespace tool's call names its namespace."""
         events: list[Event] = []
         item = self._calls.get(delta.index)
         if item is None:
-            item = {"id": new_id("fc"), "type": "function_call", "status": "in_progress",
-                    "call_id": delta.id or new_id("call"), "name": delta.name or "",
-                    "arguments": ""}
+            target = self.tools.target(delta.name or "")
+            call_id = delta.id or new_id("call")
+            if target.custom:
+                item = {"id": new_id("ctc"), "type": "custom_tool_call",
+                        "status": "in_progress", "call_id": call_id, "name": target.name,
+                        "input": ""}
+                self._inputs[item["id"]] = InputStream()
+            else:
+                item = {"id": new_id("fc"), "type": "function_call", "status": "in_progress",
+                        "call_id": call_id, "name": target.name, "arguments": ""}
+            if target.namespace is not None:
+                item["namespace"] = target.namespace
             self._calls[delta.index] = item
             events += self._add(item)
-        if delta.arguments:
+        if item["type"] == "custom_tool_call":
+            events += self._input(item, self._inputs[item["id"]].feed(delta.arguments))
+        elif delta.arguments:
             item["arguments"] += delta.arguments
             events.append(self._event("response.function_call_arguments.delta",
                                       item_id=item["id"], output_index=self.output.index(item),
                                       delta=delta.arguments))
         return events
+
+    def _input(self, item: dict[str, Any], text: str) -> list[Event]:
+        if not text:
+            return []
+        item["input"] += text
+        return [self._event("response.custom_tool_call_input.delta", item_id=item["id"],
+                            output_index=self.output.index(item), delta=text)]
 
     def _close(self, status: str = "completed") -> list[Event]:
         item, self._open = self._open, None
@@ -144,6 +168,12 @@ class ResponseBuilder:
                                       **({"logprobs": []} if done == "output_text" else {})))
             events.append(self._event("response.content_part.done", **self._part_fields(item),
                                       part=copy.deepcopy(part)))
+        elif item["type"] == "custom_tool_call":
+            rest, whole = self._inputs.pop(item["id"]).finish()
+            events += self._input(item, rest)
+            item["input"] = whole
+            events.append(self._event("response.custom_tool_call_input.done",
+                                      item_id=item["id"], output_index=index, input=whole))
         else:
             events.append(self._event("response.function_call_arguments.done",
                                       item_id=item["id"], output_index=index,

@@ -23,6 +23,7 @@ from llmserve.responses import convert
 from llmserve.responses.events import Event, ResponseBuilder, reasoning_text, usage
 from llmserve.responses.schemas import InputItemsQuery, ResponsesRequest
 from llmserve.responses.store import ResponseStore
+from llmserve.responses.tools import tool_set
 from llmserve.service import ChatService, Generation, ToolCallDelta
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,8 @@ class ResponsesService:
         if req.previous_response_id:
             prev = self._record(req.previous_response_id, "previous_response_id")
             history = [*prev["history"], *prev["input"], *prev["response"]["output"]]
-        chat_req = convert.chat_request(req, history, items)
+        tools = tool_set(req.tools)
+        chat_req = convert.chat_request(req, history, items, tools)
         try:
             gen = await self.chat.chat(chat_req)
         except InvalidRequestError as exc:
@@ -129,7 +131,7 @@ class ResponsesService:
         record = {"history": history, "input": items}
         store = self.store if req.store else None
         cache_on = self.chat.settings.prompt_cache != "off"
-        return ResponseRun(gen, ResponseBuilder(response), record, store, cache_on)
+        return ResponseRun(gen, ResponseBuilder(response, tools), record, store, cache_on)
 
     def get(self, response_id: str) -> dict[str, Any]:
         """A stored response object (404 when unknown or deleted)."""
@@ -167,7 +169,6 @@ class ResponsesService:
 
 def _skeleton(req: ResponsesRequest, gen: Generation) -> dict[str, Any]:
     """The response object before any output: the request's settings echoed back."""
-    tools = [t.model_dump(exclude_none=True) for t in convert.function_tools(req.tools)]
     return {
         "id": convert.new_id("resp"), "object": "response", "created_at": int(time.time()),
         "status": "in_progress", "background": False, "error": None,
@@ -177,7 +178,7 @@ def _skeleton(req: ResponsesRequest, gen: Generation) -> dict[str, Any]:
         "previous_response_id": req.previous_response_id,
         "reasoning": req.reasoning or {"effort": None, "summary": None},
         "store": req.store, "temperature": req.temperature, "text": convert.text_echo(req.text),
-        "tool_choice": req.tool_choice or "auto", "tools": tools, "top_p": req.top_p,
+        "tool_choice": req.tool_choice or "auto", "tools": req.tools or [], "top_p": req.top_p,
         "truncation": req.truncation or "disabled", "usage": None, "user": req.user,
         "metadata": req.metadata or {},
     }
