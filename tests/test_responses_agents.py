@@ -32,12 +32,9 @@ def serve(tmp: Path, name: str, n_ctx: int) -> ServerProcess:
 
 
 @pytest.fixture(scope="module")
-def codex_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = serve(tmp_path_factory.mktemp("agents"), "codex", 32768)
-    try:
-        yield server
-    finally:
-        server.stop()
+def codex_server(agent_server: ServerProcess) -> ServerProcess:
+    """The shared agent server (conftest): what another replay prefilled comes from its cache."""
+    return agent_server
 
 
 @pytest.fixture(scope="module")
