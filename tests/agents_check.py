@@ -28,9 +28,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.conftest import started_server  # noqa: E402  (run as a script, not by pytest)
+
 CLAUDE_CODE = "@anthropic-ai/claude-code@2.1.332"
 CODEX = "@openai/codex@0.171.0"
 PROMPT = "Read hello.py and tell me in one sentence what it does."
@@ -80,32 +81,12 @@ def dead_end_proxy() -> Iterator[str]:
 @contextlib.contextmanager
 def server(model: str, log_path: Path, cache_dir: Path) -> Iterator[str]:
     """`python server.py --model_name MODEL` on a free loopback port, defaults otherwise."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "server.py"), "--model_name", model, "--port", str(port),
-             "--cache_dir", str(cache_dir), "--no_announce"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    sys.exit(f"server.py exited {proc.returncode}:\n{log_path.read_text()}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                        break
-                time.sleep(0.3)
-            yield base
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    proc = started_server(log_path, "--model_name", model, "--cache_dir", str(cache_dir),
+                          "--no_announce")
+    try:
+        yield proc.base_url
+    finally:
+        proc.stop()
 
 
 def run(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
