@@ -76,6 +76,9 @@ def _serve_parser(sub: Any) -> None:
     _flag(p, "max_header_bytes", type=_size,
           help="largest request line + headers; bigger ones get a 431 (default 64K)")
     _flag(p, "max_messages", type=int, help="most messages in one chat request (default 2048)")
+    _flag(p, "max_tokens", type=int,
+          help="output limit of requests that set none (llama-server's -n; default: until "
+               "the context ends)")
     _flag(p, "timeout_keep_alive", type=float,
           help="close an idle keep-alive connection after this many seconds (default 5)")
     _flag(p, "timeout_headers", type=float,

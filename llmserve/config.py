@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=32 << 20, ge=1024)
     max_header_bytes: int = Field(default=64 << 10, ge=1024)
     max_messages: int = Field(default=2048, ge=1)
+    # Output limit of a request that sets none (llama-server's -n, Ollama's num_predict);
+    # None: until the context ends. Codex CLI sends no limit at all.
+    max_tokens: int | None = Field(default=None, ge=1)
     timeout_keep_alive: float = Field(default=5.0, gt=0)
     timeout_headers: float = Field(default=10.0, gt=0)
     timeout_body: float = Field(default=60.0, gt=0)

@@ -362,6 +362,8 @@ class ChatService:
                 "sequences at once (--parallel)", param="n",
             )
         params = sampling_params(req, self.manager.sampling_defaults(filename))
+        if max_tokens is None:
+            max_tokens = self.settings.max_tokens
         if params.logit_bias:
             build_prompt = _vocab_checked(build_prompt, params.logit_bias)
         return await self._submit(prefix, filename, req.keep_alive, build_prompt, params,

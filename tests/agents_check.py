@@ -2,8 +2,9 @@
 
 Not part of `make test` (a 20k-token prefill takes about a minute on 2 cores). It installs the
 pinned CLIs from npm into ~/.cache/llmserve/agents/, starts `server.py --model_name MODEL`
-with no other flag, blocks every other host (HTTPS_PROXY/HTTP_PROXY at a local proxy that
-closes every connection), and runs in a scratch project holding hello.py:
+with no other flag but an output cap (`--max_tokens 1024`: Codex sends no limit), blocks
+every other host (HTTPS_PROXY/HTTP_PROXY at a local proxy that closes every connection), and
+runs in a scratch project holding hello.py:
   claude -p ... --output-format json          claude -p ... --output-format stream-json
   codex exec ...                              codex exec --json ...
 printing PASS or FAIL per check (exit status 1 on any FAIL). A check passes when the CLI ends
@@ -81,8 +82,10 @@ def dead_end_proxy() -> Iterator[str]:
 @contextlib.contextmanager
 def server(model: str, log_path: Path, cache_dir: Path) -> Iterator[str]:
     """`python server.py --model_name MODEL` on a free loopback port, defaults otherwise."""
+    # NOTE: Codex sends no output limit; a small model that rambles would decode to the end
+    # of its 32k context (under 10 tokens/s there on 2 cores).
     proc = started_server(log_path, "--model_name", model, "--cache_dir", str(cache_dir),
-                          "--no_announce")
+                          "--no_announce", "--max_tokens", "1024")
     try:
         yield proc.base_url
     finally:

@@ -114,6 +114,18 @@ async def test_max_tokens_length_and_huge_is_clamped(fake_client: Any) -> None:
     assert new_name.json()["usage"]["completion_tokens"] == 2
 
 
+async def test_max_tokens_flag_limits_requests_that_set_none(fake_client: Any) -> None:
+    async with fake_client({"max_tokens": 4}, script=["a"] * 10) as client:
+        unset = await client.post("/v1/chat/completions", json=CHAT)
+        own = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 6})
+        responses = await client.post("/v1/responses", json={"input": "hi"})
+    assert unset.json()["choices"][0]["message"]["content"] == "aaaa"
+    assert unset.json()["choices"][0]["finish_reason"] == "length"
+    assert own.json()["choices"][0]["message"]["content"] == "a" * 6
+    assert responses.json()["usage"]["output_tokens"] == 4
+    assert responses.json()["status"] == "incomplete"
+
+
 async def test_generation_stops_at_context_end(fake_client: Any) -> None:
     async with fake_client(n_ctx=200) as client:
         resp = await client.post("/v1/chat/completions", json={**CHAT, "ignore_eos": True})
