@@ -119,6 +119,9 @@ def claude_result(out: str) -> str | None:
     return None
 
 
+LIMIT_ERROR = "Incomplete response returned, reason: max_output_tokens"
+
+
 def codex_result(out: str, as_json: bool) -> str | None:
     """None when Codex's output shows a completed turn, else why not."""
     if not as_json:
@@ -132,6 +135,22 @@ def codex_result(out: str, as_json: bool) -> str | None:
     usage = next(e for e in events if e.get("type") == "turn.completed").get("usage", {})
     print(f"    usage {usage}")
     return None
+
+
+def only_the_model_limit(done: subprocess.CompletedProcess[str]) -> bool:
+    """Whether Codex failed only because the model used up its output limit: Codex reports a
+    response cut at max_output_tokens as an error (as it does against OpenAI). A base model
+    that rambles to its limit is the model, not the server."""
+    text = done.stdout + done.stderr
+    errors = [line for line in text.splitlines() if "ERROR" in line or '"error"' in line
+              or "turn.failed" in line]
+    return bool(errors) and all("max_output_tokens" in line for line in errors)
+
+
+def server_errors(log: str, since: int) -> list[str]:
+    """The API requests in the server log (from offset since) not answered 200."""
+    return [line for line in log[since:].splitlines()
+            if '"POST ' in line and "HTTP/1.1" in line and '" 200' not in line]
 
 
 def main() -> None:
@@ -181,13 +200,24 @@ def main() -> None:
             for kind, name, cmd, cmd_env, judge in checks:
                 if args.only and kind != args.only:
                     continue
-                start = time.monotonic()
+                start, since = time.monotonic(), len(log.read_text(errors="replace"))
                 done = run(cmd, cmd_env, project)
-                why = f"exit status {done.returncode}: {done.stderr.strip()[-400:]}" if (
-                    done.returncode) else judge(done.stdout)
+                note = ""
+                if done.returncode and kind == "codex" and only_the_model_limit(done):
+                    why, note = None, " (the model reached its output limit: Codex reports " \
+                        "that as an incomplete response; every request was answered)"
+                elif done.returncode:
+                    why = f"exit status {done.returncode}: {done.stderr.strip()[-400:]}"
+                else:
+                    why = judge(done.stdout)
+                refused = server_errors(log.read_text(errors="replace"), since)
+                if refused and why is None:
+                    why = "the server refused requests: " + " | ".join(refused)[:400]
+                answered = log.read_text(errors="replace")[since:].count('" 200')
                 took = time.monotonic() - start
-                print(f"{'PASS' if why is None else 'FAIL'} {name} ({took:.0f} s)"
-                      + ("" if why is None else f": {why}"), flush=True)
+                print(f"{'PASS' if why is None else 'FAIL'} {name} ({took:.0f} s, {answered} "
+                      f"requests answered 200){note}" + ("" if why is None else f": {why}"),
+                      flush=True)
                 failures += why is not None
         if failures:
             print("--- server log (tail) ---\n" + log.read_text(errors="replace")[-3000:])
