@@ -141,9 +141,13 @@ def only_the_model_limit(done: subprocess.CompletedProcess[str]) -> bool:
     """Whether Codex failed only because the model used up its output limit: Codex reports a
     response cut at max_output_tokens as an error (as it does against OpenAI). A base model
     that rambles to its limit is the model, not the server."""
-    text = done.stdout + done.stderr
-    errors = [line for line in text.splitlines() if "ERROR" in line or '"error"' in line
-              or "turn.failed" in line]
+    errors = [line for line in (done.stdout + done.stderr).splitlines()
+              if line.startswith("ERROR")]
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            event = json.loads(line)
+            if event.get("type") in ("error", "turn.failed"):
+                errors.append(json.dumps(event))
     return bool(errors) and all("max_output_tokens" in line for line in errors)
 
 
