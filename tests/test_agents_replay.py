@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -22,10 +21,11 @@ import openai
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 
-from tests.conftest import GEMMA, SMOL, ServerProcess, require_model, started_server
+from tests.conftest import AGENT_MODEL, ServerProcess
 
 # NOTE: tests/test_messages_agents.py replays each Claude Code turn pair and checks the Messages
-# specifics; this file adds what spans APIs and sessions, on the same shared agent_server.
+# specifics, tests/test_responses_agents.py each Codex request's stream; this file adds what
+# spans turns and sessions, on the same shared agent_server (Gemma 3, defaults only).
 
 pytestmark = pytest.mark.real_model
 
@@ -36,16 +36,6 @@ MAX_OUT = 8
 
 def fixture(name: str) -> dict[str, Any]:
     return json.loads((FIXTURES / f"{name}.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def gemma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """Gemma 3 with defaults only, as a new user starts it."""
-    require_model(GEMMA)
-    log = tmp_path_factory.mktemp("agents-gemma") / "server.log"
-    server = started_server(log, "--model_name", GEMMA)
-    yield server
-    server.stop()
 
 
 def _split(rec: dict[str, Any]) -> tuple[str, dict[str, str], dict[str, str]]:
@@ -65,7 +55,7 @@ def claude(server: ServerProcess, rec: dict[str, Any], model: str) -> Any:
     args = {**body, "betas": headers.pop("anthropic-beta").split(","),
             "extra_headers": headers, "extra_query": query}
     with anthropic.Anthropic(base_url=server.base_url, api_key="dummy", max_retries=0,
-                             timeout=600) as sdk:
+                             timeout=1800) as sdk:
         if not stream:
             return sdk.beta.messages.create(**args)
         with sdk.beta.messages.stream(**args) as events:
@@ -78,7 +68,7 @@ def codex(server: ServerProcess, rec: dict[str, Any], model: str) -> Response:
     body = {**copy.deepcopy(rec["body"]), "model": model, "max_output_tokens": MAX_OUT}
     options: Any = {"headers": headers, "params": query}
     with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="dummy", max_retries=0,
-                       timeout=600) as sdk:
+                       timeout=1800) as sdk:
         stream = sdk.post(path.removeprefix("/v1"), body=body, options=options,
                           cast_to=Response, stream=True,
                           stream_cls=openai.Stream[ResponseStreamEvent])
@@ -104,13 +94,13 @@ def test_claude_code_new_session_and_billing_nonce_read_the_cache(
 ) -> None:
     """A new session (same system prompt and tools, another session id) and a billing header
     with another per-request `cch=` nonce read at least 90% of their prompt from the cache."""
-    claude(agent_server, fixture("claude_code_json_1"), SMOL)
+    claude(agent_server, fixture("claude_code_json_1"), AGENT_MODEL)
     rec = fixture("claude_code_stream_1")
     billing = rec["body"]["system"][0]
     assert billing["text"].startswith("x-anthropic-billing-header:")
     for nonce in ("1a2b3", "9f8e7"):
         billing["text"] = billing["text"].rstrip(";") + f"; cch={nonce};"
-        message = claude(agent_server, rec, SMOL)
+        message = claude(agent_server, rec, AGENT_MODEL)
         read = message.usage.cache_read_input_tokens or 0
         assert read >= 0.90 * prompt_of(message), (nonce, read, prompt_of(message))
 
@@ -119,22 +109,10 @@ def test_codex_requests_all_answered(agent_server: ServerProcess) -> None:
     """Every captured Codex request is a 200 stream the openai SDK parses, and the follow-up
     reads at least 95% of the first request's prompt from the cache."""
     for name in CODEX:
-        first = codex(agent_server, fixture(f"{name}_1"), SMOL)
-        second = codex(agent_server, fixture(f"{name}_2"), SMOL)
+        first = codex(agent_server, fixture(f"{name}_1"), AGENT_MODEL)
+        second = codex(agent_server, fixture(f"{name}_2"), AGENT_MODEL)
         assert first.usage is not None and second.usage is not None
         assert first.usage.input_tokens > 3000
         cached = second.usage.input_tokens_details.cached_tokens
         assert cached >= 0.95 * first.usage.input_tokens, (name, cached,
                                                            first.usage.input_tokens)
-
-
-def test_agents_on_gemma_with_defaults(gemma: ServerProcess) -> None:
-    """Gemma 3 (no template in its GGUF, sliding-window attention) with no flags at all: a
-    Claude Code turn and a Codex turn are answered and their follow-ups come from the cache."""
-    first = claude(gemma, fixture("claude_code_json_1"), GEMMA)
-    second = claude(gemma, fixture("claude_code_json_2"), GEMMA)
-    assert (second.usage.cache_read_input_tokens or 0) >= 0.95 * prompt_of(first)
-    one = codex(gemma, fixture("codex_exec_json_1"), GEMMA)
-    two = codex(gemma, fixture("codex_exec_json_2"), GEMMA)
-    assert one.usage is not None and two.usage is not None
-    assert two.usage.input_tokens_details.cached_tokens >= 0.95 * one.usage.input_tokens

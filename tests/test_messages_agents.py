@@ -16,7 +16,14 @@ import httpx
 import pytest
 from anthropic.types import Message, MessageTokensCount
 
-from tests.conftest import SMOL, FakeFactory, ServerProcess, require_model, started_server
+from tests.conftest import (
+    AGENT_MODEL,
+    SMOL,
+    FakeFactory,
+    ServerProcess,
+    require_model,
+    started_server,
+)
 from tests.test_messages import sse_events
 from tests.test_system_turns import STRICT
 
@@ -116,7 +123,7 @@ def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPro
 
 def sdk(server: ServerProcess) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=server.base_url, api_key="dummy", max_retries=0,
-                               timeout=600)
+                               timeout=1800)
 
 
 def sdk_args(name: str, **changes: Any) -> dict[str, Any]:
@@ -124,7 +131,7 @@ def sdk_args(name: str, **changes: Any) -> dict[str, Any]:
     betas and user agent, sent to /v1/messages?beta=true as Claude Code does."""
     request = captured(name)
     body = copy.deepcopy(request["body"])
-    body.update(model=SMOL, max_tokens=8, **changes)
+    body.update(model=AGENT_MODEL, max_tokens=8, **changes)
     body.pop("stream")
     headers = request["headers"]
     # NOTE: this SDK version's beta client sends no `?beta=true`; Claude Code does.

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import SMOL, ServerProcess, require_model, started_server
+from tests.conftest import AGENT_MODEL, SMOL, ServerProcess, require_model, started_server
 
 pytestmark = pytest.mark.real_model
 
@@ -48,14 +48,14 @@ def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPro
 
 def codex_body(name: str) -> dict[str, Any]:
     body: dict[str, Any] = json.loads((AGENTS / f"{name}.json").read_text())["body"]
-    return {**body, "model": SMOL, "max_output_tokens": 8}
+    return {**body, "model": AGENT_MODEL, "max_output_tokens": 8}
 
 
 @pytest.mark.parametrize("name", CODEX)
 def test_codex_request_streams_back(codex_server: ServerProcess, name: str) -> None:
     body = codex_body(name)
     client = openai.OpenAI(base_url=f"{codex_server.base_url}/v1", api_key="unused",
-                           max_retries=0, timeout=600)
+                           max_retries=0, timeout=1800)
     known = set(inspect.signature(client.responses.create).parameters)
     extra = {k: v for k, v in body.items() if k not in known}
     assert "client_metadata" in body  # sent as is, whether the SDK knows it or not
@@ -68,7 +68,7 @@ def test_codex_request_streams_back(codex_server: ServerProcess, name: str) -> N
     assert kinds[-1] in ("response.completed", "response.incomplete"), kinds
     assert [e.sequence_number for e in events] == list(range(len(events)))
     final = events[-1].response  # type: ignore[union-attr]
-    assert final.model == SMOL and final.usage is not None
+    assert final.model == AGENT_MODEL and final.usage is not None
     assert final.usage.input_tokens > 5000  # Codex's instructions and tool list
     assert 0 < final.usage.output_tokens <= 8
     assert [t.type for t in final.tools] == [t["type"] for t in body["tools"]]
