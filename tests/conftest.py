@@ -185,6 +185,19 @@ def agent_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPro
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """SmolLM2 with a 512-token context: where prompts overflow (the overflow tests)."""
+    require_model(SMOL)
+    tmp = tmp_path_factory.mktemp("small")
+    server = started_server(tmp / "server.log", "--model_name", SMOL, "--n_ctx", "512",
+                            "--n_threads", "2", "--cache_dir", str(tmp / "cache"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def client(smol_server: ServerProcess) -> Iterator[openai.OpenAI]:
     """The openai SDK on the shared SmolLM2 server (closed after the test: no leaked socket)."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,6 @@ from tests.conftest import (
     SMOL,
     FakeFactory,
     ServerProcess,
-    require_model,
-    started_server,
 )
 from tests.test_messages import sse_events
 from tests.test_system_turns import STRICT
@@ -109,17 +106,6 @@ async def test_a_template_refusing_late_system_turns_gets_them_merged(
 
 
 # --- SmolLM2: the captured requests replayed with the anthropic SDK -------------------------
-
-@pytest.fixture(scope="module")
-def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    require_model(SMOL)
-    log = tmp_path_factory.mktemp("small") / "server.log"
-    server = started_server(log, "--model_name", SMOL, "--n_ctx", "512", "--n_threads", "2")
-    try:
-        yield server
-    finally:
-        server.stop()
-
 
 def sdk(server: ServerProcess) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=server.base_url, api_key="dummy", max_retries=0,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import AGENT_MODEL, SMOL, ServerProcess, require_model, started_server
+from tests.conftest import AGENT_MODEL, SMOL, ServerProcess
 
 pytestmark = pytest.mark.real_model
 
@@ -24,26 +23,10 @@ AGENTS = Path(__file__).parent / "fixtures" / "agents"
 CODEX = ["codex_exec_1", "codex_exec_2", "codex_exec_json_1", "codex_exec_json_2"]
 
 
-def serve(tmp: Path, name: str, n_ctx: int) -> ServerProcess:
-    require_model(SMOL)
-    return started_server(tmp / f"{name}.log", "--model_name", SMOL, "--n_ctx", str(n_ctx),
-                          "--n_threads", "2", "--cache_dir", str(tmp / "cache"),
-                          "--no_announce")
-
-
 @pytest.fixture(scope="module")
 def codex_server(agent_server: ServerProcess) -> ServerProcess:
     """The shared agent server (conftest): what another replay prefilled comes from its cache."""
     return agent_server
-
-
-@pytest.fixture(scope="module")
-def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = serve(tmp_path_factory.mktemp("small"), "small", 512)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def codex_body(name: str) -> dict[str, Any]:
