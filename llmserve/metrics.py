@@ -109,6 +109,12 @@ class Metrics:
             "llmserve_queue_wait_seconds", "From a request's arrival to its admission",
             buckets=_SECONDS, registry=r,
         )
+        self.preemptions = Counter(
+            "llmserve_preemptions",
+            "Requests paused because the KV cache could not hold every running sequence "
+            "(their KV swapped out to the prompt cache; they resume when there is room)",
+            registry=r,
+        )
         self.cache_hits = Counter(
             "llmserve_prompt_cache_hits", "Prompts that reused cached KV state", registry=r
         )
@@ -163,6 +169,8 @@ class Metrics:
             self.batch_tokens.observe(value)
         elif kind == "queue_wait":
             self.queue_wait.observe(value)
+        elif kind == "preempted":
+            self.preemptions.inc(value)
 
     def embedded(self, model: str, tokens: int) -> None:
         """Inputs totalling `tokens` tokens were embedded."""

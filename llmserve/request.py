@@ -57,6 +57,8 @@ class Request:
     waits: dict[int, Wait] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
     started_at: float = 0.0
+    preemptions: int = 0
+    swapped: dict[int, int] = field(default_factory=dict)  # id(seq) -> tokens swapped out
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -130,6 +132,46 @@ class Request:
         del self.waits[id(seq)]
         return False
 
+    # -- preemption --------------------------------------------------------------------------
+
+    def kv_tokens(self) -> int:
+        """Tokens the open sequences need in the KV cache now (shared prefixes counted
+        once per sequence: an upper bound)."""
+        return sum(len(s.tokens) for s in self.seqs)
+
+    def kv_need(self) -> int:
+        """Tokens the open sequences may need by the time they end (their output limits)."""
+        outs = {id(s): o for s, o in zip(self.all_seqs, self.outputs, strict=False)}
+        return sum(len(s.tokens) + max(outs[id(s)].limit - outs[id(s)].produced, 0)
+                   if id(s) in outs else len(s.tokens) for s in self.seqs)
+
+    def preempt(self) -> None:
+        """Make room in the KV cache: each open sequence's KV goes to the prefix cache tiers
+        (evaluated again instead where the cache cannot take it), and the sequences pause."""
+        for seq in self.seqs:
+            if seq.paused:
+                continue
+            if shares(self.raw) and seq.n_past:
+                view = self.raw.view(seq)
+                if self.env.cache.swap_out(view):
+                    self.swapped[id(seq)] = seq.n_past
+                view.reset()
+            seq.n_past = 0
+            seq.paused = True
+        self.preemptions += 1
+
+    def resume(self) -> None:
+        """Continue after a preemption: restore each sequence's KV from the cache (what is
+        missing is evaluated again), so the output is what it would have been."""
+        restored = 0
+        for seq in self.seqs:
+            saved = self.swapped.pop(id(seq), 0)
+            if saved and shares(self.raw):
+                restored += self.env.cache.swap_in(self.raw.view(seq), seq.tokens[:saved])
+            seq.paused = False
+        logger.info("resumed %s: %d of %d tokens restored from the prompt cache", self.id,
+                    restored, self.kv_tokens())
+
     # -- progress ----------------------------------------------------------------------------
 
     def on_token(self, seq: Seq, token: int, piece: bytes | None) -> bool:
@@ -187,9 +229,10 @@ class Request:
         evaluated = sum(s.n_prompt - s.reused for s in self.all_seqs)
         self.env.cache.tokens_evaluated += evaluated
         logger.info(
-            "%s finished (%s): %d prompt + %d completion tokens in %.2f s",
+            "%s finished (%s): %d prompt + %d completion tokens in %.2f s%s",
             self.id, self.reasons[0] if self.reasons else reason, len(tokens),
             sum(o.produced for o in self.outputs), time.perf_counter() - self.started_at,
+            f" ({self.preemptions} preemptions)" if self.preemptions else "",
         )
         if self.raw is not None:
             self.env.manager.release(self.raw.info.name, self.keep_alive)

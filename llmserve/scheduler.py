@@ -93,6 +93,10 @@ class Runner(Protocol):
     seqs: list[Seq]  # the open sequences
 
     def admit(self) -> bool: ...
+    def kv_tokens(self) -> int: ...
+    def kv_need(self) -> int: ...
+    def preempt(self) -> None: ...
+    def resume(self) -> None: ...
     def waiting(self, seq: Seq) -> bool: ...
     def on_token(self, seq: Seq, token: int, piece: bytes | None) -> bool: ...
     def on_ready(self, seq: Seq) -> bool: ...
@@ -162,6 +166,8 @@ class Scheduler:
         self._inbox: deque[Any] = deque()
         self._waiting: deque[Any] = deque()
         self._active: list[Runner] = []
+        self._preempted: list[Runner] = []  # paused for KV room, oldest first
+        self.preemptions = 0
         self._after: list[Callable[[], None]] = []
         self._stopping = False
         self.heartbeat = time.monotonic()  # last time the loop went round
@@ -176,7 +182,7 @@ class Scheduler:
     @property
     def queued(self) -> int:
         """Calls and requests waiting or running."""
-        return len(self._inbox) + len(self._waiting) + len(self._active)
+        return len(self._inbox) + len(self._waiting) + len(self._active) + len(self._preempted)
 
     @property
     def waiting_requests(self) -> int:
@@ -186,6 +192,11 @@ class Scheduler:
     def active_sequences(self) -> int:
         return sum(len(r.seqs) for r in list(self._active))
 
+    @property
+    def preempted_requests(self) -> int:
+        """Requests paused until the KV cache has room for them again."""
+        return len(self._preempted)
+
     def liveness(self) -> dict[str, Any]:
         """For /health (cheap, any thread): whether the engine thread runs, and how long since
         its loop last came round (it comes round at least every second when idle)."""
@@ -193,7 +204,7 @@ class Scheduler:
         busy = self.busy_since
         return {
             "alive": self._thread.is_alive(),
-            "idle": not (self._inbox or self._waiting or self._active),
+            "idle": not (self._inbox or self._waiting or self._active or self._preempted),
             "seconds_since_progress": round(now - self.heartbeat, 3),
             "busy_seconds": round(now - busy, 3) if busy is not None else 0.0,
             "steps": self.steps,
@@ -239,7 +250,7 @@ class Scheduler:
 
         NOTE: shutdown calls this first, so requests stop even while a call holds the thread."""
         with self._cv:
-            items = [*self._inbox, *self._waiting, *self._active]
+            items = [*self._inbox, *self._waiting, *self._active, *self._preempted]
         for item in items:
             stream = getattr(item, "stream", None)
             if stream is not None:
@@ -247,7 +258,7 @@ class Scheduler:
 
     def cancel_all(self) -> None:
         """On the engine thread: end every request (shutdown)."""
-        for req in list(self._active):
+        for req in [*self._active, *self._preempted]:
             self._end(req, "cancelled")
         for item in list(self._waiting):
             if not isinstance(item, _Call):
@@ -259,7 +270,8 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._inbox or self._active or self._stopping or self._waiting):
+                while not (self._inbox or self._active or self._stopping or self._waiting
+                           or self._preempted):
                     self._cv.wait(timeout=1.0)
                     self.heartbeat = time.monotonic()
                 self._waiting.extend(self._inbox)
@@ -276,7 +288,7 @@ class Scheduler:
             except Exception:  # NOTE: never let the loop die; each request fails alone
                 logger.exception("scheduler loop error")
             self.heartbeat = time.monotonic()
-            if not stepped and (self._waiting or self._active):
+            if not stepped and (self._waiting or self._active or self._preempted):
                 with self._cv:  # waiting on a drain or a fork: do not spin
                     if not self._inbox:
                         self._cv.wait(timeout=0.005)
@@ -306,7 +318,10 @@ class Scheduler:
                     logger.exception("after-call hook failed")
 
     def _admit(self) -> None:
-        slots_full = False
+        # NOTE: preempted requests resume before anything new is admitted (they are older),
+        # and while one still waits for room no new request may take it.
+        self._resume()
+        slots_full = bool(self._preempted)
         for item in list(self._waiting):
             if isinstance(item, _Call):
                 try:
@@ -342,6 +357,45 @@ class Scheduler:
                 if seq.prefill_only and seq.pending == 0:
                     self._ready(item, seq)
 
+    def _resume(self) -> None:
+        for req in list(self._preempted):
+            if req.stream.cancelled.is_set():
+                self._end(req, "cancelled")
+                continue
+            if not self._room_for(req):
+                break  # oldest first: a later one must not overtake it
+            self._preempted.remove(req)
+            try:
+                req.resume()
+            except Exception as exc:
+                self._active.append(req)
+                self._fail(req, exc)
+                continue
+            self._active.append(req)
+
+    def _room_for(self, req: Runner) -> bool:
+        """Whether req can run to its end beside what runs on its model now; always when
+        nothing else does. NOTE: by req's whole output limit, so a resumed request is not
+        preempted again as soon as it grows (no thrashing)."""
+        engine = req.engine
+        used = sum(r.kv_tokens() for r in self._active if r.engine is engine)
+        return not used or used + min(req.kv_need(), int(engine.info.n_ctx)) <= engine.info.n_ctx
+
+    def _preempt(self, req: Runner) -> None:
+        """Pause req (its KV swapped out) until there is room; it resumes where it was."""
+        self._active.remove(req)
+        try:
+            req.preempt()
+        except Exception as exc:
+            self._active.append(req)
+            self._fail(req, exc)
+            return
+        self._preempted.append(req)
+        self._preempted.sort(key=lambda r: r.queued_at)
+        self.preemptions += 1
+        for observe in self.observers:
+            observe("preempted", 1.0)
+
     def _drop_cancelled(self) -> None:
         for req in list(self._active):
             if req.stream.cancelled.is_set():
@@ -350,6 +404,9 @@ class Scheduler:
     def _end(self, req: Runner, reason: str) -> None:
         if req in self._active:
             self._active.remove(req)
+            req.finish(reason)
+        elif req in self._preempted:
+            self._preempted.remove(req)
             req.finish(reason)
 
     def _fail(self, req: Runner, exc: BaseException) -> None:
@@ -380,9 +437,7 @@ class Scheduler:
             try:
                 results = engine.step([s for _, s in pairs], self.n_batch)
             except KVFullError as exc:
-                victim = pairs[-1][0]  # the newest request gives way
-                logger.warning("%s; ending the newest request with finish_reason length", exc)
-                self._end(victim, "length")
+                self._kv_full(engine, pairs, exc)
                 continue
             except Exception as exc:
                 logger.exception("decode step failed")
@@ -407,6 +462,21 @@ class Scheduler:
                 if seq.prefill_only and seq.pending == 0 and req in self._active:
                     self._ready(req, seq)
         return stepped
+
+    def _kv_full(self, engine: Any, pairs: list[tuple[Runner, Seq]], exc: KVFullError) -> None:
+        """No room for the step: preempt the newest request on this model (the lowest
+        priority), which resumes later; a request alone on its model that still does not fit
+        (n choices outgrowing the context together) ends with `length`."""
+        running = [r for r in self._active if r.engine is engine]
+        victim = running[-1]
+        if len(running) == 1:
+            logger.warning("%s; %s alone does not fit: finish_reason length", exc,
+                           getattr(victim, "id", "?"))
+            self._end(victim, "length")
+            return
+        logger.info("%s; preempting %s (%d tokens) until there is room", exc,
+                    getattr(victim, "id", "?"), victim.kv_tokens())
+        self._preempt(victim)
 
     @staticmethod
     def _piece(engine: Any, seq: Seq, token: int) -> bytes | None:

@@ -74,8 +74,8 @@ def resolve(engine: Any, seq: Seq, wait: Wait, cache: PrefixCache) -> bool:
     """Fork from the donor once it holds the prefix; True when seq may evaluate on."""
     donor = wait.donor
     slot = engine.batch.slots[donor.slot]
-    if slot.seq is donor and donor.n_past < wait.tokens:
-        return False  # still evaluating
+    if slot.seq is donor and donor.n_past < wait.tokens and not donor.paused:
+        return False  # still evaluating (a preempted donor is not waited for)
     n = min(common_prefix(slot.live(), seq.tokens[: seq.n_prompt]), wait.tokens)
     if n > seq.n_past:
         engine.batch.copy(donor.slot, seq, n)

@@ -296,6 +296,42 @@ class PrefixCache:
         if len(sections) > 1 and need_window:
             self._put("w" + end, kvstate.serialize(sections[1:]))
 
+    # -- preemption (engine thread) --------------------------------------------------------
+
+    def swap_out(self, engine: Engine) -> bool:
+        """A preempted sequence's KV into the tiers (whatever mode the prompt cache is in
+        for requests); False when this engine's state cannot be stored (evaluate again)."""
+        stateful = self._swappable(engine)
+        if stateful is None:
+            return False
+        try:
+            self._save(stateful, [])
+        except kvstate.StateFormatError as exc:
+            logger.warning("prompt cache off for %s: %s", engine.info.name, exc)
+            self._broken.add(stateful.fingerprint)
+            return False
+        return True
+
+    def swap_in(self, engine: Engine, tokens: list[int]) -> int:
+        """Restore what swap_out stored of `tokens` (the longest stored prefix; not counted
+        as a cache hit); returns the tokens restored."""
+        stateful = self._swappable(engine)
+        if stateful is None:
+            return 0
+        found = self.match(stateful, tokens)
+        if found.tokens and self._restore(stateful, tokens, found):
+            return found.tokens
+        return 0
+
+    def _swappable(self, engine: Engine) -> StatefulEngine | None:
+        # NOTE: swapping needs the RAM tier; with --prompt_cache off or llama_disk a
+        # preempted sequence is evaluated again instead.
+        if self.ram is None or not getattr(engine, "fingerprint", ""):
+            return None
+        if engine.fingerprint in self._broken:  # type: ignore[attr-defined]
+            return None
+        return engine  # type: ignore[return-value]
+
     # -- admin -----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:

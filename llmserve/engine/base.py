@@ -123,6 +123,9 @@ class Seq:
     handle: Any = None  # the engine's per-sequence state (its sampler)
     # the last sampled token's logprob and the top (id, logprob) pairs, when params.logprobs
     logprob: tuple[float, list[tuple[int, float]]] | None = None
+    # preempted: its KV was swapped out to the prefix cache (or dropped); not stepped until
+    # the scheduler resumes it
+    paused: bool = False
 
     def keep_limit(self) -> int:
         """The most prompt KV that may be reused: a prompt that samples re-evaluates its last

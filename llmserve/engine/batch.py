@@ -118,6 +118,9 @@ class BatchContext:
         else:
             buf = ctypes.cast(ctypes.c_char_p(blob), ctypes.POINTER(ctypes.c_uint8))
         ok = llama_cpp.llama_state_seq_set_data_ext(self.ctx, buf, len(blob), slot, 0) == len(blob)
+        if not ok and self.drop_idle():  # NOTE: a restore needs free cells, as a decode does
+            ok = llama_cpp.llama_state_seq_set_data_ext(self.ctx, buf, len(blob), slot,
+                                                        0) == len(blob)
         if not ok:
             self.trim(slot, 0)
         return bool(ok)
