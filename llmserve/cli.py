@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from llmserve.catalog.cli_models import add_models_parser, run_models
-from llmserve.config import Settings
+from llmserve.config import CACHE_TYPES, FLASH_ATTN, Settings
 from llmserve.units import parse_size
 from llmserve.version import __version__
 
@@ -53,6 +53,13 @@ def _serve_parser(sub: Any) -> None:
     _flag(p, "n_threads_batch", type=int,
           help="CPU threads for prompt processing (default: --n_threads)")
     _flag(p, "n_batch", type=int, help="tokens per decode step, all sequences (default 512)")
+    for kv in ("k", "v"):
+        _flag(p, f"cache_type_{kv}", type=str.lower, choices=CACHE_TYPES, metavar="TYPE",
+              help=f"KV cache type for {kv.upper()}: {', '.join(CACHE_TYPES)} (llama-server's "
+                   f"-ct{kv}; q8_0 holds about twice the tokens of f16; default f16)")
+    _flag(p, "flash_attn", type=str.lower, choices=FLASH_ATTN,
+          help="flash attention: auto (where the device supports it), on, off; a quantized "
+               "V cache needs it (llama-server's -fa; default auto)")
     _flag(p, "parallel", type=int,
           help="sequences decoded together in one context; they share --n_ctx (default 4)")
     _flag(p, "max_queue", type=int,

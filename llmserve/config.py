@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -15,6 +15,29 @@ PromptCache = Literal["tiered", "ram", "llama_disk", "off"]
 # auto: split <think>/gpt-oss reasoning from the content when the markup appears (deepseek is
 # llama-server's name for the same); none: leave it in the content.
 ReasoningFormat = Literal["auto", "deepseek", "none"]
+# KV cache element types: the set llama-server's -ctk/-ctv accept (engine/kvtypes.py maps them
+# to ggml type ids). The quantized ones (q*, iq4_nl) need flash attention for V.
+CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+CACHE_TYPES: tuple[str, ...] = get_args(CacheType)
+UNQUANTIZED_CACHE_TYPES = ("f32", "f16", "bf16")
+# llama-server's -fa: auto lets llama.cpp enable it where the device supports it.
+FlashAttn = Literal["auto", "on", "off"]
+FLASH_ATTN: tuple[str, ...] = get_args(FlashAttn)
+
+
+def quantized_v_message(cache_type_v: str) -> str:
+    """Why a quantized V cache with flash attention off cannot load."""
+    return (f"--cache_type_v {cache_type_v} needs flash attention, but --flash_attn is off: "
+            f"use --flash_attn auto (or on), or a V cache of "
+            f"{', '.join(UNQUANTIZED_CACHE_TYPES)}")
+
+
+def kv_setting(value: Any) -> Any:
+    """A cache type or flash_attn value as written ("Q8_0", "ON", YAML's bare on/off, which
+    PyYAML reads as booleans) in llama-server's lower-case spelling; the rest unchanged."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value.strip().lower() if isinstance(value, str) else value
 DEFAULT_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -41,6 +64,11 @@ class Settings(BaseSettings):
     n_threads: int | None = Field(default=None, ge=1)
     n_threads_batch: int | None = Field(default=None, ge=1)
     n_batch: int = Field(default=512, ge=1)
+    # KV cache types and flash attention (llama-server's -ctk, -ctv, -fa); models.yaml `load`
+    # may set them per model. q8_0 holds about twice the tokens of f16 in the same memory.
+    cache_type_k: CacheType = "f16"
+    cache_type_v: CacheType = "f16"
+    flash_attn: FlashAttn = "auto"
     # Continuous batching: sequences decoded together (llama-server's -np) and the wait queue.
     parallel: int = Field(default=4, ge=1, le=256)
     max_queue: int = Field(default=256, ge=0)
@@ -66,6 +94,19 @@ class Settings(BaseSettings):
     timeout_body: float = Field(default=60.0, gt=0)
     timeout_graceful_shutdown: float = Field(default=5.0, ge=0)
     health_stall_seconds: float = Field(default=60.0, gt=0)
+
+    @field_validator("cache_type_k", "cache_type_v", "flash_attn", mode="before")
+    @classmethod
+    def _kv_spelling(cls, value: Any) -> Any:
+        return kv_setting(value)
+
+    @model_validator(mode="after")
+    def _quantized_v_needs_flash_attn(self) -> Settings:
+        # NOTE: llama.cpp refuses the context; models.yaml `load` cannot change flags that
+        # were given, so every model would fail to load (the engine says so too, per model)
+        if self.flash_attn == "off" and self.cache_type_v not in UNQUANTIZED_CACHE_TYPES:
+            raise ValueError(quantized_v_message(self.cache_type_v))
+        return self
 
     @field_validator("max_body_bytes", "max_header_bytes", mode="before")
     @classmethod

@@ -14,12 +14,15 @@ from tests.conftest import GEMMA, SMOL, require_model
 from tests.ggufgen import tiny_llama, write_gguf
 
 GIB = 1 << 30
-# A 128k-context 8B-class model: 32 layers x 8 kv heads x 128 x 2 (K, V) x 2 bytes = 128 KiB
-LLAMA8B = KVLayout(full_bytes=32 * 8 * 256 * 2)
+# A 128k-context 8B-class model: 32 layers x 8 kv heads x 128 elements, K and V each; f16:
+# 32 x 8 x 256 x 2 bytes = 128 KiB per token
+LLAMA8B = KVLayout(full_k=32 * 8 * 128, full_v=32 * 8 * 128)
+# Gemma 3 270M: 18 layers, every 6th global; 1 kv head x 256 elements, K and V each
+GEMMA3 = KVLayout(full_k=3 * 256, full_v=3 * 256, swa_k=15 * 256, swa_v=15 * 256, window=512)
 
 
 def test_the_trained_context_when_it_fits() -> None:
-    choice = fit_context(32768, KVLayout(18432), 20 * GIB, 250 << 20)
+    choice = fit_context(32768, KVLayout(4608, 4608), 20 * GIB, 250 << 20)
     assert choice.n_ctx == 32768
     assert choice.reason == "trained context; KV f16 ~0.6 GiB of 20.0 GiB available"
 
@@ -50,8 +53,7 @@ def test_unknowns() -> None:
 
 
 def test_sliding_window_layers_hold_the_window_unless_swa_full() -> None:
-    # Gemma 3 270M: 18 layers, every 6th global; 1 kv head x (256 + 256) x 2 bytes each
-    gemma = KVLayout(full_bytes=3 * 1024, swa_bytes=15 * 1024, window=512)
+    gemma = GEMMA3
     assert gemma.bytes_for(32768, swa_full=True) == 18 * 1024 * 32768
     # llama_kv_cache_iswa: n_swa * n_seq + n_ubatch cells on the windowed layers
     assert gemma.bytes_for(32768, swa_full=False, n_seq=4, n_ubatch=512) == (
@@ -64,8 +66,9 @@ def test_sliding_window_layers_hold_the_window_unless_swa_full() -> None:
 def test_kv_layout_from_the_real_headers() -> None:
     gemma = read_gguf(require_model(GEMMA)).kv_layout()
     smol = read_gguf(require_model(SMOL)).kv_layout()
-    assert gemma == KVLayout(full_bytes=3 * 1024, swa_bytes=15 * 1024, window=512)
-    assert smol == KVLayout(full_bytes=30 * 3 * 128 * 2)  # 30 layers, 3 kv heads, dim 64
+    assert gemma == GEMMA3
+    assert smol == KVLayout(full_k=30 * 3 * 64, full_v=30 * 3 * 64)  # 30 layers, 3 kv heads
+    assert (gemma.full_bytes, gemma.swa_bytes, smol.full_bytes) == (3072, 15360, 23040)  # f16
 
 
 def test_kv_layout_per_layer_heads_and_pattern_arrays(tmp_path: Path) -> None:
@@ -77,8 +80,8 @@ def test_kv_layout_per_layer_heads_and_pattern_arrays(tmp_path: Path) -> None:
         "hybrid.attention.sliding_window_pattern": [True, False, False, True],
     }  # fmt: skip
     layout = read_gguf(write_gguf(tmp_path / "h.gguf", meta)).kv_layout()
-    per_head = (16 + 16) * 2
-    assert layout == KVLayout(full_bytes=2 * per_head, swa_bytes=3 * per_head, window=128)
+    assert layout == KVLayout(full_k=2 * 16, full_v=2 * 16, swa_k=3 * 16, swa_v=3 * 16,
+                              window=128)
 
 
 def _plan(settings: Settings, tmp_path: Path, **kw: Any) -> Any:
@@ -95,11 +98,11 @@ def test_plan_defaults_and_overrides(tmp_path: Path) -> None:
     assert auto.threads_reason == "physical cores"
     assert auto.summary("t.gguf") == (
         "t.gguf: n_ctx 4096 (trained context; KV f16 ~0.0 GiB of 16.0 GiB available), shared "
-        "by --parallel 4; n_threads 6 (physical cores), n_threads_batch 6")
+        "by --parallel 4; n_threads 6 (physical cores), n_threads_batch 6; flash_attn auto")
     flags = _plan(Settings(n_ctx=2048, n_threads=3), tmp_path,
                   sources={"n_ctx": "--n_ctx", "n_threads": "--n_threads"})
     assert (flags.settings.n_ctx, flags.settings.n_threads_batch) == (2048, 3)
-    assert flags.n_ctx_reason == "--n_ctx; trained 4096"
+    assert flags.n_ctx_reason == "--n_ctx; trained 4096; KV f16 ~0.0 GiB"
     zero = _plan(Settings(n_ctx=0, n_threads_batch=5), tmp_path, sources={"n_ctx": "--n_ctx"})
     assert (zero.settings.n_ctx, zero.settings.n_threads, zero.settings.n_threads_batch) == (
         4096, 6, 5)

@@ -40,7 +40,9 @@ def test_without_n_ctx_each_model_gets_its_trained_context(tmp_path: Path) -> No
     threads = machine_threads()
     assert health["n_ctx"] == 32768
     assert health["loaded_models"] == [{"model": GEMMA, "n_ctx": 32768, "n_threads": threads,
-                                        "n_threads_batch": threads, "parallel": 4}]
+                                        "n_threads_batch": threads, "parallel": 4,
+                                        "cache_type_k": "f16", "cache_type_v": "f16",
+                                        "flash_attn": "on"}]  # auto, as llama.cpp resolved it
     by_id = {m["id"]: m for m in models}
     assert models[0]["id"] == GEMMA
     assert by_id[GEMMA]["context_length"] == 32768 and by_id[GEMMA]["meta"] == {
@@ -54,6 +56,7 @@ def test_without_n_ctx_each_model_gets_its_trained_context(tmp_path: Path) -> No
                      rf"available\), shared by --parallel 4; n_threads {threads} \(physical "
                      rf"cores\), n_threads_batch {threads}", log), log
     assert re.search(rf"{SMOL}: n_ctx 8192 \(trained context; KV f16 ~0\.2 GiB", log), log
+    assert f"loaded {SMOL} in " in log and "(KV f16 180.0 MiB, flash_attn on)" in log, log
 
 
 def test_n_ctx_overrides(tmp_path: Path) -> None:
@@ -71,7 +74,7 @@ def test_n_ctx_overrides(tmp_path: Path) -> None:
     assert by_id[SMOL]["context_length"] == 2048
     assert by_id[SMOL]["meta"]["n_ctx_train"] == 8192  # type: ignore[index]
     assert by_id[GEMMA]["context_length"] == 2048  # what it would run with
-    assert f"{SMOL}: n_ctx 2048 (--n_ctx; trained 8192)" in log
+    assert f"{SMOL}: n_ctx 2048 (--n_ctx; trained 8192; KV f16 ~0.0 GiB)" in log
     assert "n_threads 1 (--n_threads), n_threads_batch 1" in log
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,8 @@ async def test_each_model_shows_its_context(models_dir: Path) -> None:
     assert health["n_ctx"] == 4096
     assert health["loaded_models"][-1] == {"model": "alpha.gguf", "n_ctx": 4096,
                                            "n_threads": threads, "n_threads_batch": threads,
-                                           "parallel": 4}  # fmt: skip
+                                           "parallel": 4, "cache_type_k": "f16",
+                                           "cache_type_v": "f16", "flash_attn": "auto"}  # fmt: skip
 
 
 async def test_flags_override_what_is_shown_and_loaded(models_dir: Path) -> None:
@@ -132,4 +134,38 @@ async def test_flags_override_what_is_shown_and_loaded(models_dir: Path) -> None
     loaded = factory.settings["alpha.gguf"]
     assert (loaded.n_ctx, loaded.n_threads, loaded.n_threads_batch) == (1000, 3, 3)
     assert health["loaded_models"] == [{"model": "alpha.gguf", "n_ctx": 1000, "n_threads": 3,
-                                        "n_threads_batch": 3, "parallel": 2}]
+                                        "n_threads_batch": 3, "parallel": 2,
+                                        "cache_type_k": "f16", "cache_type_v": "f16",
+                                        "flash_attn": "auto"}]
+
+
+async def test_kv_types_flags_over_models_yaml_and_the_resolved_flash_attn(
+    models_dir: Path,
+) -> None:
+    (models_dir / "models.yaml").write_text(
+        "models:\n  alpha:\n    path: alpha.gguf\n"
+        "    load: {cache_type_k: q4_0, cache_type_v: Q4_0, flash_attn: on}\n"
+        "  zeta:\n    path: zeta.gguf\n    load: {cache_type_v: q5_1}\n")
+
+    class Resolving(GatedFactory):
+        def __call__(self, path: Path, settings: Settings) -> FakeEngine:
+            engine = super().__call__(path, settings)
+            # NOTE: as LlamaEngine reports llama.cpp's choice for auto
+            resolved = "off" if settings.flash_attn == "auto" else settings.flash_attn
+            engine.info = dataclasses.replace(engine.info, flash_attn=resolved)
+            return engine
+
+    factory = Resolving()
+    app = make_app(models_dir, factory, model_name="alpha.gguf", cache_type_k="q8_0")
+    async with app_client(app) as client:
+        alpha = (await client.get("/health")).json()["loaded_models"]
+        await client.post("/setModel", json={"modelName": "zeta"})
+        zeta = (await client.get("/health")).json()["loaded_models"]
+    loaded = factory.settings["alpha.gguf"]
+    # the flag wins over models.yaml; models.yaml over the defaults
+    assert (loaded.cache_type_k, loaded.cache_type_v, loaded.flash_attn) == ("q8_0", "q4_0", "on")
+    assert [(m["cache_type_k"], m["cache_type_v"], m["flash_attn"]) for m in alpha] == [
+        ("q8_0", "q4_0", "on")]
+    assert factory.settings["zeta.gguf"].flash_attn == "auto"  # what was asked
+    assert [(m["model"], m["cache_type_k"], m["cache_type_v"], m["flash_attn"]) for m in zeta
+            ] == [("zeta.gguf", "q8_0", "q5_1", "off")]  # what llama.cpp made of auto

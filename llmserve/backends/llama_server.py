@@ -73,6 +73,10 @@ class LlamaServerBackend(ProxyBackend):
         threads = pick("n_threads", s.n_threads)
         if threads:
             cmd += ["--threads", str(threads)]
+        # NOTE: only when set (a flag, LLMSERVE_* or `load`): llama-server's defaults are ours
+        for key, arg in (("cache_type_k", "-ctk"), ("cache_type_v", "-ctv"), ("flash_attn", "-fa")):
+            if key in explicit or key in load:
+                cmd += [arg, str(pick(key, getattr(s, key)))]
         return cmd + list(self.spec.backend.args)
 
     async def upstream(self) -> Upstream:

@@ -109,8 +109,9 @@ class GGUFInfo:
         return layout.full_bytes + layout.swa_bytes if layout else None
 
     def kv_layout(self) -> KVLayout | None:
-        """f16 KV-cache bytes per token, split into layers that cache every position and
-        sliding-window layers (None: the header lacks the attention shape)."""
+        """KV-cache elements per token (K and V apart, as their types may differ), split into
+        layers that cache every position and sliding-window layers (None: the header lacks
+        the attention shape)."""
         layers = self.arch_value("block_count")
         embd = self.arch_value("embedding_length")
         heads = _max_int(self.arch_value("attention.head_count"))
@@ -122,33 +123,64 @@ class GGUFInfo:
         v_len = self.arch_value("attention.value_length") or head_dim
         if not isinstance(k_len, int) or not isinstance(v_len, int):
             return None
-        per_layer = [n * (k_len + v_len) * 2 for n in kv_heads]  # K and V, f16
         window = self.arch_value("attention.sliding_window")
         swa = _swa_layers(self, layers) if isinstance(window, int) and window > 0 else set()
+        full = [n for i, n in enumerate(kv_heads) if i not in swa]
+        windowed = [n for i, n in enumerate(kv_heads) if i in swa]
         return KVLayout(
-            full_bytes=sum(b for i, b in enumerate(per_layer) if i not in swa),
-            swa_bytes=sum(b for i, b in enumerate(per_layer) if i in swa),
+            full_k=sum(full) * k_len, full_v=sum(full) * v_len,
+            swa_k=sum(windowed) * k_len, swa_v=sum(windowed) * v_len,
             window=window if swa and isinstance(window, int) else 0,
         )
 
 
+def kv_type_size(name: str) -> tuple[int, int]:
+    """(elements per block, bytes per block) of a KV cache type by llama-server's name: f16
+    (1, 2), q8_0 (32, 34), q4_0 (32, 18), ... KeyError for a name ggml does not have."""
+    return TYPE_SIZES[GGMLQuantizationType[name.upper()]]
+
+
+def kv_type_bytes(elements: int, name: str) -> int:
+    """Bytes of `elements` values of KV cache type `name` (whole blocks: llama.cpp requires
+    head sizes that are multiples of the block for quantized caches)."""
+    block, size = kv_type_size(name)
+    return -(-elements // block) * size
+
+
 @dataclass(frozen=True)
 class KVLayout:
-    """f16 KV-cache bytes per context token: layers caching every position, and
-    sliding-window layers, which llama.cpp's iSWA cache gives only the window's cells."""
+    """KV-cache elements per context token, K and V apart: layers caching every position,
+    and sliding-window layers, which llama.cpp's iSWA cache gives only the window's cells.
+    Bytes follow from the cache types (f16: 2 per element, q8_0: 34 per 32, ...)."""
 
-    full_bytes: int
-    swa_bytes: int = 0
+    full_k: int
+    full_v: int
+    swa_k: int = 0
+    swa_v: int = 0
     window: int = 0  # tokens the sliding-window layers attend to (0: none)
 
-    def bytes_for(self, n_ctx: int, *, swa_full: bool, n_seq: int = 1,
-                  n_ubatch: int = 512) -> int:
-        """The cache's bytes for n_ctx cells. A windowed layer holds n_swa * n_seq + n_ubatch
-        cells (llama_kv_cache_iswa), unless swa_full keeps every position there too."""
+    @property
+    def full_bytes(self) -> int:
+        """f16 bytes per token on the layers caching every position."""
+        return 2 * (self.full_k + self.full_v)
+
+    @property
+    def swa_bytes(self) -> int:
+        """f16 bytes per token on the sliding-window layers."""
+        return 2 * (self.swa_k + self.swa_v)
+
+    def bytes_for(self, n_ctx: int, *, swa_full: bool, n_seq: int = 1, n_ubatch: int = 512,
+                  type_k: str = "f16", type_v: str = "f16") -> int:
+        """The cache's bytes for n_ctx cells of K type_k and V type_v. A windowed layer holds
+        n_swa * n_seq + n_ubatch cells (llama_kv_cache_iswa), unless swa_full keeps every
+        position there too."""
         swa_cells = n_ctx
         if not swa_full and self.window:
             swa_cells = min(n_ctx, self.window * n_seq + n_ubatch)
-        return self.full_bytes * n_ctx + self.swa_bytes * swa_cells
+        return (kv_type_bytes(self.full_k * n_ctx, type_k)
+                + kv_type_bytes(self.full_v * n_ctx, type_v)
+                + kv_type_bytes(self.swa_k * swa_cells, type_k)
+                + kv_type_bytes(self.swa_v * swa_cells, type_v))
 
 
 # NOTE: llama.cpp hard-codes these architectures' layer patterns (set_swa_pattern: every

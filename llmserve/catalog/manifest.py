@@ -11,7 +11,8 @@ appends entries).
         use_cases: [chat, tools]
         chat_template: qwen.jinja          # optional override: a file next to models.yaml, or
                                            # inline Jinja
-        load: {n_ctx: 8192, n_gpu_layers: -1}
+        load: {n_ctx: 8192, n_gpu_layers: -1}   # also n_threads, n_batch, cache_type_k,
+                                           # cache_type_v (f16, q8_0, ...), flash_attn
         sampling: {temperature: 0.7, top_p: 0.8}
         sha256: null
         download:                          # tried in order
@@ -62,6 +63,7 @@ from llmserve.catalog.spec import (
     Source,
     UrlSource,
 )
+from llmserve.config import CacheType, FlashAttn, kv_setting
 from llmserve.units import parse_size
 
 MANIFEST_NAME = "models.yaml"
@@ -146,6 +148,14 @@ class _Load(BaseModel):
     n_threads: int | None = Field(default=None, ge=1)
     n_batch: int | None = Field(default=None, ge=1)
     parallel: int | None = Field(default=None, ge=1)  # llama_server slots (-np)
+    cache_type_k: CacheType | None = None  # -ctk
+    cache_type_v: CacheType | None = None  # -ctv
+    flash_attn: FlashAttn | None = None  # -fa; YAML's bare on/off (booleans) are accepted
+
+    @field_validator("cache_type_k", "cache_type_v", "flash_attn", mode="before")
+    @classmethod
+    def _kv_spelling(cls, value: Any) -> Any:
+        return kv_setting(value)
 
 
 class _Sampling(BaseModel):

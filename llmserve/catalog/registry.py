@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
 
-from llmserve.catalog.context import SWA_FULL, LoadPlan, plan_load
+from llmserve.catalog.context import LoadPlan, kv_bytes, kv_label, plan_load
 from llmserve.catalog.library import ModelFile, ModelLibrary, list_model_files
 from llmserve.catalog.manifest import template_text
 from llmserve.catalog.spec import LOAD_PARAMS, SAMPLING_PARAMS
@@ -334,13 +334,12 @@ class ModelManager:
         return path.stat().st_size if path.is_file() else 0
 
     def _footprint(self, name: str, plan: LoadPlan) -> int:
-        """Estimated resident bytes: the file (weights) plus an f16 KV cache for n_ctx."""
+        """Estimated resident bytes: the file (weights) plus the KV cache for n_ctx at the
+        planned cache types."""
         info = self.library.gguf(name)
         layout = info.kv_layout() if info else None
         s = plan.settings
-        kv = layout.bytes_for(s.n_ctx or 0, swa_full=SWA_FULL, n_seq=s.parallel,
-                              n_ubatch=s.n_batch) if layout else 0
-        return self._file_size(name) + kv
+        return self._file_size(name) + (kv_bytes(layout, s, s.n_ctx or 0) if layout else 0)
 
     def _load(self, name: str) -> Engine:
         plan = self.plan(name)
@@ -351,12 +350,22 @@ class ModelManager:
         override = template_text(spec) if spec is not None else None
         if override:
             engine.info = dataclasses.replace(engine.info, template_override=override)
+        # NOTE: what it runs with: flash_attn auto as llama.cpp resolved it (engines that
+        # cannot tell keep the request)
+        settings = plan.settings
+        resolved = engine.info.flash_attn
+        if resolved in ("on", "off") and resolved != settings.flash_attn:
+            settings = settings.model_copy(update={"flash_attn": resolved})
         with self._lock:
             self._resident[name] = _Resident(
-                engine, self._footprint(name, plan), plan.settings, time.monotonic())
+                engine, self._footprint(name, plan), settings, time.monotonic())
         self.load_seconds = time.perf_counter() - start
         self.loads += 1
-        logger.info("loaded %s in %.2f s", name, self.load_seconds)
+        kv = engine.info.kv_bytes
+        logger.info("loaded %s in %.2f s (KV %s %s, flash_attn %s)", name, self.load_seconds,
+                    kv_label(settings.cache_type_k, settings.cache_type_v),
+                    f"{kv / (1 << 20):.1f} MiB" if kv is not None else "size unknown",
+                    settings.flash_attn)
         return engine
 
     # --- unloading ----------------------------------------------------------------------------

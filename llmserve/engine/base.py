@@ -64,6 +64,12 @@ class ModelInfo:
     # An upper bound on the bytes one token stands for (0: unknown): a text longer than
     # n_ctx * this cannot fit the context, so it is refused before tokenizing.
     max_token_bytes: int = 0
+    # The KV cache's element types, flash attention as llama.cpp resolved it ("on"/"off"; the
+    # request, e.g. "auto", when it did not say) and the KV buffer's bytes (None: unknown).
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    flash_attn: str = "auto"
+    kv_bytes: int | None = None
 
 
 class Engine(Protocol):

@@ -18,6 +18,7 @@ import llama_cpp
 import numpy as np
 
 from llmserve.engine.base import KVFullError, Seq, common_prefix
+from llmserve.engine.kvtypes import captured_llama_log, context_types
 from llmserve.errors import InternalError
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,9 @@ class BatchContext:
     """The context, its batch and its slots (sequence ids 0 .. n_parallel-1)."""
 
     def __init__(self, model: Any, *, n_ctx: int, n_batch: int, n_parallel: int,
-                 n_threads: int, n_threads_batch: int, swa_full: bool):
+                 n_threads: int, n_threads_batch: int, swa_full: bool,
+                 cache_type_k: str = "f16", cache_type_v: str = "f16", flash_attn: str = "auto",
+                 verbose: bool = False):
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = n_batch
@@ -47,10 +50,20 @@ class BatchContext:
         params.kv_unified = True
         params.swa_full = swa_full
         params.n_threads, params.n_threads_batch = n_threads, n_threads_batch
+        # NOTE: ModelLoadError for a combination llama.cpp refuses (quantized V, no flash attn)
+        params.type_k, params.type_v, params.flash_attn_type = context_types(
+            cache_type_k, cache_type_v, flash_attn)
         self.params = params
-        self.ctx = llama_cpp.llama_init_from_model(model, params)
+        self.cache_type_k, self.cache_type_v = cache_type_k, cache_type_v
+        with captured_llama_log(verbose) as log:
+            self.ctx = llama_cpp.llama_init_from_model(model, params)
         if not self.ctx:
-            raise ValueError("llama.cpp could not create a context")
+            why = log.errors() or "no reason logged"
+            raise ValueError(f"llama.cpp could not create a context ({why})")
+        # what llama.cpp chose for --flash_attn auto (the request when it did not say), and the
+        # KV buffer it allocated (None when it did not say)
+        self.flash_attn = log.flash_attn() or flash_attn
+        self.kv_bytes = log.kv_bytes()
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
         self.n_batch = n_batch

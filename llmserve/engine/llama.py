@@ -21,6 +21,7 @@ from llmserve.config import Settings
 from llmserve.engine.base import KVFullError, ModelInfo, SamplingParams, Seq, common_prefix
 from llmserve.engine.batch import BatchContext
 from llmserve.engine.chunking import Cutter
+from llmserve.engine.kvtypes import context_types
 from llmserve.engine.sampling import GrammarGate, SeqSampler
 from llmserve.engine.vocab import scan_vocab
 from llmserve.errors import ContextLengthError, InternalError, ModelLoadError
@@ -97,6 +98,10 @@ class LlamaEngine:
             metadata=meta,
             control_tokens=tuple(self._special_text(t) for t in vocab.control_ids),
             max_token_bytes=vocab.max_text_bytes,
+            cache_type_k=batch.cache_type_k,
+            cache_type_v=batch.cache_type_v,
+            flash_attn=batch.flash_attn,
+            kv_bytes=batch.kv_bytes,
         )
         self._markers = self._marker_tokens()
 
@@ -111,6 +116,10 @@ class LlamaEngine:
         # NOTE: llama.cpp logs through llama-cpp-python's logger; quiet unless debugging
         # (Llama(verbose=False) did this before; the batch loop would print every restore).
         llama_logger.set_verbose(verbose)
+        try:
+            context_types(settings.cache_type_k, settings.cache_type_v, settings.flash_attn)
+        except ModelLoadError as exc:  # NOTE: before the weights are read
+            raise ModelLoadError(f"cannot load {path.name}: {exc.message}") from None
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0x7FFFFFFF if settings.n_gpu_layers == -1 else settings.n_gpu_layers
         try:
@@ -129,6 +138,8 @@ class LlamaEngine:
                     # NOTE: a full-size sliding-window cache keeps every position, so any
                     # prefix of a Gemma 3 sequence can be kept, copied or restored.
                     swa_full=True,
+                    cache_type_k=settings.cache_type_k, cache_type_v=settings.cache_type_v,
+                    flash_attn=settings.flash_attn, verbose=verbose,
                 )
         except ValueError as exc:
             model.close()  # type: ignore[no-untyped-call]
@@ -392,6 +403,12 @@ class _Embedder:
         params.pooling_type = pooling
         params.n_threads = chat_params.n_threads
         params.n_threads_batch = chat_params.n_threads_batch
+        # NOTE: the K/V types stay f16 whatever --cache_type_k/v say: this cache is small
+        # (EMBED_MIN_CTX cells, more only for a longer input), cleared for every input and
+        # never saved, so a quantized one would save little memory and would only make the
+        # vectors depend on the chat cache's setting. Flash attention follows --flash_attn
+        # (someone turning it off has a reason on that device).
+        params.flash_attn_type = chat_params.flash_attn_type
         try:
             self._ctx = _internals.LlamaContext(model=model, params=params, verbose=False)
         except ValueError as exc:
