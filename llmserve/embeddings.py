@@ -3,48 +3,20 @@
 
 from __future__ import annotations
 
-import base64
-import math
-import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from llmserve.backends import extras as backends
 from llmserve.catalog.registry import ModelManager
 from llmserve.engine.base import Engine
 from llmserve.errors import ContextLengthError, InvalidRequestError, RequestCancelledError
-from llmserve.limits import check_text_fits
+from llmserve.limits import check_text_fits, check_token_ids
 from llmserve.metrics import Metrics
 from llmserve.scheduler import Scheduler
 from llmserve.schemas import EmbeddingRequest
-from llmserve.tokens import check_token_ids
+from llmserve.vectors import Embeddings, unit_float32
 
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
-
-
-@dataclass(frozen=True)
-class Embeddings:
-    """Unit-length float32 vectors, one per input, and the tokens they took."""
-
-    model: str
-    vectors: list[bytes]  # little-endian float32, what base64 encodes
-    prompt_tokens: int
-
-    def floats(self, index: int) -> list[float]:
-        """Vector `index` as floats (exactly the float32 values base64 carries)."""
-        raw = self.vectors[index]
-        return list(struct.unpack(f"<{len(raw) // 4}f", raw))
-
-    def base64(self, index: int) -> str:
-        """Vector `index` as OpenAI's base64 encoding_format."""
-        return base64.b64encode(self.vectors[index]).decode("ascii")
-
-
-def _unit_float32(vector: list[float]) -> bytes:
-    norm = math.sqrt(sum(x * x for x in vector))
-    scaled = [x / norm for x in vector] if norm > 0 else vector
-    return struct.pack(f"<{len(scaled)}f", *scaled)
 
 
 class EmbeddingService:
@@ -84,7 +56,7 @@ class EmbeddingService:
                 vectors += engine.embed([tokens])
             total = sum(len(t) for t in batch)
             self.metrics.embedded(engine.info.name, total)
-            return Embeddings(engine.info.name, [_unit_float32(v) for v in vectors], total)
+            return Embeddings(engine.info.name, [unit_float32(v) for v in vectors], total)
 
         result = await self.worker.call(job)
         width = len(result.vectors[0]) // 4

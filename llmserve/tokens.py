@@ -8,18 +8,8 @@ from llmserve.backends import extras as backends
 from llmserve.catalog.registry import ModelManager
 from llmserve.engine.base import Engine
 from llmserve.errors import InvalidRequestError
-from llmserve.limits import TOKENIZE_CONTEXTS, check_text_fits
+from llmserve.limits import TOKENIZE_CONTEXTS, check_text_fits, check_token_ids
 from llmserve.scheduler import Scheduler
-
-
-def check_token_ids(tokens: list[int], n_vocab: int, param: str) -> None:
-    """400 for ids outside the vocabulary (llama.cpp would read out of bounds)."""
-    bad = [t for t in tokens if not 0 <= t < n_vocab]
-    if bad:
-        raise InvalidRequestError(
-            f"token id {bad[0]} is outside the model's vocabulary (0..{n_vocab - 1})",
-            param=param,
-        )
 
 
 def token_piece(engine: Engine, token: int) -> bytes:

@@ -7,10 +7,10 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from llmserve.errors import BackendError
+from llmserve.vectors import Embeddings
 
 if TYPE_CHECKING:
     from llmserve.catalog.registry import ModelManager
-    from llmserve.embeddings import Embeddings
     from llmserve.schemas import EmbeddingRequest
 
 
@@ -39,8 +39,6 @@ async def detokenize(manager: ModelManager, model: str | None, tokens: list[int]
 
 async def embed(manager: ModelManager, req: EmbeddingRequest) -> Embeddings | None:
     """The backend's embeddings (float32, as it sent them), or None."""
-    from llmserve.embeddings import Embeddings
-
     backend = manager.backends.route(req.model) if manager.backends is not None else None
     if backend is None:
         return None
