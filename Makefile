@@ -54,7 +54,11 @@ llama-server: install
 run: models
 	$(PY) server.py --model_name $(MODEL) $(ARGS)
 
+# Lint first (ruff, then mypy --strict: ~12 s cold, under 1 s with its cache): any finding
+# fails the target before the tests run.
 test: dev test-models chromium llama-server
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 lint: dev

@@ -5,7 +5,7 @@ thread for a minute)."""
 from __future__ import annotations
 
 from llmserve.engine.base import ModelInfo
-from llmserve.errors import ContextLengthError
+from llmserve.errors import ContextLengthError, InvalidRequestError
 
 # /tokenize may count texts longer than one context (to plan chunking), up to this many.
 TOKENIZE_CONTEXTS = 2
@@ -24,4 +24,14 @@ def check_text_fits(text: str, info: ModelInfo, param: str, contexts: int = 1) -
             at_least, info.n_ctx * contexts, param=param,
             what="messages" if param == "messages" else "input",
             hint=f"(the text is {len(text)} characters, more than {most} could fit)",
+        )
+
+
+def check_token_ids(tokens: list[int], n_vocab: int, param: str) -> None:
+    """400 for ids outside the vocabulary (llama.cpp would read out of bounds)."""
+    bad = [t for t in tokens if not 0 <= t < n_vocab]
+    if bad:
+        raise InvalidRequestError(
+            f"token id {bad[0]} is outside the model's vocabulary (0..{n_vocab - 1})",
+            param=param,
         )

@@ -1,87 +1,28 @@
-"""Tokenize and detokenize with a model's tokenizer, on the engine thread (no HTTP here)."""
+"""Tokenize and detokenize with a model's tokenizer, on whichever backend serves it (no HTTP
+here; the in-process jobs are InProcessBackend.tokenize / detokenize)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from llmserve.backends import extras as backends
-from llmserve.catalog.registry import ModelManager
-from llmserve.engine.base import Engine
-from llmserve.errors import InvalidRequestError
-from llmserve.limits import TOKENIZE_CONTEXTS, check_text_fits
-from llmserve.scheduler import Scheduler
-
-
-def check_token_ids(tokens: list[int], n_vocab: int, param: str) -> None:
-    """400 for ids outside the vocabulary (llama.cpp would read out of bounds)."""
-    bad = [t for t in tokens if not 0 <= t < n_vocab]
-    if bad:
-        raise InvalidRequestError(
-            f"token id {bad[0]} is outside the model's vocabulary (0..{n_vocab - 1})",
-            param=param,
-        )
-
-
-def token_piece(engine: Engine, token: int) -> bytes:
-    """A token's bytes, special tokens as their text (engines without the method: its text)."""
-    piece = getattr(engine, "token_piece", None)
-    if callable(piece):
-        return bytes(piece(token))
-    return engine.detokenize([token], special=True).encode("utf-8")
-
-
-def piece_json(raw: bytes) -> str | list[int]:
-    """A piece as llama-server writes it: a string if valid UTF-8, else its byte values."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return list(raw)
+from llmserve.backends.base import Tokens
+from llmserve.backends.pool import BackendPool
 
 
 class TokenService:
-    """/tokenize and /detokenize: every model call runs on the engine thread."""
+    """/tokenize and /detokenize."""
 
-    def __init__(self, manager: ModelManager, worker: Scheduler):
-        self.manager = manager
-        self.worker = worker
+    def __init__(self, backends: BackendPool):
+        self.backends = backends
 
     async def tokenize(
         self, content: str, *, add_special: bool, parse_special: bool, model: str | None = None,
         with_pieces: bool = False,
-    ) -> list[int] | list[dict[str, Any]]:
+    ) -> Tokens:
         """Text to token ids with the active (or named) model's tokenizer; with_pieces gives
         llama-server's `{"id", "piece"}` items instead."""
-        asked = {"content": content, "add_special": add_special, "parse_special": parse_special,
-                 "with_pieces": with_pieces}
-        if (proxied := await backends.tokenize(self.manager, model, asked)) is not None:
-            return proxied
-        filename = self.manager.resolve(model) if model else None
-
-        def job() -> list[int] | list[dict[str, Any]]:
-            engine = self.manager.ensure(filename)
-            check_text_fits(content, engine.info, "content", TOKENIZE_CONTEXTS)
-            tokens = engine.tokenize(content, add_special=add_special, parse_special=parse_special)
-            if not with_pieces:
-                return tokens
-            return [{"id": t, "piece": piece_json(token_piece(engine, t))} for t in tokens]
-
-        return await self.worker.call(job)
+        return await self.backends.route(model).tokenize(
+            model, content, add_special=add_special, parse_special=parse_special,
+            with_pieces=with_pieces)
 
     async def detokenize(self, tokens: list[int], model: str | None = None) -> str:
         """Token ids to text; special tokens are rendered (llama-server does the same)."""
-        if (text := await backends.detokenize(self.manager, model, tokens)) is not None:
-            return text
-        filename = self.manager.resolve(model) if model else None
-
-        def job() -> str:
-            engine = self.manager.ensure(filename)
-            most = TOKENIZE_CONTEXTS * engine.info.n_ctx
-            if len(tokens) > most:
-                raise InvalidRequestError(
-                    f"{len(tokens)} tokens; at most {most} ({TOKENIZE_CONTEXTS} contexts) per "
-                    "request", param="tokens",
-                )
-            check_token_ids(tokens, engine.info.n_vocab, "tokens")
-            return engine.detokenize(tokens, special=True)
-
-        return await self.worker.call(job)
+        return await self.backends.route(model).detokenize(model, tokens)

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from llmserve.backends.checks import check_backends
+from llmserve.backends.in_process import InProcessBackend
 from llmserve.backends.pool import OpenAIBackend
 from llmserve.backends.proxy import Upstream, chunk_events, upstream_error
 from llmserve.catalog.library import ModelLibrary
@@ -286,6 +287,30 @@ async def test_models_list_backends_without_keys(remote_app: Any) -> None:
         r = await client.post("/v1/completions", json={"model": "remote", "prompt": "p"})
         assert r.json()["choices"][0] | {"logprobs": None} == {
             "index": 0, "text": "x", "logprobs": None, "finish_reason": "length"}
+
+
+async def test_every_model_routes_to_a_backend(remote_app: Any) -> None:
+    def handler(_: httpx.Request) -> httpx.Response:
+        return httpx.Response(500, text="never asked")
+
+    async with remote_app(handler) as (client, seen):
+        pool = client.app.state.backends
+        assert isinstance(pool.local, InProcessBackend)
+        for name in (None, "alpha.gguf", "beta", "no-such-model"):
+            assert pool.route(name) is pool.local  # a file name, or nothing an entry serves
+        assert isinstance(pool.route("remote"), OpenAIBackend)
+        assert pool.route("gpt-remote") is pool.route("remote")
+        # what needs the template here is a 400 on other backends, nothing sent upstream
+        chat = {"model": "remote", "messages": [{"role": "user", "content": "hi"}]}
+        r = await client.post("/apply-template", json=chat)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+        assert "runs on backend openai" in r.json()["error"]["message"]
+        r = await client.post("/v1/messages/count_tokens", json={**chat, "max_tokens": 5})
+        assert r.status_code == 400 and "runs on backend openai" in r.text
+        assert seen == []
+        # the in-process engine answers the same routes
+        r = await client.post("/apply-template", json={**chat, "model": "alpha.gguf"})
+        assert r.status_code == 200 and r.json()["model"] == "alpha.gguf"
 
 
 def test_peer_watcher_find_skips_self_and_the_dead() -> None:

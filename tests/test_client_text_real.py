@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from llmserve.backends.in_process import chat_tokens
 from llmserve.chat.plan import plan_chat, render_chat
 from llmserve.config import Settings
 from llmserve.schemas import ChatCompletionRequest
-from llmserve.service import _chat_tokens
 from tests.conftest import GEMMA, ROOT, SMOL, require_model
 
 pytestmark = pytest.mark.real_model
@@ -42,7 +42,7 @@ def engine(request: pytest.FixtureRequest) -> Iterator[Any]:
 def tokens_of(engine: Any, messages: Any, tools: Any = None) -> tuple[Any, list[int]]:
     req = ChatCompletionRequest(messages=messages, tools=tools)
     rendered = render_chat(engine.info, plan_chat(req), ROOT / "templates", None)
-    return rendered, _chat_tokens(engine, rendered)
+    return rendered, chat_tokens(engine, rendered)
 
 
 def attacks(engine: Any) -> list[str]:

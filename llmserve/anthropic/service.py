@@ -1,9 +1,10 @@
 """MessagesService: Anthropic Messages on top of ChatService (no FastAPI here).
 
 A Messages request is converted to a chat request (llmserve/anthropic/convert.py) and runs
-through ChatService.chat like any chat completion; its `on_prompt` hook, on the engine thread,
-appends a prefill, pins the prefix of the furthest cache_control breakpoint in the prefix cache
-and counts the prompt tokens the cache will newly store (cache_creation_input_tokens).
+through ChatService.chat like any chat completion; for in-process models its `on_prompt` hook,
+on the engine thread, appends a prefill, pins the prefix of the furthest cache_control
+breakpoint in the prefix cache and counts the prompt tokens the cache will newly store
+(cache_creation_input_tokens).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from llmserve.anthropic.convert import Converted, to_chat
 from llmserve.anthropic.events import Part, Thinking
 from llmserve.anthropic.schemas import CountTokensRequest, MessagesRequest
+from llmserve.backends.in_process import InProcessBackend
 from llmserve.chat.plan import ChatPlan, plan_chat
 from llmserve.engine.base import Engine, common_prefix
 from llmserve.errors import LlmserveError
@@ -44,8 +46,9 @@ class PromptFacts:
 class MessagesService:
     """Creates Anthropic Messages and counts their tokens."""
 
-    def __init__(self, chat: ChatService):
+    def __init__(self, chat: ChatService, local: InProcessBackend):
         self.chat = chat
+        self.local = local  # NOTE: the in-process engine, whose prefix cache on_prompt pins in
 
     def _pin_plan(self, conv: Converted) -> ChatPlan | None:
         if conv.pin is None:
@@ -66,7 +69,7 @@ class MessagesService:
         conv = to_chat(req)
         pin_plan = self._pin_plan(conv)
         facts = PromptFacts(conv.warnings)
-        cache = self.chat.cache
+        cache = self.local.cache
 
         def on_prompt(engine: Engine, rendered: list[int]) -> list[int]:
             tokens = self._tokens(engine, conv, rendered)
@@ -74,7 +77,7 @@ class MessagesService:
                 # NOTE: the pinned prefix is what the rendering of the conversation cut at the
                 # breakpoint shares with the whole prompt: templates close a message (or
                 # open the next) differently, and tokens at the cut may merge.
-                cut = self.chat.chat_tokens(engine, pin_plan)
+                cut = self.local.chat_tokens(engine, pin_plan)
                 facts.pinned = cache.pin(engine, tokens[: common_prefix(cut, tokens)],
                                          conv.pin_seconds)
             facts.tokens = len(tokens)
@@ -88,15 +91,11 @@ class MessagesService:
         """The prompt's token count, rendered exactly as /v1/messages renders it, and the
         conversion's warnings."""
         conv = to_chat(req)
-        plan = plan_chat(conv.chat)
-        manager = self.chat.manager
-        filename = manager.resolve(req.model)
 
-        def job() -> int:
-            engine = manager.ensure(filename)
-            return len(self._tokens(engine, conv, self.chat.chat_tokens(engine, plan)))
+        def on_prompt(engine: Engine, tokens: list[int]) -> list[int]:
+            return self._tokens(engine, conv, tokens)
 
-        return int(await self.chat.worker.call(job)), conv.warnings
+        return await self.chat.count_tokens(conv.chat, on_prompt), conv.warnings
 
 
 async def parts(gen: Generation) -> AsyncIterator[Part | Finished]:

@@ -1,34 +1,100 @@
-"""A model served over OpenAI-compatible HTTP, at the request level: ProxyBackend (requests
-in, our events out, users counted for keep-alive) and OpenAIBackend (a remote server:
-base_url, the key from $api_key_env, upstream_model)."""
+"""The backend seam: `Backend`, what every backend does, and the backends that serve a model
+over OpenAI-compatible HTTP: ProxyBackend (requests in, our events out, users counted for
+keep-alive) and OpenAIBackend (a remote server: base_url, the key from $api_key_env,
+upstream_model). The in-process engine is in_process.py; llama-server children are
+llama_server.py; BackendPool.route (pool.py) picks one for every request."""
 
 from __future__ import annotations
 
 import logging
 import os
+import struct
+import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from llmserve.backends.proxy import Upstream, payload
 from llmserve.catalog.spec import ModelSpec
 from llmserve.config import Settings
-from llmserve.errors import InvalidRequestError
-from llmserve.output import Emit, Started
-from llmserve.schemas import ChatCompletionRequest, CompletionRequest, RestoreCacheRequest
-
-if TYPE_CHECKING:
-    from llmserve.scheduler import EventStream
+from llmserve.engine.base import Engine
+from llmserve.errors import BackendError, InvalidRequestError
+from llmserve.generation import Generation
+from llmserve.output import Emit
+from llmserve.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    RestoreCacheRequest,
+)
+from llmserve.vectors import Embeddings
 
 logger = logging.getLogger(__name__)
-Wrap = Callable[[Emit], Emit]
+Wrap = Callable[[Emit], Emit]  # how the caller watches a generation's events (metrics)
+# NOTE: in-process only: sees the engine and the prompt's tokens on the engine thread before
+# they are evaluated and returns the tokens to use (the Anthropic routes' prefill and pins)
+OnPrompt = Callable[[Engine, list[int]], list[int]]
+Tokens = list[int] | list[dict[str, Any]]  # ids, or llama-server's {"id", "piece"} items
 
 
-class Gen:
-    """What ChatService needs to build a Generation: (id, Started, stream)."""
+class Backend(Protocol):
+    """What every backend does; BackendPool.route(model) gives the one serving a model.
 
-    def __init__(self, id_: str, started: Started, stream: EventStream):
-        self.id, self.started, self.stream = id_, started, stream
+    Requests raise their errors (4xx) before any output exists; generations come back as a
+    Generation of our events whoever produced them."""
+
+    kind: str  # llama_cpp (in-process), llama_server, openai, peer
+
+    @property
+    def alias(self) -> str | None:
+        """BackendPool.active while this backend serves the requests that name no model
+        (None: the in-process engine, whose own active model is ModelManager.default_name)."""
+        ...
+
+    def served_name(self, model: str) -> str:
+        """The name a model is served under (a file name, or the backend's alias); 400/404
+        for a bad name."""
+        ...
+
+    async def load(self, served: str) -> None:
+        """Make the model ready (loaded, or its server started), after the work queued before."""
+        ...
+
+    async def chat(self, req: ChatCompletionRequest, wrap: Wrap,
+                   on_prompt: OnPrompt | None = None) -> Generation:
+        """Start a chat completion."""
+        ...
+
+    async def complete(self, req: CompletionRequest, wrap: Wrap) -> Generation:
+        """Start a text completion."""
+        ...
+
+    async def restore_cache(self, req: RestoreCacheRequest, wrap: Wrap) -> dict[str, Any]:
+        """Warm the prompt cache with a conversation's prompt (dry_run: only report)."""
+        ...
+
+    async def apply_template(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        """The prompt a chat request renders to, its token count and the template used."""
+        ...
+
+    async def count_tokens(self, req: ChatCompletionRequest,
+                           on_prompt: OnPrompt | None = None) -> int:
+        """How many tokens a chat request's prompt takes."""
+        ...
+
+    async def tokenize(self, model: str | None, content: str, *, add_special: bool,
+                       parse_special: bool, with_pieces: bool) -> Tokens:
+        """Text to tokens with the model's tokenizer."""
+        ...
+
+    async def detokenize(self, model: str | None, tokens: list[int]) -> str:
+        """Token ids to text (special tokens rendered)."""
+        ...
+
+    async def embed(self, req: EmbeddingRequest,
+                    cancelled: threading.Event | None = None) -> Embeddings:
+        """Unit-length vectors for every input; stops between inputs once `cancelled` is set."""
+        ...
 
 
 class ProxyBackend:
@@ -84,11 +150,22 @@ class ProxyBackend:
 
     # --- requests -----------------------------------------------------------------------------
 
-    async def chat(self, req: ChatCompletionRequest, wrap: Wrap) -> Gen:
-        """Start a chat completion upstream."""
+    @property
+    def alias(self) -> str | None:
+        return self.name
+
+    def served_name(self, model: str) -> str:
+        return self.name
+
+    async def load(self, served: str) -> None:
+        await self.start()
+
+    async def chat(self, req: ChatCompletionRequest, wrap: Wrap,
+                   on_prompt: OnPrompt | None = None) -> Generation:
+        """Start a chat completion upstream (on_prompt is the in-process engine's)."""
         return await self._stream("/chat/completions", self._body(req), True, req, wrap)
 
-    async def complete(self, req: CompletionRequest, wrap: Wrap) -> Gen:
+    async def complete(self, req: CompletionRequest, wrap: Wrap) -> Generation:
         """Start a text completion upstream."""
         return await self._stream("/completions", self._body(req), False, req, wrap)
 
@@ -103,7 +180,7 @@ class ProxyBackend:
         return {}
 
     async def _stream(self, path: str, body: dict[str, Any], chat: bool,
-                      req: ChatCompletionRequest | CompletionRequest, wrap: Wrap) -> Gen:
+                      req: ChatCompletionRequest | CompletionRequest, wrap: Wrap) -> Generation:
         upstream = await self._use()
         released = False
 
@@ -119,7 +196,7 @@ class ProxyBackend:
         except BaseException:
             on_end()
             raise
-        return Gen(id_, started, stream)
+        return Generation(id_, started, stream, req.n)
 
     async def _use(self) -> Upstream:
         self.acquire()
@@ -144,22 +221,50 @@ class ProxyBackend:
         finally:
             self._after(keep_alive)
 
-    async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
-        """OpenAI embeddings upstream (the answer as it came, model renamed)."""
+    async def embed(self, req: EmbeddingRequest,
+                    cancelled: threading.Event | None = None) -> Embeddings:
+        """OpenAI embeddings upstream (float32, as it sent them; model renamed)."""
+        body = req.model_dump(mode="json", exclude_none=True)
+        body["encoding_format"] = "float"
         data = await self._call(lambda u: f"{u.api_base}/embeddings",
                                 {**body, "model": self.upstream_model() or self.name})
-        data["model"] = self.name
-        return data
+        try:
+            rows = sorted(data["data"], key=lambda d: int(d.get("index", 0)))
+            vectors = [struct.pack(f"<{len(r['embedding'])}f", *r["embedding"]) for r in rows]
+        except (KeyError, TypeError, ValueError, struct.error) as exc:
+            raise BackendError(f"backend {self.name}: malformed embeddings answer") from exc
+        usage = data.get("usage") or {}
+        return Embeddings(self.name, vectors, int(usage.get("prompt_tokens") or 0))
 
-    async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def tokenize(self, model: str | None, content: str, *, add_special: bool,
+                       parse_special: bool, with_pieces: bool) -> Tokens:
         """llama-server's /tokenize."""
-        return await self._call(lambda u: f"{u.root}/tokenize", body)
+        data = await self._call(lambda u: f"{u.root}/tokenize", {
+            "content": content, "add_special": add_special, "parse_special": parse_special,
+            "with_pieces": with_pieces})
+        tokens = data.get("tokens")
+        if not isinstance(tokens, list):
+            raise BackendError(f"backend {self.name}: /tokenize answered without tokens")
+        return tokens
 
-    async def detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def detokenize(self, model: str | None, tokens: list[int]) -> str:
         """llama-server's /detokenize."""
-        return await self._call(lambda u: f"{u.root}/detokenize", body)
+        data = await self._call(lambda u: f"{u.root}/detokenize", {"tokens": tokens})
+        return str(data.get("content", ""))
 
-    async def restore_cache(self, req: RestoreCacheRequest) -> dict[str, Any]:
+    def _no_template(self) -> InvalidRequestError:
+        return InvalidRequestError(
+            f"model {self.name} runs on backend {self.kind}: its template is not available here",
+            param="model")
+
+    async def apply_template(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        raise self._no_template()
+
+    async def count_tokens(self, req: ChatCompletionRequest,
+                           on_prompt: OnPrompt | None = None) -> int:
+        raise self._no_template()
+
+    async def restore_cache(self, req: RestoreCacheRequest, wrap: Wrap) -> dict[str, Any]:
         """Warm the server's prompt cache: the conversation with max_tokens 1 (llama-server
         keeps prompts with cache_prompt; vLLM and SGLang cache prefixes on their own)."""
         if req.dry_run:

@@ -13,7 +13,7 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -25,11 +25,18 @@ from llmserve.catalog.spec import ModelSpec
 from llmserve.config import Settings
 from llmserve.errors import BackendError, BackendUnavailableError, LlmserveError
 
-if TYPE_CHECKING:
-    from llmserve.backends.pool import BackendPool
-
 logger = logging.getLogger(__name__)
 _HEALTH_POLL_S = 0.2
+
+
+class Residency(Protocol):
+    """What a child asks of the pool that made it (BackendPool)."""
+
+    loop: asyncio.AbstractEventLoop | None  # the event loop, once started
+
+    async def make_room(self, starting: LlamaServerBackend) -> None:
+        """Evict idle models until one more fits (--max_loaded_models)."""
+        ...
 
 
 class LlamaServerBackend(ProxyBackend):
@@ -37,7 +44,7 @@ class LlamaServerBackend(ProxyBackend):
 
     kind = "llama_server"
 
-    def __init__(self, spec: ModelSpec, settings: Settings, pool: BackendPool):
+    def __init__(self, spec: ModelSpec, settings: Settings, pool: Residency):
         super().__init__(spec, settings)
         self.state = "stopped"
         self.pool = pool

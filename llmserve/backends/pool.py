@@ -1,12 +1,16 @@
 """Backends per model (issue 11) and the pool that routes requests to them.
 
-    BackendPool.route(model) -> None (the in-process engine) | ProxyBackend
-    ProxyBackend.chat / complete / embed / tokenize / detokenize / restore_cache  (base.py)
-      +-- OpenAIBackend       a remote server: base_url, key from $api_key_env, upstream_model;
-      |                       with kind "peer", a model a LAN peer announces (peers.py)
-      +-- LlamaServerBackend  a llama-server child (llama_server.py): started on first use,
-                              health-waited, stopped on unload, idle (keep_alive), eviction
-                              and shutdown; a crashed child is started again by the next request
+    BackendPool.route(model) -> a Backend (base.py): chat / complete / restore_cache /
+                                apply_template / count_tokens / tokenize / detokenize / embed
+      InProcessBackend        the models dir, in this process (in_process.py): every name that
+                              is no backend entry's, a file name always
+      ProxyBackend            a model served over OpenAI-compatible HTTP (base.py)
+        +-- OpenAIBackend       a remote server: base_url, key from $api_key_env,
+        |                       upstream_model; kind "peer": a model a LAN peer announces
+        +-- LlamaServerBackend  a llama-server child (llama_server.py): started on first use,
+                                health-waited, stopped on unload, idle (keep_alive), eviction
+                                and shutdown; a crashed child is started again by the next
+                                request
 
 Managed children count against --max_loaded_models together with in-process models: the
 least recently used idle one of either kind makes room (ModelManager._make_room asks
@@ -21,7 +25,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from llmserve.backends.base import Gen, OpenAIBackend, ProxyBackend, Wrap
+from llmserve.backends.base import Backend, OpenAIBackend, ProxyBackend, Wrap
 from llmserve.backends.llama_server import LlamaServerBackend, missing_executable_message
 from llmserve.backends.peers import PeerWatcher
 from llmserve.catalog.spec import BackendSpec, ModelSpec
@@ -32,8 +36,8 @@ if TYPE_CHECKING:
     from llmserve.catalog.registry import ModelManager
     from llmserve.discovery import Node
 
-__all__ = ["BackendPool", "Gen", "LlamaServerBackend", "OpenAIBackend", "ProxyBackend", "Wrap",
-           "missing_executable_message"]
+__all__ = ["Backend", "BackendPool", "LlamaServerBackend", "OpenAIBackend", "ProxyBackend",
+           "Wrap", "missing_executable_message"]
 
 logger = logging.getLogger(__name__)
 _REAP_INTERVAL_S = 1.0
@@ -42,9 +46,10 @@ _REAP_INTERVAL_S = 1.0
 class BackendPool:
     """The backends of models.yaml entries, made on first use and kept per alias."""
 
-    def __init__(self, settings: Settings, manager: ModelManager):
+    def __init__(self, settings: Settings, manager: ModelManager, local: Backend):
         self.settings = settings
         self.manager = manager
+        self.local = local  # the in-process engine: every model no entry or peer serves
         self._backends: dict[str, ProxyBackend] = {}
         self.active: str | None = None  # a backend model that requests naming none go to
         self._reaper: asyncio.Task[None] | None = None
@@ -68,8 +73,8 @@ class BackendPool:
                     return spec
         return None
 
-    def route(self, model: str | None) -> ProxyBackend | None:
-        """The backend for a request's model; None: the in-process engine serves it."""
+    def route(self, model: str | None) -> Backend:
+        """The backend for a request's model (None: the active model's)."""
         if model is None:
             name = self.active
             spec = self.specs().get(name) if name else None
@@ -81,7 +86,21 @@ class BackendPool:
             node = self.peers.find(model)
             if node is not None:
                 return self._peer(node, model)
-        return None
+        return self.local
+
+    async def switch(self, name: str) -> str:
+        """Make `name` the model requests naming none go to, once the work queued before it is
+        done; returns its file name (in-process) or alias (its backend started if need be)."""
+        backend = self.route(name)
+        served = backend.served_name(name)  # NOTE: 400/404 before anything changes
+        self.manager.switching_to = served
+        try:
+            await backend.load(served)
+        finally:
+            self.manager.switching_to = None
+        self.active = backend.alias
+        self.manager.state, self.manager.error = "ready", None
+        return served
 
     def _local(self, model: str) -> bool:
         """Whether the in-process engine has the model (or must answer for the name)."""

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from llmserve.catalog.context import LoadPlan, kv_bytes, kv_label, plan_load
 from llmserve.catalog.library import ModelFile, ModelLibrary, list_model_files
@@ -30,9 +30,6 @@ from llmserve.engine.base import Engine
 from llmserve.errors import ModelLoadError, ModelNotReadyError
 from llmserve.hardware import machine_available_memory, machine_threads
 from llmserve.scheduler import Busy, Scheduler
-
-if TYPE_CHECKING:
-    from llmserve.backends.pool import BackendPool
 
 __all__ = ["EngineFactory", "ModelFile", "ModelManager", "list_model_files", "resolve_model_name"]
 
@@ -47,6 +44,26 @@ _REAP_INTERVAL_S = 1.0
 def resolve_model_name(models_dir: Path, name: str) -> str:
     """Map a model name (alias or file name) to a file in models_dir, or raise 400/404."""
     return ModelLibrary(models_dir, strict=False).resolve(name)
+
+
+class OtherBackends(Protocol):
+    """What the manager and the listings ask of the models served by other backends
+    (backends/pool.py BackendPool): names, residency (llama-server children count against
+    --max_loaded_models), the active one."""
+
+    active: str | None  # a backend alias that requests naming no model go to
+
+    def model_ids(self, *, peers: bool = True) -> list[str]: ...
+
+    def resident_count(self) -> int: ...
+
+    def idle_lru(self) -> list[tuple[float, str]]: ...
+
+    def stop_now(self, name: str) -> bool: ...
+
+    def remote_entries(self) -> list[dict[str, Any]]: ...
+
+    def peer_entries(self) -> list[dict[str, Any]]: ...
 
 
 @dataclass
@@ -96,7 +113,7 @@ class ModelManager:
         self._users: dict[str, int] = {}  # live requests per model (engine thread only)
         # NOTE: models.yaml entries on other backends (issue 11), set by create_app; their
         # llama-server children count against --max_loaded_models with these engines.
-        self.backends: BackendPool | None = None
+        self.backends: OtherBackends | None = None
         worker.after_each_job(self._job_done)
 
     # --- read side (any thread) ---------------------------------------------------------------
@@ -163,33 +180,11 @@ class ModelManager:
                 return entry.alias or entry.filename
         return None
 
-    # --- switching ----------------------------------------------------------------------------
+    # --- engine-thread work ----------------------------------------------------------------------
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run fn on the engine thread, after the work queued before it."""
         return await self._worker.call(fn)
-
-    async def switch(self, name: str) -> str:
-        """Make `name` the active model once in-flight work is done; returns its file name
-        (a backend entry's alias for models on other backends: started if need be)."""
-        backend = self.backends.route(name) if self.backends is not None else None
-        if backend is not None and self.backends is not None:
-            self.switching_to = backend.name
-            try:
-                await backend.start()
-            finally:
-                self.switching_to = None
-            self.backends.active = backend.name
-            self.state, self.error = "ready", None
-            return backend.name
-        filename = self.switching_to = self.resolve(name)
-        try:
-            await self._worker.call(self.ensure, filename)
-        finally:
-            self.switching_to = None
-        if self.backends is not None:
-            self.backends.active = None
-        return filename
 
     def ensure(self, filename: str | None, keep_alive: float | None = None) -> Engine:
         """On the worker thread: the engine for filename (None: the active one), loading it.

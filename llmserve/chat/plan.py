@@ -166,6 +166,17 @@ def _content_rules(req: ChatCompletionRequest) -> Fragment | None:
     return schema_fragment(fmt.json_schema.json_schema, "rf-", "response_format.json_schema")
 
 
+def check_messages(req: ChatCompletionRequest, most: int) -> None:
+    """400 past --max_messages, before any other work on the request."""
+    # NOTE: rendering and tokenizing cost grows with the message count (100k messages
+    # held the engine thread for minutes); --max_messages bounds it before any work.
+    if len(req.messages) > most:
+        raise InvalidRequestError(
+            f"{len(req.messages)} messages; at most {most} per request (--max_messages)",
+            param="messages",
+        )
+
+
 def plan_chat(req: ChatCompletionRequest) -> ChatPlan:
     """Validate a chat request's messages, tools, tool_choice and output format (400s)."""
     messages = message_dicts(req.messages)

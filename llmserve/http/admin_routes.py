@@ -11,7 +11,14 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.listing import describe_models, loaded_contexts
 from llmserve.errors import error_body
-from llmserve.http.deps import CacheDep, ManagerDep, ServiceDep, SettingsDep, WorkerDep
+from llmserve.http.deps import (
+    BackendsDep,
+    CacheDep,
+    ManagerDep,
+    ServiceDep,
+    SettingsDep,
+    WorkerDep,
+)
 from llmserve.http.ui_routes import wants_html
 from llmserve.schemas import RestoreCacheRequest, SetModelRequest
 from llmserve.version import __version__
@@ -86,9 +93,9 @@ async def models(manager: ManagerDep) -> dict[str, Any]:
 
 
 @router.post("/setModel")
-async def set_model(body: SetModelRequest, manager: ManagerDep) -> dict[str, Any]:
+async def set_model(body: SetModelRequest, backends: BackendsDep) -> dict[str, Any]:
     """Switch the active model once in-flight requests finish."""
-    name = await manager.switch(body.model_name)
+    name = await backends.switch(body.model_name)
     return {"status": "ok", "model": name}
 
 

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmserve.anthropic.service import MessagesService
+from llmserve.backends.in_process import InProcessBackend
 from llmserve.backends.pool import BackendPool
 from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import EngineFactory, ModelManager
@@ -114,20 +115,23 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
         settings.prompt_cache, settings.cache_dir, settings.cache_ram_bytes,
         settings.cache_disk_bytes, settings.cache_block_tokens,
     )
-    manager.backends = backends = BackendPool(settings, manager)  # issue 11
     metrics = Metrics()
     metrics.track(
         queue_depth=lambda: worker.queued, loaded=lambda: _loaded_models(manager),
         active_sequences=lambda: worker.active_sequences,
     )
     worker.observers.append(metrics.scheduled)
-    service = ChatService(settings, manager, worker, cache, metrics)
+    # NOTE: every model goes through a backend: the in-process engine, or (issue 11) a
+    # llama-server child, a remote server, a LAN peer
+    local = InProcessBackend(settings, manager, worker, cache, metrics)
+    manager.backends = backends = BackendPool(settings, manager, local)
+    service = ChatService(settings, backends, metrics)
     keys = settings.api_keys()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         backends.start()
-        loading = asyncio.create_task(_initial_load(manager, settings.model_name))
+        loading = asyncio.create_task(_initial_load(backends, settings.model_name))
         reaper = asyncio.create_task(manager.run_reaper())  # keep_alive / idle unloading
         announcer = app.state.announcer = _announce(settings, manager, keys)
         try:
@@ -148,12 +152,13 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     app.state.service = service
     app.state.cache = cache
     app.state.metrics = metrics
-    app.state.tokens = TokenService(manager, worker)
-    app.state.embeddings = EmbeddingService(manager, worker, metrics)
+    app.state.backends = backends
+    app.state.tokens = TokenService(backends)
+    app.state.embeddings = EmbeddingService(backends)
     app.state.responses = ResponsesService(  # /v1/responses (issue 10)
         service, ResponseStore(settings.cache_dir / "responses", settings.responses_max)
     )
-    app.state.messages = MessagesService(service)
+    app.state.messages = MessagesService(service, local)
     app.state.announcer = None  # set by the lifespan unless --no_announce
     _install_error_handlers(app)
     app.include_router(admin_routes.router)
@@ -230,10 +235,11 @@ async def _stop_engine(worker: Scheduler, manager: ModelManager) -> None:
         worker.shutdown()
 
 
-async def _initial_load(manager: ModelManager, name: str) -> None:
+async def _initial_load(backends: BackendPool, name: str) -> None:
+    manager = backends.manager
     manager.state = "loading"
     try:
-        await manager.switch(name)
+        await backends.switch(name)
     except LlmserveError as exc:
         manager.state = "error"
         manager.error = exc.message

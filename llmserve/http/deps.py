@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from llmserve.anthropic.service import MessagesService
+from llmserve.backends.pool import BackendPool
 from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import ModelManager
 from llmserve.config import Settings
@@ -37,6 +38,7 @@ def _state(name: str) -> Callable[[Request], Any]:
 SettingsDep = Annotated[Settings, Depends(_state("settings"))]
 WorkerDep = Annotated[Scheduler, Depends(_state("worker"))]
 ManagerDep = Annotated[ModelManager, Depends(_state("manager"))]
+BackendsDep = Annotated[BackendPool, Depends(_state("backends"))]
 CacheDep = Annotated[PrefixCache, Depends(_state("cache"))]
 ServiceDep = Annotated[ChatService, Depends(_state("service"))]
 MetricsDep = Annotated[Metrics, Depends(_state("metrics"))]
