@@ -32,8 +32,9 @@ from typing import Any
 import httpx
 from _server import ROOT, free_port, running, running_server, sse_chunks
 
-WORDS = ("inventory record customer shipment invoice ledger warehouse supplier audit policy "
-         "refund ticket priority escalation schedule report region quarter forecast budget").split()
+WORDS = ["inventory", "record", "customer", "shipment", "invoice", "ledger", "warehouse",
+         "supplier", "audit", "policy", "refund", "ticket", "priority", "escalation", "schedule",
+         "report", "region", "quarter", "forecast", "budget"]
 
 
 def system_prompt(tokens: int, conversation: int, shared: float) -> str:
