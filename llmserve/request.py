@@ -15,7 +15,7 @@ from llmserve.chat.tools import make_parser
 from llmserve.engine.base import BatchEngine, Engine, SamplingParams, Seq
 from llmserve.output import Coalescer, Emit, OutputProcessor, Prompt, Started, TokenLogprob
 from llmserve.scheduler import EventStream, check_context, replace_seed
-from llmserve.sharing import Wait, resolve, setup, shares
+from llmserve.sharing import Wait, keep_slots, resolve, setup, shares
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class Request:
             self.env.manager.release(raw.info.name, None, stamp=False)
             return False
         engine = self.env.batch_for(raw)
+        keep_slots(raw, self.env.cache)
         tokens = seqs[0].tokens[: seqs[0].n_prompt]
         self.engine, self.seqs, self.all_seqs = engine, list(seqs), seqs
         self.started_at = time.perf_counter()
@@ -208,9 +209,13 @@ class Request:
         finished = self.outputs[i].finish(reason, seq.reused)
         self.reasons[i] = finished.finish_reason
         self.emit(finished)
-        if i == 0:  # after Finished: off the response's critical path
-            self.env.cache.save(self.raw.view(seq) if hasattr(self.raw, "view") else self.raw,
-                                seq.tokens[: seq.n_prompt])
+        if i == 0:
+            if shares(self.raw):
+                # NOTE: stored when the engine is idle or the slot is needed by another
+                # conversation: the next turn of this one continues from the live KV
+                seq.cache_on_close = True
+            else:
+                self.env.cache.save(self.raw, seq.tokens[: seq.n_prompt])
         self.waits.pop(id(seq), None)
         self.engine.close_seq(seq)
         self.seqs.remove(seq)

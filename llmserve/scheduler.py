@@ -174,6 +174,9 @@ class Scheduler:
         self.busy_since: float | None = None  # when the current step started
         self.steps = 0
         self.observers: list[Callable[[str, float], None]] = []  # metrics hooks
+        # work for an idle engine thread (storing finished sequences' KV): each call does one
+        # piece and says whether it found any
+        self.idle_hooks: list[Callable[[], bool]] = []
         self._thread = threading.Thread(target=self._loop, name="llmserve-engine", daemon=True)
         self._thread.start()
 
@@ -270,6 +273,12 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
+                idle = not (self._inbox or self._active or self._stopping or self._waiting
+                            or self._preempted)
+            if idle and self._idle_step():
+                self.heartbeat = time.monotonic()
+                continue  # NOTE: one piece at a time, so new work waits for one at most
+            with self._cv:
                 while not (self._inbox or self._active or self._stopping or self._waiting
                            or self._preempted):
                     self._cv.wait(timeout=1.0)
@@ -292,6 +301,18 @@ class Scheduler:
                 with self._cv:  # waiting on a drain or a fork: do not spin
                     if not self._inbox:
                         self._cv.wait(timeout=0.005)
+
+    def _idle_step(self) -> bool:
+        for hook in self.idle_hooks:
+            self.busy_since = time.monotonic()
+            try:
+                if hook():
+                    return True
+            except Exception:  # a hook must never break the loop
+                logger.exception("idle hook failed")
+            finally:
+                self.busy_since = None
+        return False
 
     def _stop(self) -> None:
         self.cancel_all()

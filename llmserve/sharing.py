@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmserve.cache.manager import PrefixCache
-from llmserve.engine.base import Seq, common_prefix
+from llmserve.engine.base import SamplingParams, Seq, common_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -81,3 +81,18 @@ def resolve(engine: Any, seq: Seq, wait: Wait, cache: PrefixCache) -> bool:
         engine.batch.copy(donor.slot, seq, n)
         cache.count_reuse(n)
     return True
+
+
+def save_slot(engine: Any, cache: PrefixCache, slot: int, tokens: list[int],
+              n_prompt: int) -> None:
+    """Store an idle slot's KV (tokens, the first n_prompt of them a prompt) in the prompt
+    cache tiers: the batch context's evict_hook."""
+    seq = Seq(slot, tokens, min(n_prompt, len(tokens)), SamplingParams(), n_past=len(tokens))
+    cache.save(engine.view(seq), tokens[:n_prompt])
+
+
+def keep_slots(engine: Any, cache: PrefixCache) -> None:
+    """Have the engine store idle slots' KV through `cache` (once per engine)."""
+    if shares(engine) and engine.batch.evict_hook is None:
+        engine.batch.evict_hook = lambda slot, tokens, n: save_slot(engine, cache, slot,
+                                                                    tokens, n)

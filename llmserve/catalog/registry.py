@@ -417,6 +417,20 @@ class ModelManager:
                 # NOTE: queued behind in-flight work; unload_expired re-checks on the thread.
                 await self._worker.call(self.unload_expired)
 
+    def flush_idle(self) -> bool:
+        """On the worker thread: one resident engine stores one idle sequence's KV in the
+        prompt cache tiers; False when none has any left (the scheduler's idle hook)."""
+        for resident in list(self._resident.values()):
+            flush = getattr(resident.engine, "flush_idle", None)
+            if flush is not None and flush():
+                return True
+        return False
+
+    def flush_all(self) -> None:
+        """On the worker thread: store every idle sequence's KV that the tiers lack."""
+        while self.flush_idle():
+            pass
+
     def close(self) -> None:
         """On the worker thread at shutdown: free every model."""
         for name in self.loaded_names():

@@ -132,6 +132,9 @@ class Seq:
     # preempted: its KV was swapped out to the prefix cache (or dropped); not stepped until
     # the scheduler resumes it
     paused: bool = False
+    # when it closes, its slot's KV is stored in the prompt cache tiers, later: when the
+    # engine is idle or before the slot's KV is dropped (never on the next turn's path)
+    cache_on_close: bool = False
 
     def keep_limit(self) -> int:
         """The most prompt KV that may be reused: a prompt that samples re-evaluates its last

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,10 @@ from llmserve.errors import InternalError
 
 logger = logging.getLogger(__name__)
 
+# NOTE: a slot whose next sequence keeps all but this many of its tokens is the same
+# conversation going on; its unsaved KV is superseded by that sequence's, not stored first.
+SUPERSEDED = 256
+
 
 @dataclass
 class _Slot:
@@ -30,6 +35,8 @@ class _Slot:
     cached: list[int] = field(default_factory=list)  # tokens in this slot's KV while idle
     seq: Seq | None = None
     last_used: float = 0.0
+    dirty: bool = False  # its idle KV is not in the prompt cache tiers yet
+    n_prompt: int = 0  # of the sequence that left that KV
 
     def live(self) -> list[int]:
         """Tokens whose KV this slot holds now."""
@@ -72,6 +79,10 @@ class BatchContext:
         self._batch = llama_cpp.llama_batch_init(max(n_batch, n_parallel), 0, 1)
         self.steps = 0
         self.last_batch_tokens = 0
+        self.decode_seconds = 0.0  # inside llama_decode, since the context was made
+        # NOTE: set by the server (sharing.save_slot): stores an idle slot's KV in the prompt
+        # cache tiers (slot id, its tokens, its prompt length) before that KV is dropped.
+        self.evict_hook: Callable[[int, list[int], int], None] | None = None
 
     # -- slots -------------------------------------------------------------------------------
 
@@ -80,21 +91,45 @@ class BatchContext:
         free = [s for s in self.slots if s.seq is None]
         if not free:
             return None
-        return max(free, key=lambda s: (common_prefix(s.cached, prompt), -s.last_used))
+        # NOTE: among slots sharing nothing, one whose KV is already stored costs no save
+        return max(free, key=lambda s: (common_prefix(s.cached, prompt), not s.dirty,
+                                        -s.last_used))
 
     def bind(self, slot: _Slot, seq: Seq) -> None:
         """Give slot to seq, keeping the KV of the prefix they share."""
         keep = min(common_prefix(slot.cached, seq.tokens), seq.keep_limit())
+        if keep + SUPERSEDED < len(slot.cached):
+            self._store(slot)  # another conversation takes the slot: keep this one's KV
+        slot.dirty = False  # (or the same one goes on: its next state supersedes this one)
         self.trim(slot.id, keep)
         slot.seq, slot.cached = seq, []
         seq.n_past = seq.reused = keep
 
     def release(self, seq: Seq) -> None:
-        """The slot of seq becomes free; its KV stays for a later prompt."""
+        """The slot of seq becomes free; its KV stays for a later prompt (and is stored in
+        the prompt cache tiers later when seq.cache_on_close)."""
         slot = self.slots[seq.slot]
         slot.cached = seq.tokens[: seq.n_past]
         slot.seq = None
         slot.last_used = time.monotonic()
+        slot.dirty = seq.cache_on_close and bool(slot.cached)
+        slot.n_prompt = seq.n_prompt
+
+    def _store(self, slot: _Slot) -> None:
+        if slot.dirty and slot.seq is None and self.evict_hook is not None:
+            slot.dirty = False
+            try:
+                self.evict_hook(slot.id, list(slot.cached), slot.n_prompt)
+            except Exception:  # NOTE: a failed save loses a cache entry, nothing else
+                logger.exception("storing slot %d in the prompt cache failed", slot.id)
+
+    def flush_one(self) -> bool:
+        """Store one idle slot's KV that the prompt cache tiers lack; False: none left."""
+        for slot in sorted(self.slots, key=lambda s: s.last_used):
+            if slot.dirty and slot.seq is None:
+                self._store(slot)
+                return True
+        return False
 
     def siblings(self, seq: Seq) -> list[_Slot]:
         """Every other slot."""
@@ -143,6 +178,7 @@ class BatchContext:
         n = 0
         for s in self.slots:
             if s.seq is None and s.cached:
+                self._store(s)
                 self.trim(s.id, 0)
                 n += 1
         return n
@@ -151,6 +187,7 @@ class BatchContext:
         """Forget every idle slot's KV."""
         for s in self.slots:
             if s.seq is None:
+                self._store(s)
                 self.trim(s.id, 0)
 
     # -- decoding ----------------------------------------------------------------------------
@@ -224,7 +261,11 @@ class BatchContext:
                 b.logits[i - 1] = 1
         b.n_tokens = i
         self.last_batch_tokens = i
-        return int(llama_cpp.llama_decode(self.ctx, b))
+        t0 = time.perf_counter()
+        try:
+            return int(llama_cpp.llama_decode(self.ctx, b))
+        finally:
+            self.decode_seconds += time.perf_counter() - t0
 
     def close(self) -> None:
         """Free the batch and the context."""

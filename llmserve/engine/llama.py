@@ -282,6 +282,10 @@ class LlamaEngine:
         """Forget the KV of every idle sequence."""
         self.batch.clear()
 
+    def flush_idle(self) -> bool:
+        """Store one idle sequence's KV in the prompt cache tiers; False when none is left."""
+        return self.batch.flush_one()
+
     def llama_disk(self, directory: Path, capacity: int) -> LlamaDiskCache:
         """--prompt_cache llama_disk: llama-cpp-python's LlamaDiskCache, opened on first use."""
         if self._disk_cache is None:
@@ -314,6 +318,8 @@ class LlamaEngine:
         if self._embedder is not None:
             self._embedder.close()
             self._embedder = None
+        while self.batch.flush_one():  # NOTE: what finished since the engine was last idle
+            pass
         self.batch.close()
         self._model.close()  # type: ignore[no-untyped-call]
 

@@ -106,13 +106,18 @@ async def restore_cache(body: RestoreCacheRequest, service: ServiceDep) -> dict[
 
 
 @router.get("/cache")
-async def cache_stats(cache: CacheDep) -> dict[str, Any]:
+async def cache_stats(cache: CacheDep, manager: ManagerDep) -> dict[str, Any]:
     """Prompt cache entries and bytes per tier, hits, misses, tokens reused."""
+    await manager.run(manager.flush_all)  # NOTE: finished sequences not stored yet count
     return cache.stats()
 
 
 @router.delete("/cache")
 async def cache_clear(cache: CacheDep, manager: ManagerDep) -> dict[str, Any]:
     """Drop every prompt cache entry (both tiers)."""
-    await manager.run(cache.clear)
+    def clear() -> None:
+        manager.flush_all()  # NOTE: or an idle engine would store them after the clear
+        cache.clear()
+
+    await manager.run(clear)
     return {"status": "ok", **cache.stats()}

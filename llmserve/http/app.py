@@ -121,6 +121,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
         active_sequences=lambda: worker.active_sequences,
     )
     worker.observers.append(metrics.scheduled)
+    worker.idle_hooks.append(manager.flush_idle)
     # NOTE: every model goes through a backend: the in-process engine, or (issue 11) a
     # llama-server child, a remote server, a LAN peer
     local = InProcessBackend(settings, manager, worker, cache, metrics)
