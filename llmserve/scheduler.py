@@ -395,12 +395,14 @@ class Scheduler:
             self._active.append(req)
 
     def _room_for(self, req: Runner) -> bool:
-        """Whether req can run to its end beside what runs on its model now; always when
-        nothing else does. NOTE: by req's whole output limit, so a resumed request is not
-        preempted again as soon as it grows (no thrashing)."""
+        """Whether req and what runs on its model can all run to their output limits in the
+        KV cache; always when nothing else runs there. NOTE: by the limits, not the tokens
+        held now, so a resumed request is not preempted again as soon as they grow."""
         engine = req.engine
-        used = sum(r.kv_tokens() for r in self._active if r.engine is engine)
-        return not used or used + min(req.kv_need(), int(engine.info.n_ctx)) <= engine.info.n_ctx
+        n_ctx = int(engine.info.n_ctx)
+        running = [r for r in self._active if r.engine is engine]
+        need = sum(min(r.kv_need(), n_ctx) for r in [*running, req])
+        return not running or need <= n_ctx
 
     def _preempt(self, req: Runner) -> None:
         """Pause req (its KV swapped out) until there is room; it resumes where it was."""

@@ -68,6 +68,9 @@ class InProcessBackend:
         self.cache = cache
         self.metrics = metrics
         self._adapters: dict[int, IteratorBatch] = {}  # engines without batching (the fake)
+        # NOTE: one input at a time goes through a model's embedding context (its KV holds
+        # the input being embedded)
+        self._embedding = asyncio.Lock()
         self.env = Env(manager, cache, settings.stream_interval_ms / 1000, self._batch_for)
 
     def _batch_for(self, engine: Engine) -> BatchEngine:
@@ -300,6 +303,11 @@ class InProcessBackend:
 
     # --- embeddings -----------------------------------------------------------------------------
 
+    async def _embed_one(self, engine: Engine, tokens: list[int], check: Callable[[], None]
+                         ) -> list[float]:
+        """One input's embedding, evaluated a chunk per engine call."""
+        return await _embed_one_impl(self.worker, engine, tokens, check)
+
     async def embed(
         self, req: EmbeddingRequest, cancelled: threading.Event | None = None
     ) -> Embeddings:
@@ -318,18 +326,23 @@ class InProcessBackend:
             if cancelled is not None and cancelled.is_set():
                 raise RequestCancelledError("the client went away; embeddings stopped")
 
-        def job() -> Embeddings:
-            engine = self.manager.ensure(filename)
-            batch = _token_lists(engine, req, check)
-            vectors = []
-            for tokens in batch:  # NOTE: one input at a time, so a departed client stops it
-                check()
-                vectors += engine.embed([tokens])
-            total = sum(len(t) for t in batch)
-            self.metrics.embedded(engine.info.name, total)
-            return Embeddings(engine.info.name, [unit_float32(v) for v in vectors], total)
+        def prepare() -> tuple[Engine, list[list[int]]]:
+            engine = self.manager.acquire(filename)  # NOTE: stays loaded until release
+            try:
+                return engine, _token_lists(engine, req, check)
+            except BaseException:
+                self.manager.release(engine.info.name, None, stamp=False)
+                raise
 
-        result = await self.worker.call(job)
+        async with self._embedding:
+            engine, batch = await self.worker.call(prepare)
+            try:
+                vectors = [await self._embed_one(engine, tokens, check) for tokens in batch]
+            finally:
+                await self.worker.call(self.manager.release, engine.info.name, None)
+        total = sum(len(t) for t in batch)
+        self.metrics.embedded(engine.info.name, total)
+        result = Embeddings(engine.info.name, [unit_float32(v) for v in vectors], total)
         width = len(result.vectors[0]) // 4
         if req.dimensions is not None and req.dimensions != width:
             raise InvalidRequestError(
@@ -338,6 +351,20 @@ class InProcessBackend:
                 param="dimensions",
             )
         return result
+
+
+async def _embed_one_impl(worker: Scheduler, engine: Engine, tokens: list[int],
+                          check: Callable[[], None]) -> list[float]:
+    check()
+    start = getattr(engine, "embed_session", None)
+    if start is None:  # an engine embedding in one call (the tests' fake)
+        [vector] = await worker.call(engine.embed, [tokens])
+        return vector
+    session = await worker.call(start, tokens)
+    # NOTE: a chunk per call: decode steps of running streams go on between them
+    while not await worker.call(session.step):
+        check()
+    return list(session.vector)
 
 
 def sampling_params(
