@@ -76,6 +76,62 @@ class Prompt:
 Delta = TextDelta | ReasoningDelta | ToolCallDelta
 
 
+@dataclass(frozen=True)
+class ChoiceEnd:
+    """The engine ended a choice (end of generation, its length limit, cancel, KV)."""
+
+    choice: int
+    reason: str
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """What the engine thread produced for one request since its last batch: plain data,
+    (choice, token bytes, logprob) per sampled token, and choice ends, in order. Decoding,
+    stop strings, reasoning and tool parsing happen where it is delivered (the event loop),
+    never on the engine thread."""
+
+    items: tuple[tuple[int, bytes, TokenLogprob | None] | ChoiceEnd, ...]
+
+
+@dataclass(frozen=True)
+class AttachOutputs:
+    """The request's output processors (one per choice), sent before any TokenBatch."""
+
+    processors: tuple[OutputProcessor, ...]
+
+
+class Outputs:
+    """The event-loop side of a request: feeds TokenBatches to the output processors and
+    says which choices they ended (a stop string, a finished tool call)."""
+
+    def __init__(self, processors: tuple[OutputProcessor, ...]):
+        self.processors = processors
+        self.ended: set[int] = set()  # NOTE: read by the engine thread (Request.poll)
+
+    def process(self, batch: TokenBatch) -> None:
+        for item in batch.items:
+            if isinstance(item, ChoiceEnd):
+                if item.choice not in self.ended:
+                    self._finish(item.choice, item.reason, item.cached_tokens)
+                continue
+            choice, piece, logprob = item
+            out = self.processors[choice]
+            if out.done:
+                continue  # sampled before the engine saw that this choice had ended
+            reason = out.feed(piece, logprob)
+            if reason:
+                self._finish(choice, reason, None)
+        for out in self.processors:
+            out.flush()
+
+    def _finish(self, choice: int, reason: str, cached: int | None) -> None:
+        out = self.processors[choice]
+        self.ended.add(choice)
+        out.emit_finished(reason, cached)
+
+
 class Coalescer:
     """Joins deltas produced within `interval` seconds: text with text, arguments with args.
 
@@ -115,6 +171,11 @@ class Coalescer:
         pending, self._pending = self._pending, []
         for delta in pending:
             self._emit(delta)
+
+    def emit(self, event: Any) -> None:
+        """Send an event as it is (after what is pending)."""
+        self.flush()
+        self._emit(event)
 
 
 class OutputProcessor:
@@ -175,6 +236,16 @@ class OutputProcessor:
         if self.produced >= self.limit:
             return "length"
         return None
+
+    def flush(self) -> None:
+        """Send what the coalescer holds (at the end of each delivered batch)."""
+        self._emit.flush()
+
+    def emit_finished(self, reason: str, cached_tokens: int | None = None) -> None:
+        """finish() and send its Finished event."""
+        finished = self.finish(reason, cached_tokens)
+        self._emit.flush()
+        self._emit.emit(finished)
 
     def finish(self, reason: str, cached_tokens: int | None = None) -> Finished:
         """Flush what is held back (UTF-8 tail, stop-string candidates, parser) and end."""

@@ -13,7 +13,17 @@ from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import ModelManager
 from llmserve.chat.tools import make_parser
 from llmserve.engine.base import BatchEngine, Engine, SamplingParams, Seq
-from llmserve.output import Coalescer, Emit, OutputProcessor, Prompt, Started, TokenLogprob
+from llmserve.output import (
+    AttachOutputs,
+    ChoiceEnd,
+    Coalescer,
+    Emit,
+    OutputProcessor,
+    Prompt,
+    Started,
+    TokenBatch,
+    TokenLogprob,
+)
 from llmserve.scheduler import EventStream, check_context, replace_seed
 from llmserve.sharing import Wait, keep_slots, resolve, setup, shares
 
@@ -53,7 +63,10 @@ class Request:
     prompt: Prompt | None = None
     seqs: list[Seq] = field(default_factory=list)  # the open ones
     all_seqs: list[Seq] = field(default_factory=list)
-    outputs: list[OutputProcessor] = field(default_factory=list)
+    limits: list[int] = field(default_factory=list)  # per choice: tokens it may produce
+    produced: list[int] = field(default_factory=list)  # per choice: tokens sampled
+    _pending: list[Any] = field(default_factory=list)  # the next TokenBatch's items
+    _flushed: float = 0.0
     waits: dict[int, Wait] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
     started_at: float = 0.0
@@ -88,12 +101,18 @@ class Request:
         assert self.prompt is not None
         family = self.prompt.tool_family
         max_calls = None if self.prompt.parallel_tools else 1
-        self.outputs = [
+        # NOTE: built here, used only on the event loop (EventStream delivers TokenBatches
+        # to them there): the engine thread never decodes, matches stops or parses tools
+        emit = self.stream.local_emit
+        self.stream.put(AttachOutputs(tuple(
             OutputProcessor(i, self.stops, limit, make_parser(family, max_calls=max_calls),
-                            Coalescer(self.emit, self.env.stream_interval), self.prompt.reasoning)
+                            Coalescer(emit, self.env.stream_interval), self.prompt.reasoning)
             for i in range(self.n)
-        ]
+        )))
+        self.limits = [limit] * self.n
+        self.produced = [0] * self.n
         self.reasons = [""] * self.n
+        self._flushed = time.perf_counter()
         self.emit(Started(raw.info.name, len(tokens), seqs[0].reused))
         return True
 
@@ -142,9 +161,8 @@ class Request:
 
     def kv_need(self) -> int:
         """Tokens the open sequences may need by the time they end (their output limits)."""
-        outs = {id(s): o for s, o in zip(self.all_seqs, self.outputs, strict=False)}
-        return sum(len(s.tokens) + max(outs[id(s)].limit - outs[id(s)].produced, 0)
-                   if id(s) in outs else len(s.tokens) for s in self.seqs)
+        return sum(len(s.tokens) + max(self.limits[i] - self.produced[i], 0)
+                   for i, s in enumerate(self.all_seqs) if s in self.seqs)
 
     def preempt(self) -> None:
         """Make room in the KV cache: each open sequence's KV goes to the prefix cache tiers
@@ -176,16 +194,41 @@ class Request:
     # -- progress ----------------------------------------------------------------------------
 
     def on_token(self, seq: Seq, token: int, piece: bytes | None) -> bool:
-        """A token sampled for seq (piece None: end of generation); True when all are done."""
+        """A token sampled for seq (piece None: end of generation); True when all are done.
+
+        Plain bookkeeping only: the token's bytes go out in the next TokenBatch."""
         i = self.all_seqs.index(seq)
-        out = self.outputs[i]
-        if out.done:
+        if self.reasons[i]:
             return self._all_done()
-        if i == 0 and out.produced == 0 and hasattr(self.raw, "view"):
+        if i == 0 and self.produced[0] == 0 and hasattr(self.raw, "view"):
             self.env.cache.after_prompt(self.raw.view(seq), seq.tokens[: seq.n_prompt])
-        reason = "stop" if piece is None else out.feed(piece, self._logprob(seq, piece))
-        if reason:
-            self._finish_choice(i, reason)
+        if piece is None:
+            self._end_choice(i, "stop")
+        else:
+            self.produced[i] += 1
+            self._pending.append((i, piece, self._logprob(seq, piece)))
+            if self.produced[i] >= self.limits[i]:
+                self._end_choice(i, "length")
+            elif time.perf_counter() - self._flushed >= self.env.stream_interval \
+                    or self.produced[i] == 1:
+                self._flush()
+        return self._all_done()
+
+    def _flush(self) -> None:
+        """Send what the engine produced since the last batch to the event loop."""
+        if self._pending:
+            self.stream.put(TokenBatch(tuple(self._pending)))
+            self._pending = []
+        self._flushed = time.perf_counter()
+
+    def poll(self) -> bool:
+        """Between steps: end the choices the output side ended (a stop string, a finished
+        tool call); True when none is left."""
+        if not self.reasons:
+            return False
+        for i in self.stream.ended_choices():
+            if not self.reasons[i]:
+                self._end_choice(i, "stop", quiet=True)
         return self._all_done()
 
     def _logprob(self, seq: Seq, piece: bytes) -> TokenLogprob | None:
@@ -198,17 +241,20 @@ class Request:
 
     def on_ready(self, seq: Seq) -> bool:
         """A prefill-only sequence holds its prompt: save it; the request is done."""
-        self._finish_choice(self.all_seqs.index(seq), "stop")
+        self._end_choice(self.all_seqs.index(seq), "stop")
         return True
 
     def _all_done(self) -> bool:
         return all(self.reasons)
 
-    def _finish_choice(self, i: int, reason: str) -> None:
+    def _end_choice(self, i: int, reason: str, *, quiet: bool = False) -> None:
+        """Close choice i's sequence; unless quiet (the output side ended it already), its
+        end goes out with the pending tokens."""
         seq = self.all_seqs[i]
-        finished = self.outputs[i].finish(reason, seq.reused)
-        self.reasons[i] = finished.finish_reason
-        self.emit(finished)
+        self.reasons[i] = reason
+        if not quiet:
+            self._pending.append(ChoiceEnd(i, reason, seq.reused))
+            self._flush()
         if i == 0:
             if shares(self.raw):
                 # NOTE: stored when the engine is idle or the slot is needed by another
@@ -229,14 +275,15 @@ class Request:
                     self.engine.close_seq(seq)
                     self.seqs.remove(seq)
                 else:
-                    self._finish_choice(i, reason)
+                    self._end_choice(i, reason)
+        self._flush()
         tokens = self.prompt.tokens if self.prompt else []
         evaluated = sum(s.n_prompt - s.reused for s in self.all_seqs)
         self.env.cache.tokens_evaluated += evaluated
         logger.info(
             "%s finished (%s): %d prompt + %d completion tokens in %.2f s%s",
             self.id, self.reasons[0] if self.reasons else reason, len(tokens),
-            sum(o.produced for o in self.outputs), time.perf_counter() - self.started_at,
+            sum(self.produced), time.perf_counter() - self.started_at,
             f" ({self.preemptions} preemptions)" if self.preemptions else "",
         )
         if self.raw is not None:

@@ -25,11 +25,11 @@ from typing import Any, Protocol, TypeVar
 
 from llmserve.engine.base import Engine, KVFullError, SamplingParams, Seq
 from llmserve.errors import ContextLengthError, QueueFullError
+from llmserve.output import AttachOutputs, Emit, Outputs, TokenBatch
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Emit = Callable[[Any], None]
 
 _END = object()
 
@@ -44,18 +44,52 @@ class _Failure:
 
 
 class EventStream:
-    """Events of one request, emitted on the engine thread and consumed on the event loop."""
+    """Events of one request, emitted on the engine thread and consumed on the event loop.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    The engine thread puts plain data (Started, TokenBatch, ...); delivery happens on the
+    event loop, where a TokenBatch goes through the request's output processors (decoding,
+    stops, reasoning, tool calls) and every event through `wrap` (metrics) into the queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 wrap: Callable[[Emit], Emit] | None = None) -> None:
         self._loop = loop
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self.cancelled = threading.Event()
+        self._emit: Emit = wrap(self._queue.put_nowait) if wrap else self._queue.put_nowait
+        self.outputs: Outputs | None = None
+
+    @property
+    def local_emit(self) -> Emit:
+        """Where events made on the event loop go (the output processors' coalescers)."""
+        return self._emit
 
     def put(self, item: Any) -> None:
         """From any thread."""
         # NOTE: the loop may already be closed at shutdown; nobody is listening then.
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._deliver, item)
+
+    def _deliver(self, item: Any) -> None:
+        """On the event loop, in the order the items were put."""
+        if item is _END or isinstance(item, _Failure):
+            self._queue.put_nowait(item)
+        elif isinstance(item, AttachOutputs):
+            self.outputs = Outputs(item.processors)
+        elif isinstance(item, TokenBatch):
+            if self.outputs is None:
+                return
+            try:
+                self.outputs.process(item)
+            except Exception as exc:  # NOTE: one request's output bug fails it alone
+                logger.error("output processing failed: %r", exc)
+                self._queue.put_nowait(_Failure(exc))
+                self.cancel()
+        else:
+            self._emit(item)
+
+    def ended_choices(self) -> frozenset[int]:
+        """Choices the output side ended (any thread)."""
+        return frozenset(self.outputs.ended) if self.outputs is not None else frozenset()
 
     def fail(self, exc: BaseException) -> None:
         self.put(_Failure(exc))
@@ -98,6 +132,7 @@ class Runner(Protocol):
     def preempt(self) -> None: ...
     def resume(self) -> None: ...
     def waiting(self, seq: Seq) -> bool: ...
+    def poll(self) -> bool: ...
     def on_token(self, seq: Seq, token: int, piece: bytes | None) -> bool: ...
     def on_ready(self, seq: Seq) -> bool: ...
     def finish(self, reason: str) -> None: ...
@@ -173,6 +208,10 @@ class Scheduler:
         self.heartbeat = time.monotonic()  # last time the loop went round
         self.busy_since: float | None = None  # when the current step started
         self.steps = 0
+        # NOTE: where the engine thread's time goes: every turn of the loop that had work,
+        # and the part of it inside llama_decode (the rest is Python between decodes)
+        self.work_seconds = 0.0
+        self.decode_seconds = 0.0
         self.observers: list[Callable[[str, float], None]] = []  # metrics hooks
         # work for an idle engine thread (storing finished sequences' KV): each call does one
         # piece and says whether it found any
@@ -211,6 +250,8 @@ class Scheduler:
             "seconds_since_progress": round(now - self.heartbeat, 3),
             "busy_seconds": round(now - busy, 3) if busy is not None else 0.0,
             "steps": self.steps,
+            "step_seconds": round(self.work_seconds, 3),
+            "decode_seconds": round(self.decode_seconds, 3),
             "queued": self.queued,
             "active_sequences": self.active_sequences,
         }
@@ -290,12 +331,15 @@ class Scheduler:
                 self._stop()
                 return
             stepped = False
+            turn = time.perf_counter()
             try:
                 self._admit()
                 self._drop_cancelled()
                 stepped = self._step()
             except Exception:  # NOTE: never let the loop die; each request fails alone
                 logger.exception("scheduler loop error")
+            if stepped:
+                self.work_seconds += time.perf_counter() - turn
             self.heartbeat = time.monotonic()
             if not stepped and (self._waiting or self._active or self._preempted):
                 with self._cv:  # waiting on a drain or a fork: do not spin
@@ -423,6 +467,8 @@ class Scheduler:
         for req in list(self._active):
             if req.stream.cancelled.is_set():
                 self._end(req, "cancelled")
+            elif req.poll():  # NOTE: its output side ended every choice (stop strings)
+                self._end(req, "done")
 
     def _end(self, req: Runner, reason: str) -> None:
         if req in self._active:
@@ -457,6 +503,8 @@ class Scheduler:
             stepped = True
             owner = {id(s): r for r, s in pairs}
             self.busy_since = time.monotonic()
+            batch = getattr(engine, "batch", None)
+            decoded = getattr(batch, "decode_seconds", 0.0)
             try:
                 results = engine.step([s for _, s in pairs], self.n_batch)
             except KVFullError as exc:
@@ -469,6 +517,7 @@ class Scheduler:
                 continue
             finally:
                 self.busy_since = None
+                self.decode_seconds += getattr(batch, "decode_seconds", 0.0) - decoded
             self.steps += 1
             batch_tokens = getattr(getattr(engine, "batch", None), "last_batch_tokens", len(pairs))
             for observe in self.observers:

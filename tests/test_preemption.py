@@ -115,6 +115,9 @@ class Runner:
     def waiting(self, seq: Seq) -> bool:
         return False
 
+    def poll(self) -> bool:
+        return False
+
     def on_token(self, seq: Seq, token: int, piece: bytes | None) -> bool:
         self.produced += 1
         return self.produced >= self.limit

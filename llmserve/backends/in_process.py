@@ -253,9 +253,10 @@ class InProcessBackend:
         max_tokens: int | None, stops: list[str], wrap: Wrap, *, n: int = 1,
         prefill_only: bool = False,
     ) -> Generation:
-        stream = EventStream(asyncio.get_running_loop())
+        # NOTE: wrap (metrics) watches the events where they are made: on the event loop
+        stream = EventStream(asyncio.get_running_loop(), wrap)
         request = Request(
-            f"{prefix}-{uuid.uuid4().hex}", self.env, stream, wrap(stream.put), filename,
+            f"{prefix}-{uuid.uuid4().hex}", self.env, stream, stream.put, filename,
             keep_alive, build_prompt, params, max_tokens, stops, n=n, prefill_only=prefill_only,
         )
         self.worker.submit(request)
