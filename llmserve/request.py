@@ -57,6 +57,9 @@ class Request:
     n: int = 1
     prefill_only: bool = False
     queued_at: float = 0.0
+    # the model, acquired by the service (which built the prompt off the engine thread);
+    # the request releases it when it ends
+    held: Any = None
     # set at admission
     engine: Any = None
     raw: Any = None
@@ -79,15 +82,18 @@ class Request:
         """Load the model, build and check the prompt, take n sequences; False: no free ones.
 
         Raises the request's errors (4xx) and scheduler.Busy (a model must drain first)."""
-        raw = self.env.manager.acquire(self.model)
+        raw = self.held if self.held is not None else self.env.manager.acquire(self.model)
         try:
             seqs = self._open(raw)
         except BaseException:
+            self.held = None
             self.env.manager.release(raw.info.name, None, stamp=False)
             raise
         if seqs is None:
-            self.env.manager.release(raw.info.name, None, stamp=False)
+            if self.held is None:  # NOTE: a held model stays held while the request waits
+                self.env.manager.release(raw.info.name, None, stamp=False)
             return False
+        self.held = None  # released by finish() from here on
         engine = self.env.batch_for(raw)
         keep_slots(raw, self.env.cache)
         tokens = seqs[0].tokens[: seqs[0].n_prompt]
@@ -141,6 +147,12 @@ class Request:
                     self.waits[id(seq)] = wait
             seqs.append(seq)
         return seqs
+
+    def abandon(self) -> None:
+        """The request leaves before it was admitted (its client left, or shutdown)."""
+        if self.held is not None:
+            self.env.manager.release(self.held.info.name, None, stamp=False)
+            self.held = None
 
     def waiting(self, seq: Seq) -> bool:
         """Whether seq still waits for a sibling's prompt (forking from it once it is in)."""

@@ -307,7 +307,7 @@ class Scheduler:
         for item in list(self._waiting):
             if not isinstance(item, _Call):
                 self._waiting.remove(item)
-                item.stream.end()
+                self._abandon(item)
 
     # -- the engine thread -------------------------------------------------------------------
 
@@ -397,7 +397,7 @@ class Scheduler:
                 continue
             if item.stream.cancelled.is_set():
                 self._waiting.remove(item)
-                item.stream.end()  # the client left while it waited: never started
+                self._abandon(item)  # the client left while it waited: never started
                 continue
             if slots_full:
                 continue
@@ -462,6 +462,13 @@ class Scheduler:
         self.preemptions += 1
         for observe in self.observers:
             observe("preempted", 1.0)
+
+    @staticmethod
+    def _abandon(item: Any) -> None:
+        abandon = getattr(item, "abandon", None)
+        if abandon is not None:
+            abandon()
+        item.stream.end()
 
     def _drop_cancelled(self) -> None:
         for req in list(self._active):

@@ -2,11 +2,13 @@
 one engine thread (llmserve/scheduler.py) through llmserve/engine/ (the only llama_cpp user).
 
     chat / complete   the request's plan checked (tools, tool_choice, response_format,
-                      grammar: 400s), then a Request (llmserve/request.py) submitted to the
-                      Scheduler; at admission, on the engine thread, the model is loaded, the
-                      prompt rendered and tokenized, and its KV found (sharing.py, cache/)
+                      grammar: 400s); the model loaded and held (an engine-thread call); the
+                      prompt rendered and tokenized on a worker thread; then a Request
+                      (llmserve/request.py) with plain token ids submitted to the Scheduler,
+                      which finds its KV at admission (sharing.py, cache/)
     restore_cache     a prefill-only Request (dry_run: the prefix cache asked, nothing run)
-    apply_template, count_tokens, tokenize, detokenize, embed   calls on the engine thread
+    apply_template, count_tokens, tokenize, detokenize   on a worker thread, the model held
+    embed             tokenized on a worker thread; a 64-token chunk per engine-thread call
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from llmserve.backends.base import OnPrompt, Tokens, Wrap
 from llmserve.cache.manager import PrefixCache
@@ -48,6 +50,8 @@ from llmserve.schemas import (
     SamplingFields,
 )
 from llmserve.vectors import Embeddings, unit_float32
+
+T = TypeVar("T")
 
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
 
@@ -99,9 +103,9 @@ class InProcessBackend:
                    on_prompt: OnPrompt | None = None) -> Generation:
         """Start a chat completion; raises request errors before any output exists.
 
-        on_prompt sees the engine and the prompt's tokens on the engine thread before they are
-        evaluated, and returns the tokens to use (the Anthropic routes add a prefill and pin
-        cache_control prefixes there)."""
+        on_prompt sees the engine and the prompt's tokens (on a worker thread, with the rest
+        of the prompt's building) before they are evaluated, and returns the tokens to use
+        (the Anthropic routes add a prefill and pin cache_control prefixes there)."""
         plan = self._plan(req)
         reasoning_format = req.reasoning_format or self.settings.reasoning_format
 
@@ -118,7 +122,7 @@ class InProcessBackend:
         return await self._start("chatcmpl", req, prompt, max_tokens, wrap)
 
     def chat_tokens(self, engine: Engine, plan: ChatPlan) -> list[int]:
-        """The tokens a plan renders to on this engine (engine thread), as chat() does."""
+        """The tokens a plan renders to on this engine, as chat() does."""
         return chat_tokens(engine, self._render(engine, plan))
 
     async def apply_template(self, req: ChatCompletionRequest) -> dict[str, Any]:
@@ -126,8 +130,7 @@ class InProcessBackend:
         plan = self._plan(req)
         filename = self._filename(req.model)
 
-        def job() -> dict[str, Any]:
-            engine = self.manager.ensure(filename)
+        def job(engine: Engine) -> dict[str, Any]:
             rendered, text, _ = self._chat_prompt(
                 engine, plan, req.reasoning_format or self.settings.reasoning_format)
             return {
@@ -139,7 +142,7 @@ class InProcessBackend:
                 "grammar": plan.grammar(rendered.family),
             }
 
-        return await self.worker.call(job)
+        return await self._off_thread(filename, job)
 
     async def count_tokens(self, req: ChatCompletionRequest,
                            on_prompt: OnPrompt | None = None) -> int:
@@ -148,12 +151,11 @@ class InProcessBackend:
         plan = plan_chat(req)
         filename = self._filename(req.model)
 
-        def job() -> int:
-            engine = self.manager.ensure(filename)
+        def job(engine: Engine) -> int:
             tokens = self.chat_tokens(engine, plan)
             return len(on_prompt(engine, tokens) if on_prompt is not None else tokens)
 
-        return int(await self.worker.call(job))
+        return int(await self._off_thread(filename, job))
 
     async def restore_cache(self, req: RestoreCacheRequest, wrap: Wrap) -> dict[str, Any]:
         """Pre-warm the prompt cache with a conversation's prompt (or just report, dry_run).
@@ -253,19 +255,46 @@ class InProcessBackend:
         max_tokens: int | None, stops: list[str], wrap: Wrap, *, n: int = 1,
         prefill_only: bool = False,
     ) -> Generation:
+        # NOTE: the prompt is rendered and tokenized here, off the engine thread (llama.cpp's
+        # tokenizer only reads the vocabulary, as llama-server's HTTP threads use it), on a
+        # model held resident for the request: the engine thread gets plain token ids.
+        engine = await self.worker.call(self.manager.acquire, filename)
+        try:
+            prompt = await asyncio.to_thread(build_prompt, engine)
+        except BaseException:
+            await self.worker.call(self._release, engine, False)
+            raise
         # NOTE: wrap (metrics) watches the events where they are made: on the event loop
         stream = EventStream(asyncio.get_running_loop(), wrap)
         request = Request(
             f"{prefix}-{uuid.uuid4().hex}", self.env, stream, stream.put, filename,
             keep_alive, build_prompt, params, max_tokens, stops, n=n, prefill_only=prefill_only,
+            held=engine, raw=engine, prompt=prompt,
         )
-        self.worker.submit(request)
+        try:
+            self.worker.submit(request)
+        except BaseException:
+            await self.worker.call(self._release, engine, False)
+            raise
         try:
             first = await stream.next()  # raises the request's error (404/400) before output
         except BaseException:
             stream.cancel()
             raise
         return Generation(request.id, first, stream, n)
+
+    def _release(self, engine: Engine, stamp: bool = True) -> None:
+        """On the engine thread: the hold of _off_thread or _submit ends."""
+        self.manager.release(engine.info.name, None, stamp=stamp)
+
+    async def _off_thread(self, filename: str | None, fn: Callable[[Engine], T]) -> T:
+        """fn(engine) on a worker thread (tokenizing, rendering), the model loaded by an
+        engine-thread call and held resident meanwhile: nothing long blocks decode steps."""
+        engine = await self.worker.call(self.manager.acquire, filename)
+        try:
+            return await asyncio.to_thread(fn, engine)
+        finally:
+            await self.worker.call(self._release, engine)
 
     # --- tokens ---------------------------------------------------------------------------------
 
@@ -275,22 +304,20 @@ class InProcessBackend:
         `{"id", "piece"}` items instead."""
         filename = self._filename(model)
 
-        def job() -> Tokens:
-            engine = self.manager.ensure(filename)
+        def job(engine: Engine) -> Tokens:
             check_text_fits(content, engine.info, "content", TOKENIZE_CONTEXTS)
             tokens = engine.tokenize(content, add_special=add_special, parse_special=parse_special)
             if not with_pieces:
                 return tokens
             return [{"id": t, "piece": piece_json(token_piece(engine, t))} for t in tokens]
 
-        return await self.worker.call(job)
+        return await self._off_thread(filename, job)
 
     async def detokenize(self, model: str | None, tokens: list[int]) -> str:
         """Token ids to text; special tokens are rendered (llama-server does the same)."""
         filename = self._filename(model)
 
-        def job() -> str:
-            engine = self.manager.ensure(filename)
+        def job(engine: Engine) -> str:
             most = TOKENIZE_CONTEXTS * engine.info.n_ctx
             if len(tokens) > most:
                 raise InvalidRequestError(
@@ -300,7 +327,7 @@ class InProcessBackend:
             check_token_ids(tokens, engine.info.n_vocab, "tokens")
             return engine.detokenize(tokens, special=True)
 
-        return await self.worker.call(job)
+        return await self._off_thread(filename, job)
 
     # --- embeddings -----------------------------------------------------------------------------
 
@@ -327,20 +354,13 @@ class InProcessBackend:
             if cancelled is not None and cancelled.is_set():
                 raise RequestCancelledError("the client went away; embeddings stopped")
 
-        def prepare() -> tuple[Engine, list[list[int]]]:
-            engine = self.manager.acquire(filename)  # NOTE: stays loaded until release
-            try:
-                return engine, _token_lists(engine, req, check)
-            except BaseException:
-                self.manager.release(engine.info.name, None, stamp=False)
-                raise
-
         async with self._embedding:
-            engine, batch = await self.worker.call(prepare)
+            engine = await self.worker.call(self.manager.acquire, filename)  # held until release
             try:
+                batch = await asyncio.to_thread(_token_lists, engine, req, check)
                 vectors = [await self._embed_one(engine, tokens, check) for tokens in batch]
             finally:
-                await self.worker.call(self.manager.release, engine.info.name, None)
+                await self.worker.call(self._release, engine)
         total = sum(len(t) for t in batch)
         self.metrics.embedded(engine.info.name, total)
         result = Embeddings(engine.info.name, [unit_float32(v) for v in vectors], total)
@@ -455,7 +475,7 @@ def piece_json(raw: bytes) -> str | list[int]:
 def _token_lists(
     engine: Engine, req: EmbeddingRequest, check: Callable[[], None]
 ) -> list[list[int]]:
-    """On the engine thread: every input as a checked token list."""
+    """On a worker thread, the model held: every input as a checked token list."""
     raw = req.input
     items: list[str | list[int]]
     if isinstance(raw, str):
