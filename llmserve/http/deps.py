@@ -18,6 +18,7 @@ from llmserve.catalog.registry import ModelManager
 from llmserve.config import Settings
 from llmserve.embeddings import EmbeddingService
 from llmserve.errors import InvalidRequestError
+from llmserve.http.auth import KEY_ID_STATE
 from llmserve.metrics import Metrics
 from llmserve.responses.service import ResponsesService
 from llmserve.scheduler import Scheduler
@@ -46,6 +47,15 @@ TokensDep = Annotated[TokenService, Depends(_state("tokens"))]
 EmbeddingsDep = Annotated[EmbeddingService, Depends(_state("embeddings"))]
 ResponsesDep = Annotated[ResponsesService, Depends(_state("responses"))]
 MessagesDep = Annotated[MessagesService, Depends(_state("messages"))]
+
+
+def get_owner(request: Request) -> str | None:
+    """The id of the API key the request came with (auth.key_id); None when no keys are set."""
+    owner: str | None = getattr(request.state, KEY_ID_STATE, None)
+    return owner
+
+
+OwnerDep = Annotated[str | None, Depends(get_owner)]
 
 
 def json_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
