@@ -298,6 +298,10 @@ def discover(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `llmserve` console script."""
+    from llmserve.private import restrict_umask
+
+    # NOTE: everything every command writes (downloads, caches, builds) is owner-only
+    restrict_umask()
     argv = list(sys.argv[1:] if argv is None else argv)
     # NOTE: `llmserve --port 9000` means `llmserve serve --port 9000` (server.py's usage).
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):

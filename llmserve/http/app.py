@@ -42,6 +42,7 @@ from llmserve.http import (
 from llmserve.http.auth import APIKeyMiddleware, is_loopback_host
 from llmserve.http.guard import BodyGuard
 from llmserve.metrics import LoadedModel, Metrics
+from llmserve.private import restrict_umask, tighten
 from llmserve.responses.service import ResponsesService
 from llmserve.responses.store import ResponseStore
 from llmserve.scheduler import Scheduler
@@ -107,6 +108,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def create_app(settings: Settings, engine_factory: EngineFactory | None = None) -> FastAPI:
     """The ASGI app; engine_factory defaults to llama.cpp (tests pass a fake)."""
+    _private_files(settings)
     worker = Scheduler(settings.max_queue, settings.n_batch)
     manager = ModelManager(
         settings, engine_factory or _llama_factory(), worker, check_files=engine_factory is None
@@ -183,6 +185,16 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
         paths=lambda: app.openapi()["paths"].keys(),
     )
     return app
+
+
+def _private_files(settings: Settings) -> None:
+    """Owner-only files from here on (umask 0o077: this is the server process); files and
+    folders older versions left readable under the cache dir are tightened, in one log line."""
+    restrict_umask()
+    tightened = tighten(settings.cache_dir)
+    if tightened:
+        logger.info("made %d files and folders under %s owner-only (chmod go-rwx)",
+                    tightened, settings.cache_dir)
 
 
 def _loaded_models(manager: ModelManager) -> list[LoadedModel]:
