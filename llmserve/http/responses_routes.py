@@ -11,10 +11,11 @@ from sse_starlette.sse import EventSourceResponse
 
 from llmserve.http.deps import OwnerDep, ResponsesDep
 from llmserve.http.openai_routes import collect_unless_gone, sse_response, stream_error
+from llmserve.http.openapi import API, errors
 from llmserve.responses.schemas import InputItemsQuery, ResponsesRequest
 from llmserve.responses.service import ResponseRun
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", responses=errors(401, 404))
 
 
 def _sse(run: ResponseRun) -> EventSourceResponse:
@@ -30,7 +31,7 @@ def _sse(run: ResponseRun) -> EventSourceResponse:
     return sse_response(run.gen, events(), failed)
 
 
-@router.post("/responses", response_model=None)
+@router.post("/responses", response_model=None, responses=errors(*API))
 async def create_response(
     body: ResponsesRequest, request: Request, service: ResponsesDep, owner: OwnerDep
 ) -> dict[str, Any] | EventSourceResponse:
@@ -57,7 +58,7 @@ async def delete_response(
     return service.delete(response_id, owner)
 
 
-@router.get("/responses/{response_id}/input_items")
+@router.get("/responses/{response_id}/input_items", responses=errors(400))
 async def list_input_items(
     response_id: str, service: ResponsesDep, owner: OwnerDep,
     query: Annotated[InputItemsQuery, Query()],
