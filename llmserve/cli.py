@@ -1,4 +1,5 @@
-"""Command line: `llmserve serve`, `models`, `cache`, `discover` (also `python -m llmserve`)."""
+"""Command line: `llmserve serve`, `models`, `cache`, `discover`, `install`, `llama` (also
+`python -m llmserve`)."""
 
 from __future__ import annotations
 
@@ -186,6 +187,17 @@ def _install_parser(sub: Any) -> None:
     _flag(llama, "jobs", type=int, help="parallel compile jobs (default: CPU count)")
 
 
+def _llama_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "llama", help="run a llama.cpp tool that `install llama` built",
+        description="Run a llama.cpp tool from the `llmserve install llama` build: TOOL "
+                    "`server` is llama-server (generally llama-TOOL, or the binary's exact "
+                    "name); ARGS go to it unchanged and its exit code is ours. Example: "
+                    "llmserve llama server --version")
+    p.add_argument("tool", metavar="TOOL")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole CLI."""
     parser = argparse.ArgumentParser(prog="llmserve", description="local OpenAI-compatible server")
@@ -196,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cache_parser(sub)
     _discover_parser(sub)
     _install_parser(sub)
+    _llama_parser(sub)
     return parser
 
 
@@ -298,7 +311,16 @@ def discover(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `llmserve` console script."""
+    from llmserve.private import restrict_umask
+
+    # NOTE: everything every command writes (downloads, caches, builds) is owner-only
+    restrict_umask()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] == "llama" and argv[1] not in ("-h", "--help"):
+        from llmserve.backends.install import run_tool
+
+        # NOTE: before argparse, which would take the tool's own options (--version) as ours
+        return run_tool(argv[1], argv[2:])
     # NOTE: `llmserve --port 9000` means `llmserve serve --port 9000` (server.py's usage).
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")
@@ -318,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         return cache(args)
     if args.command == "discover":
         return discover(args)
+    if args.command == "llama":  # only reached without ARGS parsed above: `llama TOOL`
+        from llmserve.backends.install import run_tool
+
+        return run_tool(args.tool, args.args)
     if args.command == "install":
         from llmserve.backends.install import run_install
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,42 @@ def test_cache_stats_and_clear(tmp_path: Path) -> None:
     after = run("clear")
     assert after["entries"] == 0
     assert run("stats")["entries"] == 0
+
+
+def _llama(args: list[str], cache_home: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "XDG_CACHE_HOME"}
+    env["XDG_CACHE_HOME"] = str(cache_home)
+    return subprocess.run([sys.executable, "-m", "llmserve", "llama", *args], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_llama_runs_the_built_tool_with_its_args_and_exit_code(tmp_path: Path) -> None:
+    from llmserve.backends import install
+
+    none = _llama(["server", "--version"], tmp_path / "empty")
+    assert none.returncode == 2 and "llmserve install llama" in none.stderr
+    bin_dir = (tmp_path / "cache" / "llmserve" / "llama-server" /
+               f"{install.pinned_version()}-cpu" / "build" / "bin")
+    bin_dir.mkdir(parents=True)
+    script = '#!/bin/sh\necho "$(basename "$0"):$#:$1|$2|$3"\nexit 7\n'
+    for name in ("llama-server", "llama-cli", "rpc-server"):
+        (bin_dir / name).write_text(script)
+        (bin_dir / name).chmod(0o755)
+    ran = _llama(["server", "--version", "a b", "-x"], tmp_path / "cache")
+    assert (ran.returncode, ran.stdout) == (7, "llama-server:3:--version|a b|-x\n")
+    assert _llama(["llama-cli"], tmp_path / "cache").stdout == "llama-cli:0:||\n"
+    assert _llama(["rpc-server", "-p", "1"], tmp_path / "cache").stdout == "rpc-server:2:-p|1|\n"
+    missing = _llama(["bench"], tmp_path / "cache")
+    assert missing.returncode == 2 and "llama-cli, llama-server" in missing.stderr
+    assert install.tool_names("../llama-server") == install.tool_names("") == []
+    assert install.find_tool("server", [bin_dir]) == bin_dir / "llama-server"
+
+
+def test_llama_runs_the_real_build_when_there_is_one() -> None:
+    from llmserve.backends.install import find_tool
+
+    if find_tool("server") is None:
+        pytest.skip("no `llmserve install llama` build here")
+    proc = subprocess.run([sys.executable, "-m", "llmserve", "llama", "server", "--version"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0 and "version:" in proc.stdout + proc.stderr

@@ -249,3 +249,24 @@ def test_serve_flags_for_resident_models() -> None:
     s = _settings(args)
     assert (s.max_loaded_models, s.memory_budget, s.idle_unload_seconds) == (3, 4 << 30, 300.0)
     assert s.manifest == Path("my.yaml")
+
+
+@pytest.mark.parametrize("ref", [
+    "hf://owner/repo/../x.gguf", "hf://owner//x.gguf", "hf://owner/repo/./x.gguf",
+    "hf://../repo/x.gguf", "hf://owner/repo//x.gguf", "hf://owner/repo/a/../../x.gguf",
+    "hf://owner/x.gguf", "hf://owner/repo/x.bin",
+])
+def test_pull_refuses_hf_paths_that_could_leave_the_repo(
+    ref: str, mdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import urllib.request
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", no_network)
+    code, _, err = run(capsys, "pull", ref, "--models_dir", str(mdir))
+    assert code == 2
+    assert err.count("\n") == 1 and ref in err
+    assert "segment" in err or "not hf://owner/repo/file.gguf" in err or "owner/name" in err
+    assert not [p for p in mdir.iterdir() if p.name.startswith(".")]

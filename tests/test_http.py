@@ -9,6 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
+from llmserve.config import Settings
+from llmserve.engine.fake import FakeEngine
+from llmserve.http.app import create_app
+
 pytestmark = pytest.mark.anyio
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0}
@@ -297,3 +301,49 @@ async def test_health_503_while_loading(fake_models_dir: Any, tmp_path: Any) -> 
     assert loading.json()["error"]["type"] == "service_unavailable"
     assert ok.status_code == 200
     assert ready.status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                                  "/v1/responses", "/tokenize", "/chat", "/setModel"])
+async def test_empty_and_non_object_bodies_are_400s_saying_so(fake_client: Any, path: str) -> None:
+    async with fake_client() as client:
+        sent = {body: await client.post(path, content=body,
+                                        headers={"Content-Type": "application/json"})
+                for body in (b"", b"[]", b"3", b"null", b'"x"')}
+    assert assert_error(sent[b""], 400)["message"] == (
+        "the request body is empty: it must be a JSON object")
+    for body in (b"[]", b"3", b"null", b'"x"'):
+        error = assert_error(sent[body], 400)
+        assert error["message"] == "the request body must be a JSON object", body
+        assert error["param"] is None
+
+
+async def test_anthropic_empty_and_non_object_bodies(fake_client: Any) -> None:
+    async with fake_client() as client:
+        empty = await client.post("/v1/messages", content=b"")
+        listed = await client.post("/v1/messages", json=[])
+    assert empty.status_code == listed.status_code == 400
+    assert "empty" in empty.json()["error"]["message"]
+    assert listed.json()["error"]["message"] == "the request body must be a JSON object"
+
+
+def test_openapi_lists_error_responses_with_the_error_schema() -> None:
+    app = create_app(Settings(no_announce=True), engine_factory=lambda p, s: FakeEngine(p))
+    doc = app.openapi()
+    schemas = doc["components"]["schemas"]
+    chat = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"400", "401", "404", "413", "503"} <= set(chat)
+    for status in ("400", "401", "413", "503"):
+        ref = chat[status]["content"]["application/json"]["schema"]["$ref"]
+        body = schemas[ref.rsplit("/", 1)[1]]
+        inner = schemas[body["properties"]["error"]["$ref"].rsplit("/", 1)[1]]
+        assert set(inner["properties"]) == set(inner["required"]) == {
+            "message", "type", "param", "code"}
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            codes = set(op["responses"])
+            assert "422" not in codes, (method, path)  # validation errors are 400s here
+            if path not in ("/", "/health"):
+                assert "401" in codes, (method, path)
+    assert "413" not in doc["paths"]["/v1/responses/{response_id}"]["get"]["responses"]
+    assert "401" not in doc["paths"]["/health"]["get"]["responses"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,8 @@ async def ids(client: httpx.AsyncClient) -> list[str]:
 
 
 async def wait_for(client: httpx.AsyncClient, first: str) -> None:
-    for _ in range(200):
+    deadline = time.monotonic() + 60  # NOTE: a liveness bound; the callers assert the state
+    while time.monotonic() < deadline:
         if (await ids(client))[:1] == [first]:
             return
         await asyncio.sleep(0.01)

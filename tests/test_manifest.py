@@ -237,3 +237,11 @@ def test_readme_example_is_valid(tmp_path: Path) -> None:
     with pytest.raises(ManifestError) as info:
         parse_manifest(broken, Path("models/models.yaml"))
     assert info.value.lines()[0].replace("\n", " ") in " ".join(readme.split())
+
+
+def test_huggingface_paths_with_dot_dot_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "models:\n  a:\n    path: x.gguf\n    download:\n"
+                           "      - huggingface: {repo_id: o/r, filename: ../x.gguf}\n")
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    assert "`..` segment" in str(info.value)

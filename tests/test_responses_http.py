@@ -356,3 +356,55 @@ async def test_api_key_applies(fake_client: Any) -> None:
     assert_error(refused, 401)
     assert_error(listed, 401)
     assert ok.status_code == 200
+
+
+async def test_stored_responses_belong_to_their_key(fake_client: Any) -> None:
+    a, b = {"Authorization": "Bearer sk-a"}, {"X-API-Key": "sk-b"}
+    async with fake_client({"api_key": ["sk-a", "sk-b"]}) as client:
+        made = (await client.post("/v1/responses", json={"input": "secret"}, headers=a)).json()
+        url = f"/v1/responses/{made['id']}"
+        missing = await client.get("/v1/responses/resp_nothere", headers=b)
+        foreign = [
+            await client.get(url, headers=b),
+            await client.get(f"{url}/input_items", headers=b),
+            await client.delete(url, headers=b),
+        ]
+        cont = await client.post("/v1/responses", headers=b, json={
+            "input": "x", "previous_response_id": made["id"]})
+        prompts_after_b = len(client.engines[0].prompts)
+        own = [
+            await client.get(url, headers=a),
+            await client.get(f"{url}/input_items", headers=a),
+            await client.post("/v1/responses", headers=a, json={
+                "input": "y", "previous_response_id": made["id"]}),
+        ]
+        deleted = await client.delete(url, headers=a)
+        record = client.app.state.responses.store.get(own[2].json()["id"])
+    expected = assert_error(missing, 404, "response_not_found")
+    for resp in foreign:  # exactly the 404 of an unknown id, its own id in the message
+        error = assert_error(resp, 404, "response_not_found")
+        assert error["type"] == expected["type"] and made["id"] in error["message"]
+    assert assert_error(cont, 404, "response_not_found")["param"] == "previous_response_id"
+    assert prompts_after_b == 1  # B's continuation never reached the engine
+    assert [r.status_code for r in own] == [200, 200, 200]
+    assert own[0].json() == made
+    assert "secret" in client.engines[0].prompts[-1]
+    assert deleted.json()["deleted"] is True
+    # the owner is a hash of the key, never the key itself
+    assert record["owner"].startswith("key_") and "sk-a" not in json.dumps(record)
+
+
+async def test_records_without_owner_are_readable_only_without_keys(fake_client: Any) -> None:
+    async with fake_client() as client:  # no keys: single-tenant, as before
+        made = (await client.post("/v1/responses", json={"input": "x"})).json()
+        store = client.app.state.responses.store
+        record = store.get(made["id"])
+        assert record["owner"] is None
+        del record["owner"]  # a record as older versions wrote it
+        store.put(record)
+        unkeyed = await client.get(f"/v1/responses/{made['id']}")
+    async with fake_client({"api_key": ["sk-a"]}) as client:  # same cache dir, keys now
+        keyed = await client.get(f"/v1/responses/{made['id']}",
+                                 headers={"Authorization": "Bearer sk-a"})
+    assert unkeyed.status_code == 200
+    assert_error(keyed, 404, "response_not_found")

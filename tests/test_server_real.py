@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import httpx
 import openai
@@ -149,7 +147,7 @@ def test_errors_keep_the_server_serving(client: openai.OpenAI) -> None:
     assert big.choices[0].message.content
 
 
-def _finished_tokens(server: ServerProcess, gen_id: str, timeout: float = 30) -> tuple[str, int]:
+def _finished_tokens(server: ServerProcess, gen_id: str, timeout: float = 300) -> tuple[str, int]:
     """(finish reason, completion tokens) from the server's log line for a generation."""
     pattern = re.compile(re.escape(gen_id) + r" finished \((\w+)\): \d+ prompt \+ (\d+) completion")
     deadline = time.monotonic() + timeout
@@ -168,7 +166,7 @@ def test_stream_disconnect_stops_generation(smol_server: ServerProcess) -> None:
     gen_id = ""
     with httpx.stream(
         "POST", f"{smol_server.base_url}/v1/chat/completions", json={**LONG, "stream": True},
-        timeout=30,
+        timeout=300,
     ) as resp:
         for line in resp.iter_lines():
             m = re.search(r'"id": "(chatcmpl-\w+)"', line)
@@ -184,7 +182,7 @@ def test_non_stream_disconnect_stops_generation(smol_server: ServerProcess) -> N
     before = smol_server.log()
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{smol_server.base_url}/v1/chat/completions", json=LONG, timeout=1.0)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 300  # NOTE: a liveness bound: found, it returns at once
     new = ""
     while time.monotonic() < deadline and "finished (" not in new:
         time.sleep(0.1)
@@ -195,21 +193,13 @@ def test_non_stream_disconnect_stops_generation(smol_server: ServerProcess) -> N
 
 
 def test_health_answers_during_generation(smol_server: ServerProcess) -> None:
-    done = threading.Event()
-    result: dict[str, Any] = {}
-
-    def long_request() -> None:
-        body = {**LONG, "max_tokens": 400}
-        result["r"] = httpx.post(f"{smol_server.base_url}/v1/chat/completions", json=body,
-                                 timeout=120)
-        done.set()
-
-    t = threading.Thread(target=long_request)
-    t.start()
-    time.sleep(0.5)
-    health = httpx.get(f"{smol_server.base_url}/health", timeout=5)
-    busy = not done.is_set()
-    t.join()
+    # NOTE: no clock: /health is asked once the stream's first token has arrived, and its body
+    # must show the generation still running (1500 tokens; closing the stream cancels it).
+    with httpx.stream("POST", f"{smol_server.base_url}/v1/chat/completions",
+                      json={**LONG, "stream": True}, timeout=300) as resp:
+        for line in resp.iter_lines():
+            if '"content"' in line:
+                break
+        health = httpx.get(f"{smol_server.base_url}/health", timeout=60)
     assert health.status_code == 200
-    assert busy
-    assert result["r"].json()["usage"]["completion_tokens"] == 400
+    assert health.json()["engine"]["active_sequences"] >= 1

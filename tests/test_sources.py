@@ -355,3 +355,22 @@ def test_find_spec() -> None:
     assert find_spec("SMOLLM2-135M") is smol
     assert find_spec("gemma-3-270m-q4_k_m.gguf") is BUILTIN["gemma3-270m"]
     assert find_spec("nope") is None
+
+
+@pytest.mark.parametrize(("repo_id", "filename"), [
+    ("owner/repo", "../x.gguf"), ("owner/repo", "a//x.gguf"), ("owner/repo", "./x.gguf"),
+    ("owner/repo", ""), ("owner/..", "x.gguf"), ("../repo", "x.gguf"), ("owner", "x.gguf"),
+    ("owner/repo/extra", "x.gguf"), ("owner/repo", "a\\..\\x.gguf"),
+])
+def test_hf_sources_with_dot_or_empty_segments_are_refused(repo_id: str, filename: str) -> None:
+    from llmserve.catalog.spec import HuggingFaceSource, hf_path_problem
+
+    assert hf_path_problem(repo_id, filename)
+    with pytest.raises(ValueError, match="Hugging Face"):
+        HuggingFaceSource(repo_id, filename)
+
+
+def test_hf_sources_with_subfolders_are_fine() -> None:
+    from llmserve.catalog.spec import HuggingFaceSource
+
+    assert HuggingFaceSource("o/r.GGUF", "sub/dir/x-1.5.gguf").filename == "sub/dir/x-1.5.gguf"

@@ -4,6 +4,8 @@ llama-cpp-python sdist, into a cache folder outside the repo, once per version a
     pip download --no-deps --no-binary :all: llama-cpp-python==<pinned>  -> extract
     cmake -B build vendor/llama.cpp -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF ...
     cmake --build build --target llama-server -j N
+
+`llmserve llama TOOL [ARGS...]` runs a tool from such a build (find_tool, run_tool).
 """
 
 from __future__ import annotations
@@ -69,6 +71,49 @@ def installed_binaries() -> list[Path]:
         version = ""
     found = [d / BINARY for d in sorted(root.iterdir()) if (d / BINARY).is_file()]
     return sorted(found, key=lambda p: not p.parent.parent.parent.name.startswith(f"{version}-"))
+
+
+def build_bins() -> list[Path]:
+    """The build/bin folders `install llama` made in the default cache (the pinned first)."""
+    return [binary.parent for binary in installed_binaries()]
+
+
+def tool_names(tool: str) -> list[str]:
+    """Binary names TOOL may mean: `server` -> llama-server, `llama-cli` as it is."""
+    if not tool or "/" in tool or tool.startswith(".") or "\0" in tool:
+        return []
+    return [tool] if tool.startswith("llama-") else [f"llama-{tool}", tool]
+
+
+def find_tool(tool: str, bins: Sequence[Path] | None = None) -> Path | None:
+    """The first built binary TOOL names, in build order (pinned version first)."""
+    for folder in build_bins() if bins is None else bins:
+        for name in tool_names(tool):
+            path = folder / name
+            if path.is_file() and os.access(path, os.X_OK):
+                return path
+    return None
+
+
+def run_tool(tool: str, args: Sequence[str]) -> int:
+    """`llmserve llama TOOL [ARGS...]`: exec the built tool (its exit code is ours); 2 when
+    there is none, with how to build it."""
+    bins = build_bins()
+    if not bins:
+        sys.stderr.write("llmserve: no llama.cpp build found: run `llmserve install llama` "
+                         f"first (it builds into {cache_root()})\n")
+        return 2
+    path = find_tool(tool, bins)
+    if path is None:
+        have = sorted({p.name for b in bins for p in b.glob("llama-*") if p.is_file()})
+        sys.stderr.write(f"llmserve: no llama.cpp tool {tool!r} in {bins[0]} (built: "
+                         f"{', '.join(have) or 'none'}); `llmserve install llama` builds "
+                         "llama-server\n")
+        return 2
+    sys.stderr.flush()
+    sys.stdout.flush()
+    # NOTE: exec, not a child: stdin, signals and the exit status are the tool's own
+    os.execv(path, [str(path), *args])
 
 
 def _stamp_ok(folder: Path, version: str, accel: str) -> bool:

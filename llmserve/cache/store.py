@@ -19,6 +19,8 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from llmserve.private import open_private, private_dir
+
 logger = logging.getLogger(__name__)
 
 _MAGIC = b"LLMSKV01"
@@ -146,7 +148,12 @@ class DiskTier:
     def _connect(self) -> Any:
         import diskcache
 
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dir(self.directory)
+        # NOTE: an empty file is a new SQLite database, and SQLite gives its -wal/-shm files
+        # the database's mode: the index is 0600 whatever the umask (llmserve/private.py).
+        with suppress(FileExistsError):
+            os.close(open_private(self.directory / "cache.db",
+                                  os.O_WRONLY | os.O_CREAT | os.O_EXCL))
         cache = diskcache.Cache(
             str(self.directory),
             size_limit=self.capacity,

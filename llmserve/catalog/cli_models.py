@@ -37,7 +37,6 @@ from llmserve.errors import LlmserveError
 from llmserve.units import format_size
 
 logger = logging.getLogger(__name__)
-_HF_REF = re.compile(r"^hf://([\w.-]+/[\w.-]+)/(.+\.gguf)$")
 
 
 class CliError(Exception):
@@ -142,7 +141,6 @@ def _list(args: argparse.Namespace, library: ModelLibrary) -> int:
 def _adhoc_spec(name: str) -> ModelSpec | None:
     """A spec for `hf://owner/repo/file.gguf`, `ollama://[ns/]name[:tag]` or an http(s) URL
     ending in .gguf."""
-    match = _HF_REF.match(name)
     if name.startswith("ollama://"):
         try:
             ref = parse_ollama_ref(name)
@@ -150,10 +148,15 @@ def _adhoc_spec(name: str) -> ModelSpec | None:
             raise CliError(str(exc), 2) from exc
         filename = default_filename(ref)
         source: HuggingFaceSource | UrlSource | OllamaSource = ref
-    elif match:
-        repo_id, path = match.groups()
+    elif name.startswith("hf://"):
+        owner, repo, path = [*name[len("hf://"):].split("/", 2), "", ""][:3]
+        if not path.endswith(".gguf"):
+            raise CliError(f"{name}: not hf://owner/repo/file.gguf", 2)
         filename = path.rsplit("/", 1)[-1]
-        source = HuggingFaceSource(repo_id, path)
+        try:
+            source = HuggingFaceSource(f"{owner}/{repo}", path)
+        except ValueError as exc:  # `..` or empty segments: refused before any network
+            raise CliError(f"{name}: {exc}", 2) from exc
     elif name.startswith(("http://", "https://")) and name.lower().endswith(".gguf"):
         filename = urllib.parse.unquote(urllib.parse.urlsplit(name).path.rsplit("/", 1)[-1])
         source = UrlSource(name)

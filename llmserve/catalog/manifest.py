@@ -62,6 +62,7 @@ from llmserve.catalog.spec import (
     PypiSource,
     Source,
     UrlSource,
+    hf_path_problem,
 )
 from llmserve.config import CacheType, FlashAttn, kv_setting
 from llmserve.units import parse_size
@@ -109,6 +110,13 @@ class _HuggingFace(BaseModel):
     repo_id: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
     filename: str = Field(min_length=1)
     revision: str = Field(default="main", min_length=1)
+
+    @model_validator(mode="after")
+    def _safe_path(self) -> _HuggingFace:
+        problem = hf_path_problem(self.repo_id, self.filename)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
 
 
 class _Pypi(BaseModel):

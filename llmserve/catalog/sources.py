@@ -23,7 +23,7 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from llmserve.catalog import ollama
 from llmserve.catalog.spec import (
@@ -50,6 +50,7 @@ from llmserve.catalog.transfer import (
     progress_bar,
     reason,
 )
+from llmserve.private import open_private
 
 try:
     import fcntl
@@ -227,7 +228,7 @@ def _link_local(source: LocalSource, spec: ModelSpec, staging: Path, *, progress
         os.link(src, out)
     except OSError:
         size = src.stat().st_size
-        with src.open("rb") as f, out.open("wb") as dst, progress_bar(
+        with src.open("rb") as f, _create(out) as dst, progress_bar(
             size, spec.filename, progress
         ) as bar:
             copy(f, dst, bar)
@@ -332,10 +333,15 @@ def _extract_members(
                 raise FetchError(f"member {member} not found in {names}")
         located = [index[member] for member in members]
         total = sum(info.file_size for _, info in located)
-        with out.open("wb") as dst, progress_bar(total, out.name, progress) as bar:
+        with _create(out) as dst, progress_bar(total, out.name, progress) as bar:
             for archive, info in located:
                 with archive.open(info) as src:
                     copy(src, dst, bar)
+
+
+def _create(path: Path) -> BinaryIO:
+    """A new model file, owner-only (0600) whatever the umask."""
+    return os.fdopen(open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb")
 
 
 def check_filename(filename: str) -> None:

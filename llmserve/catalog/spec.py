@@ -8,13 +8,32 @@ from pathlib import Path
 from typing import Any
 
 
+def hf_path_problem(repo_id: str, filename: str) -> str | None:
+    """Why a Hub repo id / file path cannot go into a URL (`.`, `..` or empty segments, a
+    repo id that is not owner/name), or None."""
+    if len(repo_id.split("/")) != 2:
+        return f"Hugging Face repo id {repo_id!r} is not owner/name"
+    for what, path in (("repo id", repo_id), ("file path", filename)):
+        if any(part in ("", ".", "..") for part in path.split("/")):
+            return (f"Hugging Face {what} {path!r} has an empty, `.` or `..` segment")
+        if "\\" in path or "\0" in path:
+            return f"Hugging Face {what} {path!r} holds a backslash or NUL"
+    return None
+
+
 @dataclass(frozen=True)
 class HuggingFaceSource:
-    """A file in a Hugging Face model repository."""
+    """A file in a Hugging Face model repository; a path that could leave the repository in
+    the URL (hf_path_problem) is a ValueError here, before any network."""
 
     repo_id: str
     filename: str
     revision: str = "main"
+
+    def __post_init__(self) -> None:
+        problem = hf_path_problem(self.repo_id, self.filename)
+        if problem is not None:
+            raise ValueError(problem)
 
 
 @dataclass(frozen=True)

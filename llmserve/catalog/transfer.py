@@ -27,6 +27,7 @@ from typing import Any, BinaryIO, NoReturn, Protocol
 from tqdm import tqdm
 
 from llmserve.catalog.spec import HuggingFaceSource
+from llmserve.private import open_private, write_private
 
 logger = logging.getLogger(__name__)
 
@@ -205,9 +206,10 @@ def _receive(
         "last_modified": headers.get("Last-Modified"),
         "total": total,
     }
-    meta_path(partial).write_text(json.dumps(meta), encoding="utf-8")
+    write_private(meta_path(partial), json.dumps(meta).encode("utf-8"))
     bar = progress_bar(total or size_hint, desc or partial.name, progress, initial=have)
-    with partial.open("ab" if append else "wb") as dst, bar:
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    with os.fdopen(open_private(partial, flags), "ab" if append else "wb") as dst, bar:
         copy(response, dst, bar)
     return total
 

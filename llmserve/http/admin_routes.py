@@ -19,11 +19,12 @@ from llmserve.http.deps import (
     SettingsDep,
     WorkerDep,
 )
+from llmserve.http.openapi import API, errors
 from llmserve.http.ui_routes import wants_html
 from llmserve.schemas import RestoreCacheRequest, SetModelRequest
 from llmserve.version import __version__
 
-router = APIRouter()
+router = APIRouter(responses=errors(401))
 
 
 @router.get("/", response_model=None)
@@ -41,7 +42,7 @@ async def status(request: Request, manager: ManagerDep) -> dict[str, Any] | Redi
     }
 
 
-@router.get("/health", response_model=None)
+@router.get("/health", response_model=None, responses=errors(503))
 async def health(
     manager: ManagerDep, cache: CacheDep, settings: SettingsDep, worker: WorkerDep
 ) -> Any:
@@ -92,14 +93,14 @@ async def models(manager: ManagerDep) -> dict[str, Any]:
     return {"active": manager.active_name, "loaded": manager.loaded_names(), "models": described}
 
 
-@router.post("/setModel")
+@router.post("/setModel", responses=errors(*API))
 async def set_model(body: SetModelRequest, backends: BackendsDep) -> dict[str, Any]:
     """Switch the active model once in-flight requests finish."""
     name = await backends.switch(body.model_name)
     return {"status": "ok", "model": name}
 
 
-@router.post("/restore_cache")
+@router.post("/restore_cache", responses=errors(*API))
 async def restore_cache(body: RestoreCacheRequest, service: ServiceDep) -> dict[str, Any]:
     """Evaluate and store a conversation's prompt so its next request starts from cache."""
     return await service.restore_cache(body)

@@ -24,8 +24,9 @@ from llmserve.anthropic.events import MessageBuilder, error_body, message_id, ss
 from llmserve.anthropic.schemas import CountTokensRequest, MessagesRequest
 from llmserve.anthropic.service import PromptFacts, cache_usage, parts
 from llmserve.errors import ContextLengthError, LlmserveError, QueueFullError
-from llmserve.http.deps import MessagesDep
+from llmserve.http.deps import MessagesDep, whole_body_message
 from llmserve.http.openai_routes import collect_unless_gone
+from llmserve.http.openapi import API, AnthropicErrorBody, errors
 from llmserve.service import Finished, Generation
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ def _validation_message(exc: RequestValidationError) -> str:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON"
+    whole = whole_body_message(first)
+    if whole is not None:
+        return whole
     # NOTE: pydantic puts union members in loc (tagged-union tags, "list[...]"): drop them.
     loc = [str(p) for p in first.get("loc", ())
            if p != "body" and not any(c in str(p) for c in "[]()',")]
@@ -87,7 +91,8 @@ class AnthropicRoute(APIRoute):
         return route
 
 
-router = APIRouter(prefix="/v1", route_class=AnthropicRoute)
+router = APIRouter(prefix="/v1", route_class=AnthropicRoute,
+                   responses=errors(*API, body=AnthropicErrorBody))
 
 
 def _ping() -> ServerSentEvent:

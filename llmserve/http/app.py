@@ -40,8 +40,11 @@ from llmserve.http import (
     ui_routes,
 )
 from llmserve.http.auth import APIKeyMiddleware, is_loopback_host
+from llmserve.http.deps import whole_body_message
 from llmserve.http.guard import BodyGuard
+from llmserve.http.openapi import tidy
 from llmserve.metrics import LoadedModel, Metrics
+from llmserve.private import restrict_umask, tighten
 from llmserve.responses.service import ResponsesService
 from llmserve.responses.store import ResponseStore
 from llmserve.scheduler import Scheduler
@@ -64,13 +67,16 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
+    if first.get("type") == "json_invalid":
+        return "request body is not valid JSON", None
+    whole = whole_body_message(first)
+    if whole is not None:
+        return whole, None
     # NOTE: pydantic puts union members in loc ("literal['none','auto']", "NamedToolChoice");
     # the OpenAI param is the field path without them.
     loc = [str(p) for p in first.get("loc", ())
            if p != "body" and not re.search(r"[\[\]()',]|^[A-Z]", str(p))]
     param = ".".join(loc) or None
-    if first.get("type") == "json_invalid":
-        return "request body is not valid JSON", None
     if first.get("type") == "missing":
         return f"missing required parameter: {param!r}", param
     return f"invalid parameter {param!r}: {first.get('msg', 'invalid value')}", param
@@ -107,6 +113,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def create_app(settings: Settings, engine_factory: EngineFactory | None = None) -> FastAPI:
     """The ASGI app; engine_factory defaults to llama.cpp (tests pass a fake)."""
+    _private_files(settings)
     worker = Scheduler(settings.max_queue, settings.n_batch)
     manager = ModelManager(
         settings, engine_factory or _llama_factory(), worker, check_files=engine_factory is None
@@ -175,6 +182,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     app.include_router(observe.router)
     # NOTE: the last middleware added runs first: the body guard runs after the API key
     # check, and the metrics also count refused requests.
+    app.openapi = tidy(app)  # type: ignore[method-assign]
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes,
                        timeout_body=settings.timeout_body)
     app.add_middleware(APIKeyMiddleware, keys=keys)
@@ -183,6 +191,16 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
         paths=lambda: app.openapi()["paths"].keys(),
     )
     return app
+
+
+def _private_files(settings: Settings) -> None:
+    """Owner-only files from here on (umask 0o077: this is the server process); files and
+    folders older versions left readable under the cache dir are tightened, in one log line."""
+    restrict_umask()
+    tightened = tighten(settings.cache_dir)
+    if tightened:
+        logger.info("made %d files and folders under %s owner-only (chmod go-rwx)",
+                    tightened, settings.cache_dir)
 
 
 def _loaded_models(manager: ModelManager) -> list[LoadedModel]:

@@ -6,6 +6,7 @@ disconnects pass through untouched.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 from collections.abc import Sequence
@@ -16,6 +17,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from llmserve.anthropic.events import error_body as anthropic_error_body
 from llmserve.errors import AuthenticationError
 
+# NOTE: where a request's key id goes (Starlette's request.state reads scope["state"]).
+KEY_ID_STATE = "api_key_id"
 PUBLIC_PATHS = frozenset({"/", "/health", "/ui"})
 # NOTE: the browser page's assets (http/ui_routes.py); what the page calls stays protected.
 PUBLIC_PREFIXES = ("/ui/",)
@@ -48,6 +51,11 @@ def key_matches(presented: bytes, keys: Sequence[bytes]) -> bool:
     return ok
 
 
+def key_id(key: bytes) -> str:
+    """A stable id for a key, safe to store: `key_` + sha256 of it (never the key itself)."""
+    return "key_" + hashlib.sha256(key).hexdigest()
+
+
 def is_loopback_host(host: str) -> bool:
     """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
     if host.lower() == "localhost":
@@ -59,7 +67,10 @@ def is_loopback_host(host: str) -> bool:
 
 
 class APIKeyMiddleware:
-    """Rejects HTTP requests without a valid key, except on public paths (is_public)."""
+    """Rejects HTTP requests without a valid key, except on public paths (is_public).
+
+    An accepted request carries its key's id (key_id) in scope["state"][KEY_ID_STATE]: what
+    owns the data it makes (stored Responses)."""
 
     def __init__(self, app: ASGIApp, keys: Sequence[str]):
         self.app = app
@@ -70,9 +81,11 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
         presented = presented_keys(scope.get("headers", []))
-        if any(key_matches(p, self._keys) for p in presented):
-            await self.app(scope, receive, send)
-            return
+        for candidate in presented:
+            if key_matches(candidate, self._keys):
+                scope.setdefault("state", {})[KEY_ID_STATE] = key_id(candidate)
+                await self.app(scope, receive, send)
+                return
         if presented:
             error = AuthenticationError("invalid API key")
         else:

@@ -11,9 +11,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from llmserve.http.deps import EmbeddingsDep
+from llmserve.http.openapi import API, errors
 from llmserve.schemas import EmbeddingRequest
 
-router = APIRouter()
+router = APIRouter(responses=errors(*API))
 
 
 @contextlib.asynccontextmanager

@@ -11,10 +11,11 @@ from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmserve.http.deps import MetricsDep
+from llmserve.http.openapi import errors
 from llmserve.metrics import CONTENT_TYPE, Metrics
 
 logger = logging.getLogger(__name__)
-router = APIRouter()
+router = APIRouter(responses=errors(401))
 
 
 @router.get("/metrics", response_class=Response)

@@ -16,6 +16,7 @@ from llmserve.errors import InternalError, LlmserveError, error_body
 from llmserve.http.chat_tool_calls import ChatToolCalls, custom_tool_names, function_call_delta
 from llmserve.http.deps import ManagerDep, ServiceDep
 from llmserve.http.logprobs import chat_logprobs, completion_logprobs
+from llmserve.http.openapi import API, errors
 from llmserve.schemas import ChatCompletionRequest, CompletionRequest
 from llmserve.service import (
     Finished,
@@ -28,8 +29,8 @@ from llmserve.service import (
 )
 
 logger = logging.getLogger(__name__)
-router = APIRouter()
-v1_router = APIRouter(prefix="/v1")
+router = APIRouter(responses=errors(*API))
+v1_router = APIRouter(prefix="/v1", responses=errors(401))
 T = TypeVar("T")
 # (delta, finish_reason, choice index, the delta's token logprobs) -> one streamed chunk
 Chunk = Callable[..., dict[str, Any]]

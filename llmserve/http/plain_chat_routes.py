@@ -10,10 +10,11 @@ from fastapi.responses import StreamingResponse
 
 from llmserve.http.deps import ServiceDep, json_body
 from llmserve.http.openai_routes import stream_error
+from llmserve.http.openapi import API, errors
 from llmserve.schemas import ChatCompletionRequest, PlainChatRequest
 from llmserve.service import TextDelta
 
-router = APIRouter()
+router = APIRouter(responses=errors(*API))
 
 
 @router.post("/chat")

@@ -9,12 +9,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from sse_starlette.sse import EventSourceResponse
 
-from llmserve.http.deps import ResponsesDep
+from llmserve.http.deps import OwnerDep, ResponsesDep
 from llmserve.http.openai_routes import collect_unless_gone, sse_response, stream_error
+from llmserve.http.openapi import API, errors
 from llmserve.responses.schemas import InputItemsQuery, ResponsesRequest
 from llmserve.responses.service import ResponseRun
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", responses=errors(401, 404))
 
 
 def _sse(run: ResponseRun) -> EventSourceResponse:
@@ -30,32 +31,37 @@ def _sse(run: ResponseRun) -> EventSourceResponse:
     return sse_response(run.gen, events(), failed)
 
 
-@router.post("/responses", response_model=None)
+@router.post("/responses", response_model=None, responses=errors(*API))
 async def create_response(
-    body: ResponsesRequest, request: Request, service: ResponsesDep
+    body: ResponsesRequest, request: Request, service: ResponsesDep, owner: OwnerDep
 ) -> dict[str, Any] | EventSourceResponse:
     """OpenAI Responses: create a response, streamed as semantic SSE events when `stream`."""
-    run = await service.create(body)
+    run = await service.create(body, owner)
     if body.stream:
         return _sse(run)
     return await collect_unless_gone(run.gen, request, run.collect)
 
 
 @router.get("/responses/{response_id}")
-async def get_response(response_id: str, service: ResponsesDep) -> dict[str, Any]:
-    """A stored response."""
-    return service.get(response_id)
+async def get_response(
+    response_id: str, service: ResponsesDep, owner: OwnerDep
+) -> dict[str, Any]:
+    """A stored response (the caller's key's own, when keys are set)."""
+    return service.get(response_id, owner)
 
 
 @router.delete("/responses/{response_id}")
-async def delete_response(response_id: str, service: ResponsesDep) -> dict[str, Any]:
-    """Delete a stored response."""
-    return service.delete(response_id)
+async def delete_response(
+    response_id: str, service: ResponsesDep, owner: OwnerDep
+) -> dict[str, Any]:
+    """Delete a stored response (the caller's key's own, when keys are set)."""
+    return service.delete(response_id, owner)
 
 
-@router.get("/responses/{response_id}/input_items")
+@router.get("/responses/{response_id}/input_items", responses=errors(400))
 async def list_input_items(
-    response_id: str, service: ResponsesDep, query: Annotated[InputItemsQuery, Query()]
+    response_id: str, service: ResponsesDep, owner: OwnerDep,
+    query: Annotated[InputItemsQuery, Query()],
 ) -> dict[str, Any]:
     """The input items a stored response was generated from, paginated."""
-    return service.input_items(response_id, query)
+    return service.input_items(response_id, query, owner)

@@ -7,9 +7,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 
 from llmserve.http.deps import TokensDep, json_body
+from llmserve.http.openapi import API, errors
 from llmserve.schemas import DetokenizeRequest, TokenizeRequest
 
-router = APIRouter()
+router = APIRouter(responses=errors(*API))
 
 
 @router.post("/tokenize")

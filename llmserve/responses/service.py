@@ -8,6 +8,12 @@ streamed, its semantic events (events.py) -> the finished response goes to the s
 NOTE: the prompt of a continued conversation renders history + new input with the same
 template, so it starts with the previous turn's prompt + output and the prefix cache supplies
 that KV (usage.input_tokens_details.cached_tokens).
+
+Ownership: with API keys, each record holds `owner`, the id of the key that made it
+(http/auth.key_id, a sha256, never the key); every other key gets the same 404 as an unknown
+id on get, input_items, delete and previous_response_id. Records without an owner (written by
+versions before it, or while no keys were set) are then nobody's: 404 to every key. Without
+keys (owner None) the server is single-tenant and every record is readable.
 """
 
 from __future__ import annotations
@@ -105,20 +111,22 @@ class ResponsesService:
         self.chat = chat
         self.store = store
 
-    def _record(self, response_id: str, param: str | None = None) -> dict[str, Any]:
+    def _record(self, response_id: str, owner: str | None,
+                param: str | None = None) -> dict[str, Any]:
         record = self.store.get(response_id)
-        if record is None:
+        # NOTE: another key's record answers exactly like a missing one, so ids cannot be probed
+        if record is None or (owner is not None and record.get("owner") != owner):
             raise ResponseNotFoundError(f"response {response_id!r} not found", param=param)
         return record
 
-    async def create(self, req: ResponsesRequest) -> ResponseRun:
+    async def create(self, req: ResponsesRequest, owner: str | None = None) -> ResponseRun:
         """Start a response; raises every request error before any output exists."""
         convert.check_unsupported(req)
         assert req.input is not None
         items = convert.input_items(req.input)
         history: list[dict[str, Any]] = []
         if req.previous_response_id:
-            prev = self._record(req.previous_response_id, "previous_response_id")
+            prev = self._record(req.previous_response_id, owner, "previous_response_id")
             history = [*prev["history"], *prev["input"], *prev["response"]["output"]]
         tools = tool_set(req.tools)
         chat_req = convert.chat_request(req, history, items, tools)
@@ -128,25 +136,27 @@ class ResponsesService:
             exc.param = convert.responses_param(exc.param)
             raise
         response = _skeleton(req, gen)
-        record = {"history": history, "input": items}
+        record = {"owner": owner, "history": history, "input": items}
         store = self.store if req.store else None
         cache_on = self.chat.settings.prompt_cache != "off"
         return ResponseRun(gen, ResponseBuilder(response, tools), record, store, cache_on)
 
-    def get(self, response_id: str) -> dict[str, Any]:
-        """A stored response object (404 when unknown or deleted)."""
-        response: dict[str, Any] = self._record(response_id)["response"]
+    def get(self, response_id: str, owner: str | None = None) -> dict[str, Any]:
+        """A stored response object (404 when unknown, deleted, or another key's)."""
+        response: dict[str, Any] = self._record(response_id, owner)["response"]
         return response
 
-    def delete(self, response_id: str) -> dict[str, Any]:
-        """Forget a stored response."""
+    def delete(self, response_id: str, owner: str | None = None) -> dict[str, Any]:
+        """Forget a stored response (404 when unknown or another key's)."""
+        self._record(response_id, owner)
         if not self.store.delete(response_id):
             raise ResponseNotFoundError(f"response {response_id!r} not found")
         return {"id": response_id, "object": "response.deleted", "deleted": True}
 
-    def input_items(self, response_id: str, query: InputItemsQuery) -> dict[str, Any]:
+    def input_items(self, response_id: str, query: InputItemsQuery,
+                    owner: str | None = None) -> dict[str, Any]:
         """The items the response was generated from (earlier turns' too), paginated."""
-        record = self._record(response_id)
+        record = self._record(response_id, owner)
         items = [*record["history"], *record["input"]]
         if query.order == "desc":
             items.reverse()

@@ -4,6 +4,7 @@ A record is `{"response": <the response object>, "history": [items before this r
 input], "input": [this response's input items]}`: continuing from a response needs only that
 one record (history + input + output), so evicting older ones never breaks a conversation.
 Files survive restarts; the oldest (by write time) are deleted past `--responses_max`.
+Owner-only: the folder is 0700 and each file 0600 whatever the umask (llmserve/private.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
+
+from llmserve.private import private_dir, write_private
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +65,9 @@ class ResponseStore:
         path = self._path(response_id)
         if path is None:
             raise ValueError(f"not a response id: {response_id!r}")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dir(self.directory)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
+        write_private(tmp, json.dumps(record, ensure_ascii=False).encode("utf-8"))
         os.replace(tmp, path)
         with self._lock:
             self._order[response_id] = None
