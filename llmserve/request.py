@@ -12,7 +12,7 @@ from typing import Any
 from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import ModelManager
 from llmserve.chat.tools import make_parser
-from llmserve.engine.base import BatchEngine, Engine, SamplingParams, Seq
+from llmserve.engine.base import Engine, SamplingParams, Seq, as_batch
 from llmserve.output import (
     AttachOutputs,
     ChoiceEnd,
@@ -37,7 +37,6 @@ class Env:
     manager: ModelManager
     cache: PrefixCache
     stream_interval: float
-    batch_for: Callable[[Engine], BatchEngine]
 
 
 @dataclass(eq=False)
@@ -88,7 +87,7 @@ class Request:
         if seqs is None:
             self.env.manager.release(raw.info.name, None, stamp=False)
             return False
-        engine = self.env.batch_for(raw)
+        engine = as_batch(raw)
         keep_slots(raw, self.env.cache)
         tokens = seqs[0].tokens[: seqs[0].n_prompt]
         self.engine, self.seqs, self.all_seqs = engine, list(seqs), seqs
@@ -119,7 +118,7 @@ class Request:
     def _open(self, raw: Engine) -> list[Seq] | None:
         if self.prompt is None or raw is not self.raw:
             self.raw, self.prompt = raw, self.build_prompt(raw)
-        engine = self.env.batch_for(raw)
+        engine = as_batch(raw)
         tokens = self.prompt.tokens
         check_context(len(tokens), raw.info.n_ctx)
         if engine.n_parallel < self.n:
