@@ -2,8 +2,9 @@
 
 Each turn of the loop: run the calls that arrived (tokenize, load, switch...) and admit
 waiting requests in arrival order while sequences are free; drop what was cancelled; then one
-decode step per model with live sequences (every decoding sequence's next token plus prompt
-chunks within --n_batch), and feed each sampled token to its request's output processor.
+decode step per model with live sequences: plan_step decides what it evaluates (every decoding
+sequence's next token plus prompt chunks within --n_batch), the engine executes that plan, and
+each sampled token goes to its request.
 
 NOTE: llama.cpp contexts are not thread-safe, so this one thread owns all of them; calls and
 admissions keep their arrival order, so a model switch still waits for the work before it.
