@@ -470,7 +470,7 @@ class Scheduler:
                 continue
             except Exception as exc:
                 logger.exception("decode step failed")
-                for req in {id(owner[id(s)]): owner[id(s)] for s in plan.seqs}.values():
+                for req in dict.fromkeys(owner[id(s)] for s in plan.seqs):
                     self._fail(req, exc)
                 continue
             finally:
