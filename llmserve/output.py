@@ -77,6 +77,14 @@ Delta = TextDelta | ReasoningDelta | ToolCallDelta
 
 
 @dataclass(frozen=True)
+class ChoiceStart:
+    """A choice's first token follows: its prompt KV is in, `cached_tokens` of it reused."""
+
+    choice: int
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
 class ChoiceEnd:
     """The engine ended a choice (end of generation, its length limit, cancel, KV)."""
 
@@ -92,7 +100,7 @@ class TokenBatch:
     stop strings, reasoning and tool parsing happen where it is delivered (the event loop),
     never on the engine thread."""
 
-    items: tuple[tuple[int, bytes, TokenLogprob | None] | ChoiceEnd, ...]
+    items: tuple[tuple[int, bytes, TokenLogprob | None] | ChoiceStart | ChoiceEnd, ...]
 
 
 @dataclass(frozen=True)
@@ -109,9 +117,13 @@ class Outputs:
     def __init__(self, processors: tuple[OutputProcessor, ...]):
         self.processors = processors
         self.ended: set[int] = set()  # NOTE: read by the engine thread (Request.poll)
+        self._cached: dict[int, int] = {}
 
     def process(self, batch: TokenBatch) -> None:
         for item in batch.items:
+            if isinstance(item, ChoiceStart):
+                self._cached[item.choice] = item.cached_tokens
+                continue
             if isinstance(item, ChoiceEnd):
                 if item.choice not in self.ended:
                     self._finish(item.choice, item.reason, item.cached_tokens)
@@ -129,7 +141,7 @@ class Outputs:
     def _finish(self, choice: int, reason: str, cached: int | None) -> None:
         out = self.processors[choice]
         self.ended.add(choice)
-        out.emit_finished(reason, cached)
+        out.emit_finished(reason, cached if cached is not None else self._cached.get(choice))
 
 
 class Coalescer:

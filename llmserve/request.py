@@ -12,10 +12,11 @@ from typing import Any
 from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import ModelManager
 from llmserve.chat.tools import make_parser
-from llmserve.engine.base import BatchEngine, Engine, SamplingParams, Seq
+from llmserve.engine.base import Engine, SamplingParams, Seq, as_batch
 from llmserve.output import (
     AttachOutputs,
     ChoiceEnd,
+    ChoiceStart,
     Coalescer,
     Emit,
     OutputProcessor,
@@ -37,7 +38,6 @@ class Env:
     manager: ModelManager
     cache: PrefixCache
     stream_interval: float
-    batch_for: Callable[[Engine], BatchEngine]
 
 
 @dataclass(eq=False)
@@ -94,7 +94,7 @@ class Request:
                 self.env.manager.release(raw.info.name, None, stamp=False)
             return False
         self.held = None  # released by finish() from here on
-        engine = self.env.batch_for(raw)
+        engine = as_batch(raw)
         keep_slots(raw, self.env.cache)
         tokens = seqs[0].tokens[: seqs[0].n_prompt]
         self.engine, self.seqs, self.all_seqs = engine, list(seqs), seqs
@@ -125,7 +125,7 @@ class Request:
     def _open(self, raw: Engine) -> list[Seq] | None:
         if self.prompt is None or raw is not self.raw:
             self.raw, self.prompt = raw, self.build_prompt(raw)
-        engine = self.env.batch_for(raw)
+        engine = as_batch(raw)
         tokens = self.prompt.tokens
         check_context(len(tokens), raw.info.n_ctx)
         if engine.n_parallel < self.n:
@@ -217,6 +217,8 @@ class Request:
         if piece is None:
             self._end_choice(i, "stop")
         else:
+            if not self.produced[i]:
+                self._pending.append(ChoiceStart(i, seq.reused))
             self.produced[i] += 1
             self._pending.append((i, piece, self._logprob(seq, piece)))
             if self.produced[i] >= self.limits[i]:

@@ -2,8 +2,9 @@
 
 Each turn of the loop: run the calls that arrived (tokenize, load, switch...) and admit
 waiting requests in arrival order while sequences are free; drop what was cancelled; then one
-decode step per model with live sequences (every decoding sequence's next token plus prompt
-chunks within --n_batch), and feed each sampled token to its request's output processor.
+decode step per model with live sequences: plan_step decides what it evaluates (every decoding
+sequence's next token plus prompt chunks within --n_batch), the engine executes that plan, and
+each sampled token goes to its request.
 
 NOTE: llama.cpp contexts are not thread-safe, so this one thread owns all of them; calls and
 admissions keep their arrival order, so a model switch still waits for the work before it.
@@ -18,12 +19,12 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from llmserve.engine.base import Engine, KVFullError, SamplingParams, Seq
+from llmserve.engine.base import KVFullError, SamplingParams, Seq, StepPlan
 from llmserve.errors import ContextLengthError, QueueFullError
 from llmserve.output import AttachOutputs, Emit, Outputs, TokenBatch
 
@@ -142,53 +143,6 @@ class Runner(Protocol):
 class _Call:
     fn: Callable[[], Any]
     future: Future[Any] = field(default_factory=Future)
-
-
-class IteratorBatch:
-    """A BatchEngine over an engine that only has generate() (the tests' FakeEngine)."""
-
-    def __init__(self, engine: Engine, n_parallel: int):
-        self.engine = engine
-        self.info = engine.info
-        self.n_parallel = n_parallel
-        self._live: set[int] = set()
-
-    def open_seq(self, prompt: list[int], params: SamplingParams, *,
-                 prefill_only: bool = False) -> Seq | None:
-        free = [i for i in range(self.n_parallel) if i not in self._live]
-        if not free:
-            return None
-        # NOTE: one token always pending, so the loop steps it until the iterator ends.
-        seq = Seq(free[0], list(prompt), len(prompt), params, prefill_only,
-                  n_past=len(prompt) - (0 if prefill_only else 1))
-        seq.handle = iter(()) if prefill_only else self.engine.generate(prompt, params)
-        self._live.add(seq.slot)
-        return seq
-
-    def is_eog(self, token: int) -> bool:
-        return token < 0
-
-    def token_bytes(self, token: int) -> bytes:
-        return b""  # NOTE: step() returns each token's bytes itself
-
-    def step(self, seqs: list[Seq], n_batch: int) -> list[tuple[Any, ...]]:
-        out: list[tuple[Any, ...]] = []
-        for seq in seqs:
-            try:
-                token, piece = next(seq.handle)
-            except StopIteration:
-                out.append((seq, -1, None))
-                continue
-            seq.tokens.append(token)
-            seq.n_past += 1
-            out.append((seq, token, piece))
-        return out
-
-    def close_seq(self, seq: Seq) -> None:
-        close = getattr(seq.handle, "close", None)
-        if close is not None:
-            close()
-        self._live.discard(seq.slot)
 
 
 class Scheduler:
@@ -498,14 +452,18 @@ class Scheduler:
             self._end(req, "stop")
 
     def _step(self) -> bool:
-        by_engine: dict[int, tuple[Any, list[tuple[Runner, Seq]]]] = {}
+        by_engine: dict[int, tuple[Any, list[tuple[Runner, Seq]], set[Seq]]] = {}
         for req in self._active:
             engine = req.engine
-            entry = by_engine.setdefault(id(engine), (engine, []))
-            entry[1].extend((req, s) for s in req.seqs if not req.waiting(s) and s.pending)
+            entry = by_engine.setdefault(id(engine), (engine, [], set()))
+            for seq in req.seqs:
+                entry[1].append((req, seq))
+                if req.waiting(seq):  # NOTE: resolves a fork whose prefix is in
+                    entry[2].add(seq)
         stepped = False
-        for engine, pairs in by_engine.values():
-            if not pairs:
+        for engine, pairs, waiting in by_engine.values():
+            plan = plan_step([s for _, s in pairs], min(self.n_batch, engine.n_batch), waiting)
+            if not plan:
                 continue
             stepped = True
             owner = {id(s): r for r, s in pairs}
@@ -513,22 +471,21 @@ class Scheduler:
             batch = getattr(engine, "batch", None)
             decoded = getattr(batch, "decode_seconds", 0.0)
             try:
-                results = engine.step([s for _, s in pairs], self.n_batch)
+                results = engine.execute(plan)
             except KVFullError as exc:
-                self._kv_full(engine, pairs, exc)
+                self._kv_full(engine, exc)
                 continue
             except Exception as exc:
                 logger.exception("decode step failed")
-                for req in {id(r): r for r, _ in pairs}.values():
+                for req in dict.fromkeys(owner[id(s)] for s in plan.seqs):
                     self._fail(req, exc)
                 continue
             finally:
                 self.busy_since = None
                 self.decode_seconds += getattr(batch, "decode_seconds", 0.0) - decoded
             self.steps += 1
-            batch_tokens = getattr(getattr(engine, "batch", None), "last_batch_tokens", len(pairs))
             for observe in self.observers:
-                observe("batch_tokens", float(batch_tokens))
+                observe("batch_tokens", float(plan.n_tokens))
             for seq, token, *rest in results:
                 req = owner[id(seq)]
                 try:
@@ -537,12 +494,13 @@ class Scheduler:
                         self._end(req, "done")
                 except Exception as exc:  # NOTE: one request's output bug fails it alone
                     self._fail(req, exc)
-            for req, seq in pairs:
+            for seq in plan.seqs:
+                req = owner[id(seq)]
                 if seq.prefill_only and seq.pending == 0 and req in self._active:
                     self._ready(req, seq)
         return stepped
 
-    def _kv_full(self, engine: Any, pairs: list[tuple[Runner, Seq]], exc: KVFullError) -> None:
+    def _kv_full(self, engine: Any, exc: KVFullError) -> None:
         """No room for the step: preempt the newest request on this model (the lowest
         priority), which resumes later; a request alone on its model that still does not fit
         (n choices outgrowing the context together) ends with `length`."""
@@ -562,6 +520,25 @@ class Scheduler:
         if not seq.params.ignore_eos and engine.is_eog(token):
             return None
         return bytes(engine.token_bytes(token))
+
+
+def plan_step(seqs: Iterable[Seq], n_batch: int, waiting: Collection[Seq] = ()) -> StepPlan:
+    """The next decode step of one model: which tokens of which sequences, within n_batch.
+
+    Sequences with one token to evaluate (decoding ones, one token each) go first, so a long
+    prompt never holds them back for more than one step; prompts fill the rest of the budget
+    in the order given (admission order), a long one in chunks across steps. Paused sequences,
+    those waiting for a sibling's prefix and those with nothing pending are left out."""
+    ready = [s for s in seqs if s.pending > 0 and not s.paused and s not in waiting]
+    budget = n_batch
+    items: list[tuple[Seq, int]] = []
+    for seq in sorted(ready, key=lambda s: s.pending > 1):  # NOTE: stable: order kept
+        n = min(seq.pending, budget)
+        if n <= 0:
+            break
+        items.append((seq, n))
+        budget -= n
+    return StepPlan(tuple(items))
 
 
 def replace_seed(params: SamplingParams, i: int) -> SamplingParams:

@@ -71,7 +71,7 @@ def fake_client(fake_models_dir: Path, tmp_path: Path) -> FakeFactory:
         engines: list[FakeEngine] = []
 
         def factory(path: Path, settings: Settings) -> FakeEngine:
-            engine = FakeEngine(path, **engine_kw)
+            engine = FakeEngine(path, **{"n_parallel": settings.parallel, **engine_kw})
             engines.append(engine)
             return engine
 

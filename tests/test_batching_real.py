@@ -14,6 +14,7 @@ import pytest
 
 from llmserve.config import Settings
 from llmserve.engine.base import SamplingParams
+from llmserve.scheduler import plan_step
 from tests.conftest import GEMMA, SMOL, ServerProcess, require_model
 
 pytestmark = pytest.mark.real_model
@@ -72,7 +73,7 @@ def _drain(engine: Any, seqs: list[Any], ready: Callable[[list[Any]], list[Any]]
     outs: dict[int, list[int]] = {id(s): [] for s in seqs}
     live = list(seqs)
     while live:
-        for seq, token in engine.step(ready(live), 512):
+        for seq, token in engine.execute(plan_step(ready(live), 512)):
             if engine.is_eog(token) or len(outs[id(seq)]) >= TOKENS:
                 live.remove(seq)
                 engine.close_seq(seq)

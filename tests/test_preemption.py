@@ -8,7 +8,7 @@ import threading
 import time
 from types import SimpleNamespace
 
-from llmserve.engine.base import KVFullError, SamplingParams, Seq
+from llmserve.engine.base import KVFullError, SamplingParams, Seq, StepPlan
 from llmserve.scheduler import Scheduler
 
 TOKEN = 7
@@ -21,6 +21,7 @@ class KVEngine:
         self.info = SimpleNamespace(n_ctx=cells, name="kv")
         self.cells = cells
         self.n_parallel = n_parallel
+        self.n_batch = 512
         self.open: list[Seq] = []
         self.full_steps = 0
 
@@ -31,18 +32,12 @@ class KVEngine:
         self.open.append(seq)
         return seq
 
-    def step(self, seqs: list[Seq], n_batch: int) -> list[tuple[Seq, int, bytes]]:
-        budget = n_batch
-        plan = []
-        for seq in sorted(seqs, key=lambda s: s.pending > 1):
-            n = min(seq.pending, budget)
-            budget -= n
-            plan.append((seq, n))
-        if sum(s.n_past for s in self.open) + sum(n for _, n in plan) > self.cells:
+    def execute(self, plan: StepPlan) -> list[tuple[Seq, int, bytes]]:
+        if sum(s.n_past for s in self.open) + plan.n_tokens > self.cells:
             self.full_steps += 1
             raise KVFullError("full")
         out = []
-        for seq, n in plan:
+        for seq, n in plan.items:
             seq.n_past += n
             if seq.pending == 0:
                 seq.tokens.append(TOKEN)

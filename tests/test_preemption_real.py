@@ -13,6 +13,7 @@ import pytest
 from llmserve.cache.manager import PrefixCache
 from llmserve.config import Settings
 from llmserve.engine.base import SamplingParams
+from llmserve.scheduler import plan_step
 from tests.conftest import GEMMA, SMOL, ServerProcess, require_model
 from tests.test_batching_real import _chat, _prompt, _stream, _together
 
@@ -103,7 +104,7 @@ def test_swap_resumes_exactly(model: str, tmp_path: Path) -> None:
 def _decode(engine: Any, seq: Any, n: int, close: bool = True) -> list[int]:
     out: list[int] = []
     while len(out) < n:
-        out += [token for _, token in engine.step([seq], 512)]
+        out += [token for _, token in engine.execute(plan_step([seq], 512))]
     if close:
         engine.close_seq(seq)
     return out

@@ -34,14 +34,14 @@ from llmserve.chat.plan import (
 )
 from llmserve.chat.reasoning import ReasoningFormat, ReasoningSetup, answer_only, setup_for
 from llmserve.config import Settings
-from llmserve.engine.base import BatchEngine, Engine, SamplingParams, common_prefix
+from llmserve.engine.base import Engine, SamplingParams, common_prefix
 from llmserve.errors import ContextLengthError, InvalidRequestError, RequestCancelledError
 from llmserve.generation import Generation
 from llmserve.limits import TOKENIZE_CONTEXTS, check_text_fits, check_token_ids
 from llmserve.metrics import Metrics
 from llmserve.output import Prompt
 from llmserve.request import Env, Request
-from llmserve.scheduler import EventStream, IteratorBatch, Scheduler, check_context
+from llmserve.scheduler import EventStream, Scheduler, check_context
 from llmserve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -71,19 +71,10 @@ class InProcessBackend:
         self.worker = worker
         self.cache = cache
         self.metrics = metrics
-        self._adapters: dict[int, IteratorBatch] = {}  # engines without batching (the fake)
         # NOTE: one input at a time goes through a model's embedding context (its KV holds
         # the input being embedded)
         self._embedding = asyncio.Lock()
-        self.env = Env(manager, cache, settings.stream_interval_ms / 1000, self._batch_for)
-
-    def _batch_for(self, engine: Engine) -> BatchEngine:
-        if hasattr(engine, "step"):
-            return engine  # type: ignore[return-value]
-        adapter = self._adapters.get(id(engine))
-        if adapter is None or adapter.engine is not engine:
-            adapter = self._adapters[id(engine)] = IteratorBatch(engine, self.settings.parallel)
-        return adapter
+        self.env = Env(manager, cache, settings.stream_interval_ms / 1000)
 
     def _filename(self, model: str | None) -> str | None:
         """A request's model as a file name (400/404 on bad names); None: the active one."""

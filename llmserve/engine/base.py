@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 # NOTE: llama.cpp's CPU kernels give a slightly different result for a 1-token batch than for
 # the same token inside a larger batch. Re-evaluating at least this many prompt tokens after a
@@ -151,11 +151,34 @@ class KVFullError(Exception):
     """The KV cache has no room for this step's tokens."""
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """One decode step as the scheduler decided it: each sequence with how many of its
+    pending tokens to evaluate (from seq.n_past on), in batch order. Plain data: the
+    executor fills its batch from it and decides nothing."""
+
+    items: tuple[tuple[Seq, int], ...] = ()
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in the step."""
+        return sum(n for _, n in self.items)
+
+    @property
+    def seqs(self) -> list[Seq]:
+        """The sequences in the step, in batch order."""
+        return [seq for seq, _ in self.items]
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
 class BatchEngine(Protocol):
-    """An engine that advances several sequences with one decode per step (engine thread)."""
+    """The executor: advances several sequences with one decode per step (engine thread)."""
 
     info: ModelInfo
     n_parallel: int
+    n_batch: int  # the most tokens one step can hold
 
     def open_seq(self, prompt: list[int], params: SamplingParams, *,
                  prefill_only: bool = False) -> Seq | None:
@@ -163,10 +186,10 @@ class BatchEngine(Protocol):
         grammar. Its slot's KV keeps the longest prefix it already held (seq.n_past)."""
         ...
 
-    def step(self, seqs: list[Seq], n_batch: int) -> list[tuple[Any, ...]]:
-        """One decode: every decoding sequence's next token plus prompt chunks within n_batch;
-        returns (sequence, token) sampled, or (sequence, token, bytes or None at the end).
-        Raises KVFullError when nothing fits."""
+    def execute(self, plan: StepPlan) -> list[tuple[Any, ...]]:
+        """One decode of the plan's tokens; samples each sequence whose tokens are all in
+        (not prefill_only); returns (sequence, token) sampled, or (sequence, token, bytes or
+        None at the end). Raises KVFullError when they do not fit."""
         ...
 
     def close_seq(self, seq: Seq) -> None:
@@ -180,6 +203,14 @@ class BatchEngine(Protocol):
     def token_bytes(self, token: int) -> bytes:
         """The bytes one token stands for."""
         ...
+
+
+def as_batch(engine: Engine) -> BatchEngine:
+    """A loaded engine as the executor the scheduler drives (every engine factory's engines
+    are both: LlamaEngine, the tests' FakeEngine)."""
+    if not callable(getattr(engine, "execute", None)):
+        raise TypeError(f"{type(engine).__name__} has no execute(plan): not a BatchEngine")
+    return cast(BatchEngine, engine)
 
 
 @runtime_checkable

@@ -18,7 +18,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from llmserve.engine.base import KVFullError, Seq, common_prefix
+from llmserve.engine.base import KVFullError, Seq, StepPlan, common_prefix
 from llmserve.engine.kvtypes import captured_llama_log, context_types
 from llmserve.errors import InternalError
 
@@ -192,32 +192,26 @@ class BatchContext:
 
     # -- decoding ----------------------------------------------------------------------------
 
-    def step(self, seqs: list[Seq], n_batch: int) -> list[tuple[Seq, int]]:
-        """One llama_decode over every sequence's next tokens within n_batch; sample."""
-        # NOTE: decoding sequences (one token each) go first so a long prompt never holds
-        # them back for more than one chunk; prompts fill the rest of the batch in order.
-        order = sorted(seqs, key=lambda s: s.pending > 1)
-        budget = min(n_batch, self.n_batch)
-        plan: list[tuple[Seq, int]] = []
-        for seq in order:
-            n = min(seq.pending, budget)
-            if n <= 0:
-                continue
-            plan.append((seq, n))
-            budget -= n
-        if not plan:
+    def execute(self, plan: StepPlan) -> list[tuple[Seq, int]]:
+        """One llama_decode over the plan's tokens; sample each sequence whose tokens are
+        all in. The plan (the scheduler's) says which tokens and in what order."""
+        items = list(plan.items)
+        if not items:
             return []
-        rc = self._decode(plan)
+        if plan.n_tokens > self.n_batch or any(n < 1 or n > s.pending for s, n in items):
+            raise InternalError(f"a step plan this context cannot take ({plan.n_tokens} "
+                                f"tokens, n_batch {self.n_batch})")
+        rc = self._decode(items)
         if rc == 1 and self.drop_idle():
-            rc = self._decode(plan)
+            rc = self._decode(items)
         if rc == 1:
-            raise KVFullError(f"no room in the KV cache for {sum(n for _, n in plan)} tokens")
+            raise KVFullError(f"no room in the KV cache for {plan.n_tokens} tokens")
         if rc != 0:
             raise InternalError(f"llama_decode failed ({rc})")
         self.steps += 1
         out: list[tuple[Seq, int]] = []
         idx = 0
-        for seq, n in plan:
+        for seq, n in items:
             idx += n
             seq.n_past += n
             if seq.pending == 0 and not seq.prefill_only:

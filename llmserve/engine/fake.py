@@ -1,4 +1,8 @@
-"""A scripted engine for unit tests of HTTP, streaming and parsing logic (no llama.cpp)."""
+"""A scripted engine for unit tests of HTTP, streaming and parsing logic (no llama.cpp).
+
+It is an executor like LlamaEngine (open_seq, execute(plan), close_seq): a sequence's prompt
+is evaluated as the scheduler's plans say, and each time all of its tokens are in, the next
+piece of the script is its sampled token."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from llmserve.engine.base import ModelInfo, SamplingParams
+from llmserve.engine.base import ModelInfo, SamplingParams, Seq, StepPlan
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -28,6 +32,8 @@ class FakeEngine:
         chat_template: str | None = CHATML,
         fail_after: int | None = None,
         embed_delay: float = 0.0,
+        n_parallel: int = 4,
+        n_batch: int = 512,
     ):
         self.info = ModelInfo(
             name=path.name, path=str(path), n_ctx=n_ctx, architecture="fake",
@@ -46,6 +52,9 @@ class FakeEngine:
         self.params: list[SamplingParams] = []  # every generate call's params, for tests
         self.prompts: list[str] = []  # every generate call's prompt, as text
         self.trace: list[int] = []  # which generation (index into prompts) made each token
+        self.n_parallel = n_parallel  # sequences at once (the server passes --parallel)
+        self.n_batch = n_batch
+        self._live: set[int] = set()  # busy slots
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         """One token per character."""
@@ -89,6 +98,54 @@ class FakeEngine:
             self.generated += 1
             self.trace.append(gen)
             yield i, piece.encode()
+
+    # -- the executor ----------------------------------------------------------------------
+
+    def open_seq(self, prompt: list[int], params: SamplingParams, *,
+                 prefill_only: bool = False) -> Seq | None:
+        """A sequence in a free slot (no KV is ever reused: the whole prompt is evaluated)."""
+        free = [i for i in range(self.n_parallel) if i not in self._live]
+        if not free:
+            return None
+        seq = Seq(free[0], list(prompt), len(prompt), params, prefill_only)
+        seq.handle = None if prefill_only else self.generate(prompt, params)
+        self._live.add(seq.slot)
+        return seq
+
+    def execute(self, plan: StepPlan) -> list[tuple[Seq, int, bytes | None]]:
+        """Evaluate the plan's tokens; each sequence whose tokens are all in gets the next
+        script piece as (seq, token, bytes), or (seq, -1, None) when the script is done."""
+        out: list[tuple[Seq, int, bytes | None]] = []
+        for seq, n in plan.items:
+            if n < 1 or n > seq.pending:
+                raise ValueError(f"a plan of {n} tokens for a sequence with {seq.pending}")
+            seq.n_past += n
+            if seq.pending or seq.prefill_only:
+                continue
+            try:
+                token, piece = next(seq.handle)
+            except StopIteration:
+                out.append((seq, -1, None))
+                continue
+            seq.tokens.append(token)
+            out.append((seq, token, piece))
+        return out
+
+    def close_seq(self, seq: Seq) -> None:
+        """Stop the sequence's script; its slot is free."""
+        close = getattr(seq.handle, "close", None)
+        if close is not None:
+            close()
+        seq.handle = None
+        self._live.discard(seq.slot)
+
+    def is_eog(self, token: int) -> bool:
+        """The end of the script (execute() reports it as token -1)."""
+        return token < 0
+
+    def token_bytes(self, token: int) -> bytes:
+        """Nothing: execute() returns each token's bytes itself."""
+        return b""
 
     def close(self) -> None:
         """Mark closed."""

@@ -18,7 +18,14 @@ from llama_cpp.llama import LlamaState
 from llama_cpp.llama_cache import LlamaDiskCache
 
 from llmserve.config import Settings
-from llmserve.engine.base import KVFullError, ModelInfo, SamplingParams, Seq, common_prefix
+from llmserve.engine.base import (
+    KVFullError,
+    ModelInfo,
+    SamplingParams,
+    Seq,
+    StepPlan,
+    common_prefix,
+)
 from llmserve.engine.batch import BatchContext
 from llmserve.engine.chunking import Cutter
 from llmserve.engine.kvtypes import context_types
@@ -72,6 +79,7 @@ class LlamaEngine:
         self._model = model
         self.batch = batch
         self.n_parallel = len(batch.slots)
+        self.n_batch = batch.n_batch
         self.fingerprint = _fingerprint(path, batch.params)
         self._verbose = settings.log_level == "debug"
         self._disk_cache: LlamaDiskCache | None = None
@@ -246,9 +254,9 @@ class LlamaEngine:
         self.batch.bind(slot, seq)
         return seq
 
-    def step(self, seqs: list[Seq], n_batch: int) -> list[tuple[Seq, int]]:
-        """One decode for every sequence; the tokens sampled."""
-        return self.batch.step(seqs, n_batch)
+    def execute(self, plan: StepPlan) -> list[tuple[Seq, int]]:
+        """One decode of the scheduler's plan; the tokens sampled."""
+        return self.batch.execute(plan)
 
     def close_seq(self, seq: Seq) -> None:
         """Free the sequence's sampler; its slot keeps the KV."""
@@ -274,7 +282,9 @@ class LlamaEngine:
     def _run(self, seq: Seq) -> Iterator[tuple[int, bytes]]:
         try:
             while len(seq.tokens) < self.info.n_ctx:
-                for _seq, token in self.step([seq], self.batch.n_batch):
+                # NOTE: one sequence alone: each step takes as much of it as a batch holds
+                plan = StepPlan(((seq, min(seq.pending, self.n_batch)),))
+                for _seq, token in self.execute(plan):
                     if not seq.params.ignore_eos and self.is_eog(token):
                         return
                     yield token, self.token_bytes(token)
