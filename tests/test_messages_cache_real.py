@@ -59,7 +59,8 @@ async def ask(client: httpx.AsyncClient, tag: str, pinned: bool) -> dict[str, An
     })
     assert r.status_code == 200, r.text
     app = client.app  # type: ignore[attr-defined]
-    await app.state.worker.call(lambda: None)  # the engine thread has saved the prompt
+    # NOTE: finished sequences are stored when the engine is idle: store them now
+    await app.state.worker.call(app.state.manager.flush_all)
     usage: dict[str, Any] = r.json()["usage"]
     return usage
 
