@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -192,13 +193,20 @@ def test_non_stream_disconnect_stops_generation(smol_server: ServerProcess) -> N
     assert int(m.group(2)) < 600
 
 
+def _delta_text(line: str) -> str:
+    choices = json.loads(line[6:]).get("choices") or [{}]
+    return str((choices[0].get("delta") or {}).get("content") or "")
+
+
 def test_health_answers_during_generation(smol_server: ServerProcess) -> None:
     # NOTE: no clock: /health is asked once the stream's first token has arrived, and its body
     # must show the generation still running (1500 tokens; closing the stream cancels it).
     with httpx.stream("POST", f"{smol_server.base_url}/v1/chat/completions",
                       json={**LONG, "stream": True}, timeout=300) as resp:
-        for line in resp.iter_lines():
-            if '"content"' in line:
+        # NOTE: the iterator is kept: a dropped one closes the connection (a cancel)
+        lines = resp.iter_lines()
+        for line in lines:
+            if line.startswith("data: {") and _delta_text(line):
                 break
         health = httpx.get(f"{smol_server.base_url}/health", timeout=60)
     assert health.status_code == 200
