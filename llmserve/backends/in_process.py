@@ -325,7 +325,16 @@ class InProcessBackend:
     async def _embed_one(self, engine: Engine, tokens: list[int], check: Callable[[], None]
                          ) -> list[float]:
         """One input's embedding, evaluated a chunk per engine call."""
-        return await _embed_one_impl(self.worker, engine, tokens, check)
+        check()
+        start = getattr(engine, "embed_session", None)
+        if start is None:  # an engine embedding in one call (the tests' fake)
+            [vector] = await self.worker.call(engine.embed, [tokens])
+            return vector
+        session = await self.worker.call(start, tokens)
+        # NOTE: a chunk per call: decode steps of running streams go on between them
+        while not await self.worker.call(session.step):
+            check()
+        return list(session.vector)
 
     async def embed(
         self, req: EmbeddingRequest, cancelled: threading.Event | None = None
@@ -363,20 +372,6 @@ class InProcessBackend:
                 param="dimensions",
             )
         return result
-
-
-async def _embed_one_impl(worker: Scheduler, engine: Engine, tokens: list[int],
-                          check: Callable[[], None]) -> list[float]:
-    check()
-    start = getattr(engine, "embed_session", None)
-    if start is None:  # an engine embedding in one call (the tests' fake)
-        [vector] = await worker.call(engine.embed, [tokens])
-        return vector
-    session = await worker.call(start, tokens)
-    # NOTE: a chunk per call: decode steps of running streams go on between them
-    while not await worker.call(session.step):
-        check()
-    return list(session.vector)
 
 
 def sampling_params(
