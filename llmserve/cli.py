@@ -109,6 +109,9 @@ def _serve_parser(sub: Any) -> None:
     _flag(p, "api_key", action="append", metavar="KEY",
           help="require this API key (repeat for several; env LLMSERVE_API_KEY, comma-separated)")
     _flag(p, "api_key_file", type=Path, help="file of API keys, one per line (# comments)")
+    _flag(p, "share_prompt_cache", action="store_true",
+          help="with API keys: one prompt cache for all keys (default: each key reuses only "
+               "the KV its own requests left; cache_salt still partitions)")
     _flag(p, "no_announce", action="store_true", help="do not announce the server on the LAN")
     _flag(p, "llama_server", type=Path,
           help="llama-server for `backend: llama_server` entries (default: $LLAMA_SERVER, "

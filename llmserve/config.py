@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     # API keys (issue 6): --api_key (repeatable), LLMSERVE_API_KEY (comma-separated), a file.
     api_key: Annotated[list[str], NoDecode] = Field(default_factory=list)
     api_key_file: Path | None = None
+    # Tenancy (issue 22): with keys, each key's requests reuse only their own prompt-cache
+    # entries (llmserve/tenancy.py) unless this is set.
+    share_prompt_cache: bool = False
     # LAN discovery: announce the server over mDNS/zeroconf unless this is set.
     no_announce: bool = False
     # Backends (issue 11): the llama-server for `backend: llama_server` entries (else

@@ -56,6 +56,7 @@ class Request:
     stops: list[str]
     n: int = 1
     prefill_only: bool = False
+    partition: str = ""  # of the prompt cache (llmserve/tenancy.py)
     queued_at: float = 0.0
     # the model, acquired by the service (which built the prompt off the engine thread);
     # the request releases it when it ends
@@ -133,7 +134,8 @@ class Request:
         params = SamplingParams(**{**self.params.__dict__, "grammar": self.prompt.grammar})
         seqs: list[Seq] = []
         for i in range(self.n):
-            seq = engine.open_seq(tokens, replace_seed(params, i), prefill_only=self.prefill_only)
+            seq = engine.open_seq(tokens, replace_seed(params, i), prefill_only=self.prefill_only,
+                                  partition=self.partition)
             if seq is None:
                 for s in seqs:
                     engine.close_seq(s)

@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from llmserve.tenancy import MAX_SALT_CHARS
 from llmserve.units import parse_duration
 
 # NOTE: clients (LangChain, the openai SDK, agent frameworks) send fields we do not use;
@@ -217,6 +218,9 @@ class SamplingFields(BaseModel):
     keep_alive: float | None = Field(default=None, allow_inf_nan=True)
     # OpenAI: token id (a string key) -> bias added to its logit, -100 (ban) .. 100.
     logit_bias: dict[str, Annotated[float, Strict()]] | None = None
+    # vLLM compatible: the prompt cache reuses only KV of requests with the same salt (and
+    # key): llmserve/tenancy.py.
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_SALT_CHARS)
 
     @field_validator("logit_bias")
     @classmethod
@@ -328,6 +332,8 @@ class RestoreCacheRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[AnyTool] | None = None
     dry_run: bool = False
+    # the prompt-cache partition to warm (with the caller's key): llmserve/tenancy.py
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_SALT_CHARS)
 
 
 def _encodable(text: str) -> str:

@@ -4,6 +4,8 @@ or a sibling still evaluating the same prefix (wait for it, then fork).
 NOTE: a prefix live in another sequence is copied with llama_memory_seq_cp, which in the
 unified KV cache only tags the same cells with a second sequence id: no evaluation, no copy.
 Requests that arrive together with one system prompt therefore evaluate it once.
+Only KV of the sequence's own prompt-cache partition is reused (llmserve/tenancy.py): the
+slots' siblings() and the views' salted fingerprints see no other.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def setup(engine: Any, seq: Seq, cache: PrefixCache) -> Wait | None:
             ahead = min(common_prefix(other.tokens[: other.n_prompt], prompt), limit)
             if pending is None or ahead > pending[1]:
                 pending = (other, ahead)
-    cached = min(cache.match(engine, prompt).tokens, limit) if cache.mode != "llama_disk" else 0
+    cached = min(cache.match(view, prompt).tokens, limit) if cache.mode != "llama_disk" else 0
     if pending is not None and pending[1] >= max(best, cached) + cache.block:
         return Wait(*pending)
     if best_slot is not None and best >= cached and cache.mode != "llama_disk":
@@ -84,15 +86,16 @@ def resolve(engine: Any, seq: Seq, wait: Wait, cache: PrefixCache) -> bool:
 
 
 def save_slot(engine: Any, cache: PrefixCache, slot: int, tokens: list[int],
-              n_prompt: int) -> None:
+              n_prompt: int, partition: str) -> None:
     """Store an idle slot's KV (tokens, the first n_prompt of them a prompt) in the prompt
-    cache tiers: the batch context's evict_hook."""
-    seq = Seq(slot, tokens, min(n_prompt, len(tokens)), SamplingParams(), n_past=len(tokens))
+    cache tiers, in its partition's key space: the batch context's evict_hook."""
+    seq = Seq(slot, tokens, min(n_prompt, len(tokens)), SamplingParams(), n_past=len(tokens),
+              partition=partition)
     cache.save(engine.view(seq), tokens[:n_prompt])
 
 
 def keep_slots(engine: Any, cache: PrefixCache) -> None:
     """Have the engine store idle slots' KV through `cache` (once per engine)."""
     if shares(engine) and engine.batch.evict_hook is None:
-        engine.batch.evict_hook = lambda slot, tokens, n: save_slot(engine, cache, slot,
-                                                                    tokens, n)
+        engine.batch.evict_hook = lambda slot, tokens, n, part: save_slot(
+            engine, cache, slot, tokens, n, part)

@@ -294,6 +294,8 @@ def to_chat(req: CountTokensRequest) -> Converted:
             fields["user"] = req.metadata.user_id
         if req.keep_alive is not None:
             fields["keep_alive"] = req.keep_alive
+        if req.cache_salt is not None:
+            fields["cache_salt"] = req.cache_salt
         if req.thinking is not None and req.thinking.type != "adaptive":
             fields["thinking"] = req.thinking.type == "enabled"  # read by thinking templates
     try:

@@ -19,6 +19,8 @@ from pydantic import (
     model_validator,
 )
 
+from llmserve.tenancy import MAX_SALT_CHARS
+
 logger = logging.getLogger(__name__)
 
 # NOTE: like the OpenAI types, unknown fields (service_tier, container, context_management,
@@ -225,6 +227,8 @@ class MessagesRequest(CountTokensRequest):
     stream: bool = False
     # llmserve extension, as on the OpenAI routes: how long the model stays loaded after.
     keep_alive: float | str | None = None
+    # llmserve extension (vLLM's field): the prompt-cache partition, llmserve/tenancy.py
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_SALT_CHARS)
 
     @field_validator("stop_sequences")
     @classmethod

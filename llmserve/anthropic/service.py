@@ -17,6 +17,7 @@ from llmserve.anthropic.convert import Converted, to_chat
 from llmserve.anthropic.events import Part, Thinking
 from llmserve.anthropic.schemas import CountTokensRequest, MessagesRequest
 from llmserve.backends.in_process import InProcessBackend
+from llmserve.cache.manager import in_partition
 from llmserve.chat.plan import ChatPlan, plan_chat
 from llmserve.engine.base import Engine, common_prefix
 from llmserve.errors import LlmserveError
@@ -70,14 +71,16 @@ class MessagesService:
         pin_plan = self._pin_plan(conv)
         facts = PromptFacts(conv.warnings)
         cache = self.local.cache
+        part = self.local.partition(conv.chat.cache_salt)
 
-        def on_prompt(engine: Engine, rendered: list[int]) -> list[int]:
-            tokens = self._tokens(engine, conv, rendered)
+        def on_prompt(raw: Engine, rendered: list[int]) -> list[int]:
+            tokens = self._tokens(raw, conv, rendered)
+            engine = in_partition(raw, part)  # NOTE: the cache entries this request may see
             if pin_plan is not None:
                 # NOTE: the pinned prefix is what the rendering of the conversation cut at the
                 # breakpoint shares with the whole prompt: templates close a message (or
                 # open the next) differently, and tokens at the cut may merge.
-                cut = self.local.chat_tokens(engine, pin_plan)
+                cut = self.local.chat_tokens(raw, pin_plan)
                 facts.pinned = cache.pin(engine, tokens[: common_prefix(cut, tokens)],
                                          conv.pin_seconds)
             facts.tokens = len(tokens)

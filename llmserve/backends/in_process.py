@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from llmserve.backends.base import OnPrompt, Tokens, Wrap
-from llmserve.cache.manager import PrefixCache
+from llmserve.cache.manager import PrefixCache, in_partition
 from llmserve.catalog.registry import ModelManager
 from llmserve.chat import gbnf
 from llmserve.chat.plan import (
@@ -49,6 +49,7 @@ from llmserve.schemas import (
     RestoreCacheRequest,
     SamplingFields,
 )
+from llmserve.tenancy import request_partition
 from llmserve.vectors import Embeddings, unit_float32
 
 T = TypeVar("T")
@@ -75,6 +76,11 @@ class InProcessBackend:
         # the input being embedded)
         self._embedding = asyncio.Lock()
         self.env = Env(manager, cache, settings.stream_interval_ms / 1000)
+
+    def partition(self, salt: str | None) -> str:
+        """The prompt-cache partition of the request being served (its key, its cache_salt):
+        llmserve/tenancy.py."""
+        return request_partition(salt, self.settings.share_prompt_cache)
 
     def _filename(self, model: str | None) -> str | None:
         """A request's model as a file name (400/404 on bad names); None: the active one."""
@@ -158,6 +164,7 @@ class InProcessBackend:
         )
         filename = self._filename(req.model)
         start = time.perf_counter()
+        part = self.partition(req.cache_salt)
 
         def prompt(engine: Engine) -> Prompt:
             return Prompt(chat_tokens(engine, self._render(engine, plan)))
@@ -168,12 +175,13 @@ class InProcessBackend:
                 tokens = prompt(engine).tokens
                 check_context(len(tokens), engine.info.n_ctx)
                 slots = engine.batch.slots if hasattr(engine, "batch") else []
-                live = max((common_prefix(s.live(), tokens) for s in slots), default=0)
+                live = max((common_prefix(s.live(), tokens) for s in slots
+                            if s.partition == part), default=0)
                 return _warm_result(engine.info.name, len(tokens), self.cache.peek(
-                    engine, tokens, live), 0, start)
+                    in_partition(engine, part), tokens, live), 0, start)
             return await self.worker.call(peek)
         gen = await self._submit("warm", filename, None, prompt, SamplingParams(), None, [],
-                                 wrap, prefill_only=True)
+                                 wrap, prefill_only=True, partition=part)
         _texts, finishes = await gen.collect_texts()
         cached = finishes[0].cached_tokens or 0
         return _warm_result(gen.model, gen.prompt_tokens, cached, gen.prompt_tokens - cached,
@@ -238,13 +246,14 @@ class InProcessBackend:
         if params.logit_bias:
             build_prompt = _vocab_checked(build_prompt, params.logit_bias)
         return await self._submit(prefix, filename, req.keep_alive, build_prompt, params,
-                                  max_tokens, req.stop_list(), wrap, n=req.n)
+                                  max_tokens, req.stop_list(), wrap, n=req.n,
+                                  partition=self.partition(req.cache_salt))
 
     async def _submit(
         self, prefix: str, filename: str | None, keep_alive: float | None,
         build_prompt: Callable[[Engine], Prompt], params: SamplingParams,
         max_tokens: int | None, stops: list[str], wrap: Wrap, *, n: int = 1,
-        prefill_only: bool = False,
+        prefill_only: bool = False, partition: str = "",
     ) -> Generation:
         # NOTE: the prompt is rendered and tokenized here, off the engine thread (llama.cpp's
         # tokenizer only reads the vocabulary, as llama-server's HTTP threads use it), on a
@@ -260,7 +269,7 @@ class InProcessBackend:
         request = Request(
             f"{prefix}-{uuid.uuid4().hex}", self.env, stream, stream.put, filename,
             keep_alive, build_prompt, params, max_tokens, stops, n=n, prefill_only=prefill_only,
-            held=engine, raw=engine, prompt=prompt,
+            partition=partition, held=engine, raw=engine, prompt=prompt,
         )
         try:
             self.worker.submit(request)

@@ -6,6 +6,8 @@ Keys (all prefixed by nothing but their kind letter, and rooted in the model fin
   w<end key>        sliding-window models only: the SWA cache's window at that end
   m<fingerprint>    b"swa" or b"full": how this model's state is laid out
 Conversations that share a system prompt share its blocks: each block is stored once.
+A prompt-cache partition (llmserve/tenancy.py: per API key, per cache_salt) has a root of its
+own, the fingerprint salted: no key of one partition is ever found from another.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from llmserve.cache import kvstate
 from llmserve.cache.prefix import block_keys, tail_key
 from llmserve.cache.store import DiskTier, RamTier
 from llmserve.engine.base import Engine, StatefulEngine, common_prefix
+from llmserve.tenancy import salted
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,23 @@ class Match:
     blocks: list[str]
     tail: str | None
     window: str | None
+
+
+@dataclass(frozen=True)
+class PartitionKeys:
+    """A model's cache keys in one partition (llmserve/tenancy.py): what match, peek, pin and
+    uncached read of an engine (a sequence's view salts its own fingerprint)."""
+
+    info: Any
+    fingerprint: str
+
+
+def in_partition(engine: Engine, partition: str) -> Engine:
+    """engine as the cache keys it for a request of `partition` ("" : engine itself)."""
+    fp = str(getattr(engine, "fingerprint", "") or "")
+    if not partition or not fp:
+        return engine
+    return PartitionKeys(engine.info, salted(fp, partition))  # type: ignore[return-value]
 
 
 class PrefixCache:

@@ -135,6 +135,9 @@ class Seq:
     # when it closes, its slot's KV is stored in the prompt cache tiers, later: when the
     # engine is idle or before the slot's KV is dropped (never on the next turn's path)
     cache_on_close: bool = False
+    # the prompt-cache partition (llmserve/tenancy.py): KV of another partition, in a slot,
+    # a sibling or the cache tiers, is never reused for this sequence
+    partition: str = ""
 
     def keep_limit(self) -> int:
         """The most prompt KV that may be reused: a prompt that samples re-evaluates its last
@@ -181,9 +184,10 @@ class BatchEngine(Protocol):
     n_batch: int  # the most tokens one step can hold
 
     def open_seq(self, prompt: list[int], params: SamplingParams, *,
-                 prefill_only: bool = False) -> Seq | None:
+                 prefill_only: bool = False, partition: str = "") -> Seq | None:
         """A sequence for prompt in a free slot (None: every slot busy); raises 400 on a bad
-        grammar. Its slot's KV keeps the longest prefix it already held (seq.n_past)."""
+        grammar. Its slot's KV keeps the longest prefix it already held for this partition
+        (seq.n_past)."""
         ...
 
     def execute(self, plan: StepPlan) -> list[tuple[Any, ...]]:

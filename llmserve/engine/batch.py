@@ -37,6 +37,7 @@ class _Slot:
     last_used: float = 0.0
     dirty: bool = False  # its idle KV is not in the prompt cache tiers yet
     n_prompt: int = 0  # of the sequence that left that KV
+    partition: str = ""  # the prompt-cache partition of that KV (llmserve/tenancy.py)
 
     def live(self) -> list[int]:
         """Tokens whose KV this slot holds now."""
@@ -81,28 +82,36 @@ class BatchContext:
         self.last_batch_tokens = 0
         self.decode_seconds = 0.0  # inside llama_decode, since the context was made
         # NOTE: set by the server (sharing.save_slot): stores an idle slot's KV in the prompt
-        # cache tiers (slot id, its tokens, its prompt length) before that KV is dropped.
-        self.evict_hook: Callable[[int, list[int], int], None] | None = None
+        # cache tiers (slot id, its tokens, its prompt length, its partition) before that KV
+        # is dropped.
+        self.evict_hook: Callable[[int, list[int], int, str], None] | None = None
 
     # -- slots -------------------------------------------------------------------------------
 
-    def acquire(self, prompt: list[int]) -> _Slot | None:
-        """A free slot, preferring the one whose KV shares most with prompt, then the LRU."""
+    def acquire(self, prompt: list[int], partition: str = "") -> _Slot | None:
+        """A free slot, preferring the one whose KV (of the same partition) shares most with
+        prompt, then the LRU."""
         free = [s for s in self.slots if s.seq is None]
         if not free:
             return None
         # NOTE: among slots sharing nothing, one whose KV is already stored costs no save
-        return max(free, key=lambda s: (common_prefix(s.cached, prompt), not s.dirty,
+        return max(free, key=lambda s: (self._shared(s, prompt, partition), not s.dirty,
                                         -s.last_used))
 
+    @staticmethod
+    def _shared(slot: _Slot, prompt: list[int], partition: str) -> int:
+        """Tokens of prompt whose KV the idle slot holds for this partition."""
+        return common_prefix(slot.cached, prompt) if slot.partition == partition else 0
+
     def bind(self, slot: _Slot, seq: Seq) -> None:
-        """Give slot to seq, keeping the KV of the prefix they share."""
-        keep = min(common_prefix(slot.cached, seq.tokens), seq.keep_limit())
+        """Give slot to seq, keeping the KV of the prefix they share (none of another
+        partition's)."""
+        keep = min(self._shared(slot, seq.tokens, seq.partition), seq.keep_limit())
         if keep + SUPERSEDED < len(slot.cached):
             self._store(slot)  # another conversation takes the slot: keep this one's KV
         slot.dirty = False  # (or the same one goes on: its next state supersedes this one)
         self.trim(slot.id, keep)
-        slot.seq, slot.cached = seq, []
+        slot.seq, slot.cached, slot.partition = seq, [], seq.partition
         seq.n_past = seq.reused = keep
 
     def release(self, seq: Seq) -> None:
@@ -119,7 +128,7 @@ class BatchContext:
         if slot.dirty and slot.seq is None and self.evict_hook is not None:
             slot.dirty = False
             try:
-                self.evict_hook(slot.id, list(slot.cached), slot.n_prompt)
+                self.evict_hook(slot.id, list(slot.cached), slot.n_prompt, slot.partition)
             except Exception:  # NOTE: a failed save loses a cache entry, nothing else
                 logger.exception("storing slot %d in the prompt cache failed", slot.id)
 
@@ -132,8 +141,8 @@ class BatchContext:
         return False
 
     def siblings(self, seq: Seq) -> list[_Slot]:
-        """Every other slot."""
-        return [s for s in self.slots if s.id != seq.slot]
+        """Every other slot whose KV seq may share: of the same partition."""
+        return [s for s in self.slots if s.id != seq.slot and s.partition == seq.partition]
 
     # -- KV operations -----------------------------------------------------------------------
 

@@ -102,12 +102,12 @@ class FakeEngine:
     # -- the executor ----------------------------------------------------------------------
 
     def open_seq(self, prompt: list[int], params: SamplingParams, *,
-                 prefill_only: bool = False) -> Seq | None:
+                 prefill_only: bool = False, partition: str = "") -> Seq | None:
         """A sequence in a free slot (no KV is ever reused: the whole prompt is evaluated)."""
         free = [i for i in range(self.n_parallel) if i not in self._live]
         if not free:
             return None
-        seq = Seq(free[0], list(prompt), len(prompt), params, prefill_only)
+        seq = Seq(free[0], list(prompt), len(prompt), params, prefill_only, partition=partition)
         seq.handle = None if prefill_only else self.generate(prompt, params)
         self._live.add(seq.slot)
         return seq

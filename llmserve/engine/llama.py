@@ -33,6 +33,7 @@ from llmserve.engine.sampling import GrammarGate, SeqSampler
 from llmserve.engine.vocab import scan_vocab
 from llmserve.errors import ContextLengthError, InternalError, ModelLoadError
 from llmserve.hardware import machine_threads
+from llmserve.tenancy import salted
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class LlamaEngine:
         self.n_batch = batch.n_batch
         self.fingerprint = _fingerprint(path, batch.params)
         self._verbose = settings.log_level == "debug"
-        self._disk_cache: LlamaDiskCache | None = None
+        self._disk_caches: dict[str, LlamaDiskCache] = {}  # by prompt-cache partition
         self._embedder: _Embedder | None = None
         self._vocab = model.vocab
         self._piece_cache: dict[int, bytes] = {}
@@ -243,13 +244,14 @@ class LlamaEngine:
         return GrammarGate(self._vocab, text)
 
     def open_seq(self, prompt: list[int], params: SamplingParams, *,
-                 prefill_only: bool = False) -> Seq | None:
-        """A sequence in a free slot, keeping the KV prefix the slot already shares."""
-        slot = self.batch.acquire(prompt)
+                 prefill_only: bool = False, partition: str = "") -> Seq | None:
+        """A sequence in a free slot, keeping the KV prefix the slot already shares (of the
+        same prompt-cache partition)."""
+        slot = self.batch.acquire(prompt, partition)
         if slot is None:
             return None
         gate = self._grammar(params.grammar) if params.grammar and not prefill_only else None
-        seq = Seq(slot.id, list(prompt), len(prompt), params, prefill_only)
+        seq = Seq(slot.id, list(prompt), len(prompt), params, prefill_only, partition=partition)
         seq.handle = SeqSampler(params, self.info.n_vocab, gate)
         self.batch.bind(slot, seq)
         return seq
@@ -301,13 +303,15 @@ class LlamaEngine:
         """Store one idle sequence's KV in the prompt cache tiers; False when none is left."""
         return self.batch.flush_one()
 
-    def llama_disk(self, directory: Path, capacity: int) -> LlamaDiskCache:
-        """--prompt_cache llama_disk: llama-cpp-python's LlamaDiskCache, opened on first use."""
-        if self._disk_cache is None:
-            self._disk_cache = LlamaDiskCache(
-                cache_dir=str(directory / "llama_disk"), capacity_bytes=capacity
-            )
-        return self._disk_cache
+    def llama_disk(self, directory: Path, capacity: int, partition: str = "") -> LlamaDiskCache:
+        """--prompt_cache llama_disk: llama-cpp-python's LlamaDiskCache, opened on first use
+        (one directory per prompt-cache partition)."""
+        cache = self._disk_caches.get(partition)
+        if cache is None:
+            name = f"llama_disk-{partition}" if partition else "llama_disk"
+            cache = LlamaDiskCache(cache_dir=str(directory / name), capacity_bytes=capacity)
+            self._disk_caches[partition] = cache
+        return cache
 
     # -- embeddings --------------------------------------------------------------------------
 
@@ -356,7 +360,8 @@ class SeqView:
         self.engine = engine
         self.seq = seq
         self.info = engine.info
-        self.fingerprint = engine.fingerprint
+        # NOTE: the partition's own key space: entries of another are never found
+        self.fingerprint = salted(engine.fingerprint, seq.partition)
 
     def live_tokens(self) -> list[int]:
         """Tokens whose KV the sequence holds."""
@@ -384,7 +389,7 @@ class SeqView:
     def llama_disk_restore(self, tokens: list[int], directory: Path, capacity: int) -> int:
         """Restore LlamaDiskCache's longest-prefix state when it beats the live prefix, as
         llama-cpp-python's create_completion does."""
-        cache = self.engine.llama_disk(directory, capacity)
+        cache = self.engine.llama_disk(directory, capacity, self.seq.partition)
         live = common_prefix(self.live_tokens(), tokens)
         try:
             item = cache[tokens]
@@ -401,7 +406,7 @@ class SeqView:
         """Store the sequence's full state under its tokens."""
         tokens = self.live_tokens()
         blob = self.get_state()
-        cache = self.engine.llama_disk(directory, capacity)
+        cache = self.engine.llama_disk(directory, capacity, self.seq.partition)
         cache[tokens] = LlamaState(
             input_ids=np.array(tokens, dtype=np.intc), scores=np.zeros((0, 0), np.single),
             n_tokens=len(tokens), llama_state=blob, llama_state_size=len(blob), seed=0,

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmserve.anthropic.events import error_body as anthropic_error_body
 from llmserve.errors import AuthenticationError
+from llmserve.tenancy import current_key
 
 # NOTE: where a request's key id goes (Starlette's request.state reads scope["state"]).
 KEY_ID_STATE = "api_key_id"
@@ -70,7 +71,8 @@ class APIKeyMiddleware:
     """Rejects HTTP requests without a valid key, except on public paths (is_public).
 
     An accepted request carries its key's id (key_id) in scope["state"][KEY_ID_STATE]: what
-    owns the data it makes (stored Responses)."""
+    owns the data it makes (stored Responses), and in tenancy.current_key (the prompt cache's
+partition)."""
 
     def __init__(self, app: ASGIApp, keys: Sequence[str]):
         self.app = app
@@ -83,8 +85,13 @@ class APIKeyMiddleware:
         presented = presented_keys(scope.get("headers", []))
         for candidate in presented:
             if key_matches(candidate, self._keys):
-                scope.setdefault("state", {})[KEY_ID_STATE] = key_id(candidate)
-                await self.app(scope, receive, send)
+                kid = key_id(candidate)
+                scope.setdefault("state", {})[KEY_ID_STATE] = kid
+                token = current_key.set(kid)  # NOTE: the prompt cache's partition (tenancy.py)
+                try:
+                    await self.app(scope, receive, send)
+                finally:
+                    current_key.reset(token)
                 return
         if presented:
             error = AuthenticationError("invalid API key")
