@@ -13,6 +13,7 @@ from llmserve.cache.manager import PrefixCache
 from llmserve.catalog.registry import ModelManager
 from llmserve.chat.tools import make_parser
 from llmserve.engine.base import Engine, SamplingParams, Seq, as_batch
+from llmserve.errors import InvalidRequestError
 from llmserve.output import (
     AttachOutputs,
     ChoiceEnd,
@@ -103,7 +104,10 @@ class Request:
         if shares(raw):
             for seq in seqs[1:]:  # n > 1: the other choices fork the first one's prompt
                 self.waits[id(seq)] = Wait(seqs[0], seq.keep_limit())
-        budget = raw.info.n_ctx - len(tokens)
+        # NOTE: the n choices share the prompt's cells; each gets an even share of the rest
+        # (_open refused a max_tokens that cannot fit n times), so the request alone always
+        # fits its limits and is never cut short by the KV (it is preempted instead)
+        budget = (raw.info.n_ctx - len(tokens)) // self.n
         limit = min(self.max_tokens, budget) if self.max_tokens else budget
         assert self.prompt is not None
         family = self.prompt.tool_family
@@ -131,6 +135,14 @@ class Request:
         check_context(len(tokens), raw.info.n_ctx)
         if engine.n_parallel < self.n:
             raise RuntimeError("n is larger than --parallel")  # checked before queueing
+        if self.n > 1 and self.max_tokens and \
+                len(tokens) + self.n * self.max_tokens > raw.info.n_ctx:
+            raise InvalidRequestError(
+                f"n ({self.n}) choices of max_tokens ({self.max_tokens}) after a prompt of "
+                f"{len(tokens)} tokens need {len(tokens) + self.n * self.max_tokens} tokens of "
+                f"KV; the context holds {raw.info.n_ctx}: lower n or max_tokens",
+                param="max_tokens",
+            )
         params = SamplingParams(**{**self.params.__dict__, "grammar": self.prompt.grammar})
         seqs: list[Seq] = []
         for i in range(self.n):

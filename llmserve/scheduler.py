@@ -4,7 +4,9 @@ Each turn of the loop: run the calls that arrived (tokenize, load, switch...) an
 waiting requests in arrival order while sequences are free; drop what was cancelled; then one
 decode step per model with live sequences: plan_step decides what it evaluates (every decoding
 sequence's next token plus prompt chunks within --n_batch), the engine executes that plan, and
-each sampled token goes to its request.
+each sampled token goes to its request. Where an admitted sequence's prompt KV comes from
+(its slot, a live sibling, one still evaluating, the prompt cache) is choose_prefix's
+decision, made from plain numbers; sharing.py gathers them and carries it out.
 
 NOTE: llama.cpp contexts are not thread-safe, so this one thread owns all of them; calls and
 admissions keep their arrival order, so a model switch still waits for the work before it.
@@ -539,6 +541,47 @@ def plan_step(seqs: Iterable[Seq], n_batch: int, waiting: Collection[Seq] = ()) 
         items.append((seq, n))
         budget -= n
     return StepPlan(tuple(items))
+
+
+@dataclass(frozen=True)
+class PrefixChoice:
+    """Where a new sequence's prompt KV comes from, as the scheduler decides it (sharing.py
+    carries it out). source:
+      "sibling"  copy the first `tokens` positions of slot `slot` (live in another sequence
+                 of the same partition; llama_memory_seq_cp shares the cells)
+      "wait"     the sequence in slot `slot` is still evaluating a prompt that shares
+                 `tokens` with this one: wait for it, then fork
+      "cache"    keep what its own slot holds, or restore the prompt cache's longer prefix
+    """
+
+    source: str
+    tokens: int = 0
+    slot: int | None = None
+
+
+def choose_prefix(own: int, live: Iterable[tuple[int, int]],
+                  evaluating: Iterable[tuple[int, int]], cached: int, block: int,
+                  *, can_copy: bool = True) -> PrefixChoice:
+    """The prompt-KV source of a new sequence from plain numbers (every count already capped
+    at what the sequence may reuse):
+      own         tokens its own slot holds of the prompt
+      live        (slot, tokens) another slot holds of the prompt now
+      evaluating  (slot, tokens) another sequence's prompt shares, still being evaluated
+      cached      tokens the prompt cache tiers can restore
+      can_copy    whether live KV may be copied (not with --prompt_cache llama_disk)
+    A sibling still evaluating is waited for only when it will hold at least a cache block
+    more than anything available now; otherwise the longest of a live sibling (on a tie with
+    the cache: the sibling, no restore), the cache or its own slot."""
+    best_slot, best = None, own
+    for slot, n in live:
+        if n > best:
+            best_slot, best = slot, n
+    ahead = max(evaluating, key=lambda e: e[1], default=None)
+    if ahead is not None and ahead[1] >= max(best, cached) + block:
+        return PrefixChoice("wait", ahead[1], ahead[0])
+    if best_slot is not None and best >= cached and can_copy:
+        return PrefixChoice("sibling", best, best_slot)
+    return PrefixChoice("cache", max(own, cached))
 
 
 def replace_seed(params: SamplingParams, i: int) -> SamplingParams:

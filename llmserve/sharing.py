@@ -1,5 +1,6 @@
-"""Where a new sequence's prompt KV comes from: its own slot, a live sibling, the prompt cache,
-or a sibling still evaluating the same prefix (wait for it, then fork).
+"""Carrying out where a new sequence's prompt KV comes from (the scheduler's choose_prefix
+decides): its own slot, a live sibling, the prompt cache, or a sibling still evaluating the
+same prefix (wait for it, then fork).
 
 NOTE: a prefix live in another sequence is copied with llama_memory_seq_cp, which in the
 unified KV cache only tags the same cells with a second sequence id: no evaluation, no copy.
@@ -16,6 +17,7 @@ from typing import Any
 
 from llmserve.cache.manager import PrefixCache
 from llmserve.engine.base import SamplingParams, Seq, common_prefix
+from llmserve.scheduler import choose_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +36,9 @@ def shares(engine: Any) -> bool:
 
 
 def setup(engine: Any, seq: Seq, cache: PrefixCache) -> Wait | None:
-    """Give seq the longest prompt prefix available now; or a Wait when a sibling that is
-    still evaluating its prompt will soon hold a longer one (by at least a cache block)."""
+    """Give seq the longest prompt prefix available now (the scheduler's choose_prefix
+    decides from what the slots and the cache hold); or a Wait when a sibling that is still
+    evaluating its prompt will soon hold a longer one (by at least a cache block)."""
     if not shares(engine):
         return None
     view = engine.view(seq)
@@ -46,23 +49,23 @@ def setup(engine: Any, seq: Seq, cache: PrefixCache) -> Wait | None:
         return None
     prompt = seq.tokens[: seq.n_prompt]
     limit = seq.keep_limit()
-    best_slot, best = None, seq.n_past
-    pending: tuple[Seq, int] | None = None
+    live: list[tuple[int, int]] = []
+    evaluating: list[tuple[int, int]] = []
     for slot in engine.batch.siblings(seq):
-        n = min(common_prefix(slot.live(), prompt), limit)
-        if n > best:
-            best_slot, best = slot, n
+        live.append((slot.id, min(common_prefix(slot.live(), prompt), limit)))
         other = slot.seq
         if other is not None and other.n_past < other.n_prompt:
-            ahead = min(common_prefix(other.tokens[: other.n_prompt], prompt), limit)
-            if pending is None or ahead > pending[1]:
-                pending = (other, ahead)
-    cached = min(cache.match(view, prompt).tokens, limit) if cache.mode != "llama_disk" else 0
-    if pending is not None and pending[1] >= max(best, cached) + cache.block:
-        return Wait(*pending)
-    if best_slot is not None and best >= cached and cache.mode != "llama_disk":
-        engine.batch.copy(best_slot.id, seq, best)
-        cache.count_reuse(best)
+            evaluating.append(
+                (slot.id, min(common_prefix(other.tokens[: other.n_prompt], prompt), limit)))
+    disk = cache.mode == "llama_disk"
+    cached = 0 if disk else min(cache.match(view, prompt).tokens, limit)
+    choice = choose_prefix(seq.n_past, live, evaluating, cached, cache.block, can_copy=not disk)
+    if choice.source == "wait":
+        donor = engine.batch.slots[choice.slot].seq
+        return Wait(donor, choice.tokens)
+    if choice.source == "sibling":
+        engine.batch.copy(choice.slot, seq, choice.tokens)
+        cache.count_reuse(choice.tokens)
         return None
     reused = cache.prepare(view, prompt)
     if seq.n_past > limit:

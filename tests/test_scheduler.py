@@ -66,6 +66,28 @@ async def test_n_above_parallel_is_400(fake_client: Any) -> None:
     assert resp.json()["error"]["param"] == "n"
 
 
+async def test_n_choices_that_cannot_fit_together_are_400_before_any_output(
+        fake_client: Any) -> None:
+    """n choices share the prompt's KV and split the rest of the context: a max_tokens that
+    cannot fit n times is refused up front (never cut short mid-reply); without one each
+    choice may use an even share."""
+    async with fake_client(script=["w"] * 1500) as client:  # the fake's n_ctx is 2048
+        refused = await client.post("/v1/chat/completions",
+                                    json={**CHAT, "n": 2, "max_tokens": 1100})
+        fits = await client.post("/v1/chat/completions", json={**CHAT, "n": 2, "max_tokens": 900})
+        shared = await client.post("/v1/chat/completions", json={**CHAT, "n": 2})
+        alone = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1100})
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == "max_tokens"
+    assert "lower n or max_tokens" in refused.json()["error"]["message"]
+    assert [c["finish_reason"] for c in fits.json()["choices"]] == ["length"] * 2
+    assert fits.json()["usage"]["completion_tokens"] == 1800
+    prompt = shared.json()["usage"]["prompt_tokens"]
+    share = (2048 - prompt) // 2
+    assert [len(c["message"]["content"]) for c in shared.json()["choices"]] == [share] * 2
+    assert alone.json()["usage"]["completion_tokens"] == 1100  # n = 1: its max_tokens
+
+
 async def test_queue_limit_is_503_with_retry_after(fake_client: Any) -> None:
     async with fake_client({"parallel": 1, "max_queue": 1}, token_delay=0.01,
                            script=["z"] * 100) as client:

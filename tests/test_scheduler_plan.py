@@ -5,7 +5,7 @@ sequences left out."""
 from __future__ import annotations
 
 from llmserve.engine.base import SamplingParams, Seq, StepPlan
-from llmserve.scheduler import plan_step
+from llmserve.scheduler import PrefixChoice, choose_prefix, plan_step
 
 
 def prompt(slot: int, n: int, *, evaluated: int = 0) -> Seq:
@@ -84,3 +84,36 @@ def test_the_plan_does_not_touch_the_sequences() -> None:
     before = [(s.n_past, list(s.tokens)) for s in (a, b)]
     plan_step([a, b], 16)
     assert [(s.n_past, list(s.tokens)) for s in (a, b)] == before
+
+
+# -- where a new sequence's prompt KV comes from (choose_prefix) -------------------------------
+
+def test_prefix_nothing_anywhere_is_the_cache_path() -> None:
+    assert choose_prefix(0, [], [], 0, 64) == PrefixChoice("cache", 0)
+    assert choose_prefix(0, [(1, 0), (2, 0)], [], 0, 64) == PrefixChoice("cache", 0)
+
+
+def test_prefix_longest_live_sibling_is_copied() -> None:
+    assert choose_prefix(10, [(1, 300), (2, 500), (3, 400)], [], 200, 64) == \
+        PrefixChoice("sibling", 500, 2)
+    # a tie with the cache goes to the sibling (a copy shares cells; a restore copies bytes)
+    assert choose_prefix(0, [(1, 256)], [], 256, 64) == PrefixChoice("sibling", 256, 1)
+
+
+def test_prefix_own_slot_or_cache_beats_a_shorter_sibling() -> None:
+    assert choose_prefix(700, [(1, 500)], [], 0, 64) == PrefixChoice("cache", 700)
+    assert choose_prefix(0, [(1, 500)], [], 640, 64) == PrefixChoice("cache", 640)
+
+
+def test_prefix_waits_only_for_a_block_more() -> None:
+    # a sibling still evaluating 1000 shared tokens: worth waiting for over 500 live ones
+    assert choose_prefix(0, [(1, 500)], [(2, 1000)], 0, 64) == PrefixChoice("wait", 1000, 2)
+    # less than a block more than the cache holds: take the cache now
+    assert choose_prefix(0, [], [(2, 1000)], 960, 64) == PrefixChoice("cache", 960)
+    assert choose_prefix(0, [], [(2, 1024)], 960, 64) == PrefixChoice("wait", 1024, 2)
+    # the longest evaluating sibling is the one waited for
+    assert choose_prefix(0, [], [(2, 300), (3, 900)], 0, 64) == PrefixChoice("wait", 900, 3)
+
+
+def test_prefix_llama_disk_never_copies_live_kv() -> None:
+    assert choose_prefix(0, [(1, 500)], [], 0, 64, can_copy=False) == PrefixChoice("cache", 0)
