@@ -58,6 +58,7 @@ class Request:
     n: int = 1
     prefill_only: bool = False
     partition: str = ""  # of the prompt cache (llmserve/tenancy.py)
+    priority: int = 0  # lower is admitted, resumed and kept first (scheduler.by_priority)
     queued_at: float = 0.0
     # the model, acquired by the service (which built the prompt off the engine thread);
     # the request releases it when it ends

@@ -126,6 +126,7 @@ class Runner(Protocol):
 
     stream: EventStream
     queued_at: float
+    priority: int  # lower is served first (vLLM's convention); 0 by default
     engine: Any  # a BatchEngine once admitted
     seqs: list[Seq]  # the open sequences
 
@@ -157,7 +158,7 @@ class Scheduler:
         self._inbox: deque[Any] = deque()
         self._waiting: deque[Any] = deque()
         self._active: list[Runner] = []
-        self._preempted: list[Runner] = []  # paused for KV room, oldest first
+        self._preempted: list[Runner] = []  # paused for KV room, by rank (see _rank)
         self.preemptions = 0
         self._after: list[Callable[[], None]] = []
         self._stopping = False
@@ -343,7 +344,7 @@ class Scheduler:
         # and while one still waits for room no new request may take it.
         self._resume()
         slots_full = bool(self._preempted)
-        for item in list(self._waiting):
+        for item in by_priority(self._waiting):
             if isinstance(item, _Call):
                 try:
                     self._run_call(item)
@@ -384,7 +385,7 @@ class Scheduler:
                 self._end(req, "cancelled")
                 continue
             if not self._room_for(req):
-                break  # oldest first: a later one must not overtake it
+                break  # by rank (priority, then oldest): a later one must not overtake it
             self._preempted.remove(req)
             try:
                 req.resume()
@@ -414,7 +415,7 @@ class Scheduler:
             self._fail(req, exc)
             return
         self._preempted.append(req)
-        self._preempted.sort(key=lambda r: r.queued_at)
+        self._preempted.sort(key=_rank)
         self.preemptions += 1
         for observe in self.observers:
             observe("preempted", 1.0)
@@ -503,11 +504,11 @@ class Scheduler:
         return stepped
 
     def _kv_full(self, engine: Any, exc: KVFullError) -> None:
-        """No room for the step: preempt the newest request on this model (the lowest
-        priority), which resumes later; a request alone on its model that still does not fit
-        (n choices outgrowing the context together) ends with `length`."""
+        """No room for the step: preempt the request on this model with the lowest priority
+        (the newest of those), which resumes later; a request alone on its model that still
+        does not fit ends with `length` (admission refuses what cannot fit alone)."""
         running = [r for r in self._active if r.engine is engine]
-        victim = running[-1]
+        victim = max(running, key=_rank)
         if len(running) == 1:
             logger.warning("%s; %s alone does not fit: finish_reason length", exc,
                            getattr(victim, "id", "?"))
@@ -522,6 +523,28 @@ class Scheduler:
         if not seq.params.ignore_eos and engine.is_eog(token):
             return None
         return bytes(engine.token_bytes(token))
+
+
+def _rank(req: Any) -> tuple[int, float]:
+    """A request's place in line: its priority, then its arrival (smaller goes first)."""
+    return (int(getattr(req, "priority", 0)), float(req.queued_at))
+
+
+def by_priority(waiting: Iterable[Any]) -> list[Any]:
+    """The waiting items in the order admission looks at them: requests by priority (lower
+    first), arrival order among equals; calls (load, switch, tokenize...) keep their place,
+    and no request moves past a call queued before it (a model switch still waits for the
+    work sent before it, and work sent after it still waits for the switch)."""
+    out: list[Any] = []
+    run: list[Any] = []
+    for item in waiting:
+        if isinstance(item, _Call):
+            out += sorted(run, key=lambda r: int(getattr(r, "priority", 0)))  # NOTE: stable
+            run = []
+            out.append(item)
+        else:
+            run.append(item)
+    return out + sorted(run, key=lambda r: int(getattr(r, "priority", 0)))
 
 
 def plan_step(seqs: Iterable[Seq], n_batch: int, waiting: Collection[Seq] = ()) -> StepPlan:

@@ -221,6 +221,9 @@ class SamplingFields(BaseModel):
     # vLLM compatible: the prompt cache reuses only KV of requests with the same salt (and
     # key): llmserve/tenancy.py.
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_SALT_CHARS)
+    # vLLM compatible: lower is served first (admission, resumption after a preemption); the
+    # highest is preempted first when the KV cache is full.
+    priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)
 
     @field_validator("logit_bias")
     @classmethod

@@ -9,7 +9,7 @@ import time
 from types import SimpleNamespace
 
 from llmserve.engine.base import KVFullError, SamplingParams, Seq, StepPlan
-from llmserve.scheduler import Scheduler
+from llmserve.scheduler import Scheduler, _Call, by_priority
 
 TOKEN = 7
 
@@ -73,6 +73,7 @@ class Runner:
         self.engine = engine
         self.stream = Stream()
         self.queued_at = 0.0
+        self.priority = 0
         self.seqs: list[Seq] = []
         self.prompt = list(range(prompt))
         self.limit = limit
@@ -188,3 +189,51 @@ def test_a_request_alone_that_cannot_fit_ends_with_length() -> None:
     assert not any(line.startswith("preempt") for line in log)
 
 
+
+
+def test_the_lowest_priority_gives_way_first() -> None:
+    """priority (vLLM's: lower is served first) picks the victim before arrival does."""
+    engine = KVEngine(cells=100)
+    log: list[str] = []
+    runners = [Runner(f"r{i}", engine, prompt=30, limit=30, log=log) for i in range(4)]
+    runners[0].priority = 5
+    _run(runners)
+    assert [(r.reason, r.produced) for r in runners] == [("done", 30)] * 4
+    preempted = [line.split()[1] for line in log if line.startswith("preempt")]
+    assert preempted[0] == "r0"
+
+
+def test_priority_orders_admission() -> None:
+    engine = KVEngine(cells=100_000, n_parallel=1)
+    log: list[str] = []
+    head = Runner("head", engine, prompt=10, limit=3000, log=log)
+    low = Runner("low", engine, prompt=10, limit=5, log=log)
+    high = Runner("high", engine, prompt=10, limit=5, log=log)
+    low.priority, high.priority = 1, -1
+    worker = Scheduler(n_batch=16)
+    try:
+        worker.submit(head)
+        for _ in range(500):
+            if "admit head" in log:
+                break
+            time.sleep(0.001)
+        worker.submit(low)
+        worker.submit(high)
+        for r in (head, low, high):
+            assert r.stream.ended.wait(120), r.id
+    finally:
+        worker.shutdown(timeout=5)
+    assert head.produced == 3000, "head finished before the others queued: make it longer"
+    assert [line for line in log if line.startswith("admit")] == \
+        ["admit head", "admit high", "admit low"]
+
+
+def test_by_priority_never_moves_a_request_past_a_call() -> None:
+    def req(name: str, priority: int) -> SimpleNamespace:
+        return SimpleNamespace(name=name, priority=priority)
+
+    switch = _Call(lambda: None)
+    items = [req("a", 0), req("b", -1), switch, req("c", 2), req("d", 0), req("e", -5)]
+    order = [getattr(i, "name", "call") for i in by_priority(items)]
+    assert order == ["b", "a", "call", "e", "d", "c"]
+    assert by_priority([]) == []

@@ -88,6 +88,41 @@ async def test_n_choices_that_cannot_fit_together_are_400_before_any_output(
     assert alone.json()["usage"]["completion_tokens"] == 1100  # n = 1: its max_tokens
 
 
+async def test_priority_field_orders_waiting_requests(fake_client: Any) -> None:
+    """The API's `priority` reaches the scheduler: with one sequence busy, a waiting request
+    of priority -1 is served before one of priority 1 that arrived first."""
+    async with fake_client({"parallel": 1}, token_delay=0.002, script=["p"] * 400) as client:
+        worker = client.app.state.worker
+
+        async def queued(n: int) -> None:
+            for _ in range(2000):  # NOTE: a liveness bound, not a timing
+                if worker.waiting_requests >= n:
+                    return
+                await asyncio.sleep(0.001)
+
+        head = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+        for _ in range(2000):
+            if client.engines and client.engines[0].trace:
+                break
+            await asyncio.sleep(0.001)
+        done: list[str] = []
+
+        async def send(name: str, priority: int) -> None:
+            r = await client.post("/v1/chat/completions", json={**CHAT, "priority": priority})
+            assert r.status_code == 200, r.text
+            done.append(name)
+
+        low = asyncio.create_task(send("low", 1))
+        await queued(1)
+        high = asyncio.create_task(send("high", -1))
+        await queued(2)
+        assert not head.done(), "the head request ended before both waited: lengthen it"
+        await asyncio.gather(head, low, high)
+        bad = await client.post("/v1/chat/completions", json={**CHAT, "priority": "soon"})
+    assert done == ["high", "low"]
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "priority"
+
+
 async def test_queue_limit_is_503_with_retry_after(fake_client: Any) -> None:
     async with fake_client({"parallel": 1, "max_queue": 1}, token_delay=0.01,
                            script=["z"] * 100) as client:

@@ -247,13 +247,14 @@ class InProcessBackend:
             build_prompt = _vocab_checked(build_prompt, params.logit_bias)
         return await self._submit(prefix, filename, req.keep_alive, build_prompt, params,
                                   max_tokens, req.stop_list(), wrap, n=req.n,
-                                  partition=self.partition(req.cache_salt))
+                                  partition=self.partition(req.cache_salt),
+                                  priority=req.priority)
 
     async def _submit(
         self, prefix: str, filename: str | None, keep_alive: float | None,
         build_prompt: Callable[[Engine], Prompt], params: SamplingParams,
         max_tokens: int | None, stops: list[str], wrap: Wrap, *, n: int = 1,
-        prefill_only: bool = False, partition: str = "",
+        prefill_only: bool = False, partition: str = "", priority: int = 0,
     ) -> Generation:
         # NOTE: the prompt is rendered and tokenized here, off the engine thread (llama.cpp's
         # tokenizer only reads the vocabulary, as llama-server's HTTP threads use it), on a
@@ -269,7 +270,7 @@ class InProcessBackend:
         request = Request(
             f"{prefix}-{uuid.uuid4().hex}", self.env, stream, stream.put, filename,
             keep_alive, build_prompt, params, max_tokens, stops, n=n, prefill_only=prefill_only,
-            partition=partition, held=engine, raw=engine, prompt=prompt,
+            partition=partition, priority=priority, held=engine, raw=engine, prompt=prompt,
         )
         try:
             self.worker.submit(request)
