@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,9 +48,11 @@ class Request:
     env: Env
     stream: EventStream
     emit: Emit
-    model: str | None  # file name; None: the active model
+    # the model, acquired and held by the service, which built the prompt's plain token ids
+    # off the engine thread; the request releases it when it ends
+    held: Any
+    prompt: Prompt
     keep_alive: float | None
-    build_prompt: Callable[[Engine], Prompt]
     params: SamplingParams
     max_tokens: int | None
     stops: list[str]
@@ -60,13 +61,9 @@ class Request:
     partition: str = ""  # of the prompt cache (llmserve/tenancy.py)
     priority: int = 0  # lower is admitted, resumed and kept first (scheduler.by_priority)
     queued_at: float = 0.0
-    # the model, acquired by the service (which built the prompt off the engine thread);
-    # the request releases it when it ends
-    held: Any = None
+    raw: Any = None  # the held model (kept after admission, when held is cleared)
     # set at admission
     engine: Any = None
-    raw: Any = None
-    prompt: Prompt | None = None
     seqs: list[Seq] = field(default_factory=list)  # the open ones
     all_seqs: list[Seq] = field(default_factory=list)
     limits: list[int] = field(default_factory=list)  # per choice: tokens it may produce
@@ -79,13 +76,17 @@ class Request:
     preemptions: int = 0
     swapped: dict[int, int] = field(default_factory=dict)  # id(seq) -> tokens swapped out
 
+    def __post_init__(self) -> None:
+        self.raw = self.held
+
     # -- admission ---------------------------------------------------------------------------
 
     def admit(self) -> bool:
-        """Load the model, build and check the prompt, take n sequences; False: no free ones.
+        """Check the prompt against the model and take n sequences; False: no free ones (the
+        model stays held while the request waits). Raises the request's errors (4xx).
 
-        Raises the request's errors (4xx) and scheduler.Busy (a model must drain first)."""
-        raw = self.held if self.held is not None else self.env.manager.acquire(self.model)
+        Plain data only: the prompt's tokens were built off the engine thread."""
+        raw = self.raw
         try:
             seqs = self._open(raw)
         except BaseException:
@@ -93,8 +94,6 @@ class Request:
             self.env.manager.release(raw.info.name, None, stamp=False)
             raise
         if seqs is None:
-            if self.held is None:  # NOTE: a held model stays held while the request waits
-                self.env.manager.release(raw.info.name, None, stamp=False)
             return False
         self.held = None  # released by finish() from here on
         engine = as_batch(raw)
@@ -110,7 +109,6 @@ class Request:
         # fits its limits and is never cut short by the KV (it is preempted instead)
         budget = (raw.info.n_ctx - len(tokens)) // self.n
         limit = min(self.max_tokens, budget) if self.max_tokens else budget
-        assert self.prompt is not None
         family = self.prompt.tool_family
         max_calls = None if self.prompt.parallel_tools else 1
         # NOTE: built here, used only on the event loop (EventStream delivers TokenBatches
@@ -129,8 +127,6 @@ class Request:
         return True
 
     def _open(self, raw: Engine) -> list[Seq] | None:
-        if self.prompt is None or raw is not self.raw:
-            self.raw, self.prompt = raw, self.build_prompt(raw)
         engine = as_batch(raw)
         tokens = self.prompt.tokens
         check_context(len(tokens), raw.info.n_ctx)
@@ -306,7 +302,7 @@ class Request:
                 else:
                     self._end_choice(i, reason)
         self._flush()
-        tokens = self.prompt.tokens if self.prompt else []
+        tokens = self.prompt.tokens
         evaluated = sum(s.n_prompt - s.reused for s in self.all_seqs)
         self.env.cache.tokens_evaluated += evaluated
         logger.info(

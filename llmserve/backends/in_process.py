@@ -268,9 +268,9 @@ class InProcessBackend:
         # NOTE: wrap (metrics) watches the events where they are made: on the event loop
         stream = EventStream(asyncio.get_running_loop(), wrap)
         request = Request(
-            f"{prefix}-{uuid.uuid4().hex}", self.env, stream, stream.put, filename,
-            keep_alive, build_prompt, params, max_tokens, stops, n=n, prefill_only=prefill_only,
-            partition=partition, priority=priority, held=engine, raw=engine, prompt=prompt,
+            f"{prefix}-{uuid.uuid4().hex}", self.env, stream, stream.put, engine, prompt,
+            keep_alive, params, max_tokens, stops, n=n, prefill_only=prefill_only,
+            partition=partition, priority=priority,
         )
         try:
             self.worker.submit(request)
