@@ -264,16 +264,15 @@ def test_gemma_tools_and_json(client: openai.OpenAI, smol_server: ServerProcess)
 @pytest.mark.parametrize("family", ["hermes", "llama3", "mistral", "json"])
 def test_grammar_and_parser_agree_on_real_output(family: str) -> None:
     """Each family's forced-call grammar, run on SmolLM2, parses back into valid calls."""
-    from llmserve.chat.grammar import ToolSpec, assemble, schema_fragment, tool_calls_rules
+    from llmserve.chat import constraints
     from llmserve.chat.tools import ToolCallDelta, make_parser
     from llmserve.config import Settings
     from llmserve.engine.base import SamplingParams
     from llmserve.engine.llama import LlamaEngine
 
-    specs = [ToolSpec(t["function"]["name"], schema_fragment(
-        t["function"]["parameters"], f"t{i}-", "tools")) for i, t in enumerate(TOOLS)]
-    rules = tool_calls_rules(family, specs, parallel=False)
-    grammar = assemble(rules.root, rules)
+    specs = [constraints.ToolSpec(t["function"]["name"], constraints.schema_expr(
+        t["function"]["parameters"], "tools")) for t in TOOLS]
+    grammar = constraints.grammar(*constraints.tool_calls(family, specs, parallel=False))
     engine = LlamaEngine.load(require_model(SMOL), Settings(n_ctx=512, n_threads=2))
     try:
         prompt = engine.tokenize(

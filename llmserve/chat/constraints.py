@@ -21,6 +21,7 @@ off into endless whitespace, and the tool-call parsers see one shape.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,34 @@ def _short(message: str) -> str:
     return " ".join(message.split())[:300]
 
 
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+
+
+def closed(schema: Any) -> Any:
+    """schema with `additionalProperties: false` on each object schema that lists properties
+    and says nothing about others: models are not asked to invent keys (tiny ones go on
+    adding them until max_tokens). Every output stays valid under the original schema.
+    allOf branches are left open (each would reject the others' properties)."""
+    if not isinstance(schema, Mapping):
+        return schema
+    out = dict(schema)
+    if isinstance(out.get("properties"), Mapping) and "additionalProperties" not in out \
+            and "unevaluatedProperties" not in out and "patternProperties" not in out \
+            and "allOf" not in out:
+        out["additionalProperties"] = False
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), Mapping):
+            out[key] = {k: closed(v) for k, v in out[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed(v) for v in out[key]]
+    for key in ("items", "additionalProperties", "not", "if", "then", "else", "contains"):
+        if isinstance(out.get(key), Mapping):
+            out[key] = closed(out[key])
+    return out
+
+
 def schema_expr(schema: Any, param: str) -> str:
     """A Lark expression (`%json {...}`) matching a JSON schema; a SchemaError (400) if
     llguidance cannot enforce it."""
@@ -70,7 +99,7 @@ def schema_expr(schema: Any, param: str) -> str:
     guidance = schema.get("x-guidance")
     options = {**(guidance if isinstance(guidance, Mapping) else {}), **JSON_OPTIONS}
     try:
-        text = json.dumps({**schema, "x-guidance": options}, ensure_ascii=False,
+        text = json.dumps({**closed(schema), "x-guidance": options}, ensure_ascii=False,
                           allow_nan=False)
         problem = _problem(LLMatcher.grammar_from_json_schema(text))
     except (ValueError, TypeError, RecursionError) as exc:
@@ -98,13 +127,24 @@ def grammar(start: str, rules: Mapping[str, str] | None = None) -> str:
     return LLMatcher.grammar_from_lark("\n".join(lines) + "\n")
 
 
+_ESCAPE = re.compile(r"\\\\|\\x[0-9a-fA-F]{2}|\\u[0-9a-fA-F]{4}|\\U[0-9a-fA-F]{8}")
+
+
+def _unescape(match: re.Match[str]) -> str:
+    code = match.group()
+    ch = chr(int(code[2:], 16)) if len(code) > 2 and int(code[2:], 16) <= 0x10FFFF else ""
+    # NOTE: llguidance's converter copies \x, \u and \U escapes into Lark, which reads
+    # them differently (`\U0001F600` became an invalid `\U1F600`): write printable ones out
+    return ch if ch.isprintable() and ch not in '"\\[]^-' else code
+
+
 def gbnf(text: str, param: str = "grammar") -> str:
     """An llguidance grammar from llama.cpp GBNF (`root ::= ...`); a GrammarError (400)."""
     if len(text) > MAX_GRAMMAR_CHARS:
         raise GrammarError(f"invalid grammar: longer than {MAX_GRAMMAR_CHARS} characters",
                            param=param)
     try:
-        out = LLMatcher.grammar_from_lark(any_to_lark(text))
+        out = LLMatcher.grammar_from_lark(any_to_lark(_ESCAPE.sub(_unescape, text)))
     except RecursionError:
         raise GrammarError("invalid grammar: nested too deeply", param=param) from None
     except Exception as exc:  # NOTE: the converter raises bare Exception for a missing root

@@ -8,6 +8,7 @@ the mask took longer than the decode.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from collections import OrderedDict
@@ -17,7 +18,6 @@ from typing import Any
 import llama_cpp
 import numpy as np
 from llguidance import LLMatcher, LLTokenizer
-from llguidance.llamacpp import lltokenizer_from_vocab
 
 from llmserve.errors import InvalidRequestError
 
@@ -34,8 +34,7 @@ class Guide:
         t0 = time.perf_counter()
         eog = [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)]
         self.eog = np.array(eog, dtype=np.intp)
-        self.tokenizer: LLTokenizer = lltokenizer_from_vocab(vocab, n_vocab=n_vocab,
-                                                             eos_token=eog or None)
+        self.tokenizer = _tokenizer(vocab, n_vocab, eog)
         self.n_vocab = n_vocab
         self._compiled: OrderedDict[str, LLMatcher] = OrderedDict()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="llguidance")
@@ -66,6 +65,27 @@ class Guide:
         """Stop the mask worker."""
         self._worker.shutdown(wait=True)
         self._compiled.clear()
+
+
+def _tokenizer(vocab: Any, n_vocab: int, eog: list[int]) -> LLTokenizer:
+    """llguidance.llamacpp.lltokenizer_from_vocab without its deprecated llama.cpp calls:
+    each token's bytes (control tokens, and user-defined ones that look like `<...>`, marked
+    special with a 0xff prefix), tokenizing through llama.cpp's own function."""
+    buf = ctypes.create_string_buffer(16 * 1024)
+    tokens: list[bytes] = []
+    special = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+    user = llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+    for token in range(n_vocab):
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf) - 1, 0, True)
+        piece = bytes(buf[: max(n, 0)])
+        attr = llama_cpp.llama_vocab_get_attr(vocab, token)
+        if attr & special or (attr & user and piece.startswith(b"<") and piece.endswith(b">")):
+            piece = b"\xff" + piece
+        tokens.append(piece)
+    tokenize = ctypes.cast(llama_cpp.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
+    return LLTokenizer.from_llamacpp(  # type: ignore[attr-defined]
+        tokens=tokens, vocab_ptr=vocab, tokenize_fptr=tokenize,
+        eos_token=eog or llama_cpp.llama_vocab_eos(vocab), slices=None)
 
 
 class Gate:
