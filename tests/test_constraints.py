@@ -20,10 +20,11 @@ EOS = 256
 class _Bytes:
     """One token per byte, plus EOS."""
 
-    eos_token_id = EOS
-    bos_token_id = None
-    tokens = [bytes([i]) for i in range(256)] + [b"\xff<eos>"]
-    special_token_ids = [EOS]
+    def __init__(self) -> None:
+        self.eos_token_id = EOS
+        self.bos_token_id = None
+        self.tokens = [bytes([i]) for i in range(256)] + [b"\xff<eos>"]
+        self.special_token_ids = [EOS]
 
     def __call__(self, data: bytes) -> list[int]:
         return list(data)

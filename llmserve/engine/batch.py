@@ -220,10 +220,11 @@ class BatchContext:
             seq.n_past += n
             if seq.pending == 0 and not seq.prefill_only:
                 # NOTE: log-probabilities of the raw logits: read before a grammar masks them
-                raw = self._raw_logprobs(idx - 1) if seq.params.logprobs is not None else None
+                top = seq.params.logprobs
+                raw = self._raw_logprobs(idx - 1) if top is not None else None
                 token = seq.handle.sample(self.ctx, idx - 1)
-                if raw is not None:
-                    seq.logprob = self._logprobs(raw, token, seq.params.logprobs)
+                if raw is not None and top is not None:
+                    seq.logprob = self._logprobs(raw, token, top)
                 seq.tokens.append(token)
                 out.append((seq, token))
         return out

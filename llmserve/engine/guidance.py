@@ -77,15 +77,16 @@ def _tokenizer(vocab: Any, n_vocab: int, eog: list[int]) -> LLTokenizer:
     user = llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
     for token in range(n_vocab):
         n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf) - 1, 0, True)
-        piece = bytes(buf[: max(n, 0)])
+        piece = buf.raw[: max(n, 0)]
         attr = llama_cpp.llama_vocab_get_attr(vocab, token)
         if attr & special or (attr & user and piece.startswith(b"<") and piece.endswith(b">")):
             piece = b"\xff" + piece
         tokens.append(piece)
     tokenize = ctypes.cast(llama_cpp.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
-    return LLTokenizer.from_llamacpp(  # type: ignore[attr-defined]
+    made: LLTokenizer = LLTokenizer.from_llamacpp(  # type: ignore[attr-defined]
         tokens=tokens, vocab_ptr=vocab, tokenize_fptr=tokenize,
         eos_token=eog or llama_cpp.llama_vocab_eos(vocab), slices=None)
+    return made
 
 
 class Gate:

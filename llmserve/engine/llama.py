@@ -28,8 +28,8 @@ from llmserve.engine.base import (
 )
 from llmserve.engine.batch import BatchContext
 from llmserve.engine.chunking import Cutter
-from llmserve.engine.kvtypes import context_types
 from llmserve.engine.guidance import Gate, Guide
+from llmserve.engine.kvtypes import context_types
 from llmserve.engine.sampling import SeqSampler
 from llmserve.engine.vocab import scan_vocab
 from llmserve.errors import ContextLengthError, InternalError, ModelLoadError

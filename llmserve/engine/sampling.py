@@ -7,6 +7,7 @@ import random
 from typing import Any
 
 import llama_cpp
+
 from llmserve.engine.base import SamplingParams
 from llmserve.engine.guidance import Gate
 from llmserve.errors import InvalidRequestError
