@@ -24,6 +24,9 @@ from llmserve.errors import InvalidRequestError
 logger = logging.getLogger(__name__)
 
 COMPILED_KEPT = 16  # grammars kept compiled per model (a client resends the same tools)
+# A grammar whose first mask takes longer is refused (400): 400 alternatives `"a" root?`
+# took llguidance 4-8 s per mask on 2 busy cores; a 250-tool call grammar takes ~10 ms.
+MAX_FIRST_MASK_S = 1.0
 
 
 class Guide:
@@ -37,22 +40,37 @@ class Guide:
         self.tokenizer = _tokenizer(vocab, n_vocab, eog)
         self.n_vocab = n_vocab
         self._compiled: OrderedDict[str, LLMatcher] = OrderedDict()
+        self._refused: OrderedDict[str, str] = OrderedDict()  # grammar -> its 400's message
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="llguidance")
         self.compile_s = 0.0  # the last compile's time (benchmarks/structured.py reads it)
         logger.info("llguidance tokenizer for %d tokens in %.2f s", n_vocab,
                     time.perf_counter() - t0)
 
     def gate(self, grammar: str) -> Gate:
-        """A fresh matcher for grammar (compiled once, copied per sequence); 400 if it fails."""
+        """A fresh matcher for grammar (compiled once, copied per sequence); 400 if it fails
+        to compile or its first mask takes longer than MAX_FIRST_MASK_S."""
+        refused = self._refused.get(grammar)
+        if refused is not None:
+            raise InvalidRequestError(refused, param="grammar", code="invalid_grammar")
         base = self._compiled.get(grammar)
         if base is None:
             t0 = time.perf_counter()
             base = LLMatcher(self.tokenizer, grammar, log_level=0)
+            compiled = time.perf_counter()
+            if not base.is_error():
+                base.compute_bitmask()  # NOTE: drops the GIL; the first step's cost, measured
+            first = time.perf_counter() - compiled
             self.compile_s = time.perf_counter() - t0
-            if base.is_error():
-                raise InvalidRequestError(
-                    f"the grammar does not compile: {' '.join(base.get_error().split())[:300]}",
-                    param="grammar", code="invalid_grammar")
+            problem = " ".join(base.get_error().split())[:300] if base.is_error() else ""
+            if not problem and first > MAX_FIRST_MASK_S:
+                problem = (f"its first token mask took {first:.1f} s (at most "
+                           f"{MAX_FIRST_MASK_S} s): too ambiguous")
+            if problem:
+                message = f"the grammar cannot be enforced: {problem}"
+                self._refused[grammar] = message
+                while len(self._refused) > COMPILED_KEPT:
+                    self._refused.popitem(last=False)
+                raise InvalidRequestError(message, param="grammar", code="invalid_grammar")
             self._compiled[grammar] = base
             while len(self._compiled) > COMPILED_KEPT:
                 self._compiled.popitem(last=False)
@@ -98,36 +116,53 @@ class Gate:
         self.matcher = matcher
         self._bits = np.zeros((guide.n_vocab + 31) // 32, dtype=np.int32)
         self._pending: Future[None] | None = None
+        self._keep: Any = None  # token ids to keep (the rest masked), or
+        self._drop: Any = None  # token ids to mask (None and None: all allowed)
 
     def _fill(self) -> None:
+        """The next mask, and which side of it to write: the allowed ids when they are few
+        (JSON: most tokens masked), the disallowed ones when those are (free text)."""
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        n = self._guide.n_vocab
+        bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[:n]
+        allowed = np.flatnonzero(bits)
+        if allowed.size == 0:
+            # NOTE: a matcher in an error state allows nothing: end the choice rather than
+            # sample from an all -inf row.
+            logger.warning("grammar matcher stuck: %s", self.matcher.get_error()[:200])
+            self._keep, self._drop = self._guide.eog, None
+        elif allowed.size == n:
+            self._keep, self._drop = None, None
+        elif allowed.size <= n // 2:
+            self._keep, self._drop = allowed, None
+        else:
+            self._keep, self._drop = None, np.flatnonzero(bits == 0)
 
     def prepare(self) -> None:
         """Compute the next mask on the worker thread (idempotent until apply)."""
         if self._pending is None:
             self._pending = self._guide._worker.submit(self._fill)
 
-    def allowed(self) -> Any:
-        """The next step's mask as one bool per token."""
+    def _ready(self) -> None:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
         else:
             self._fill()
-        bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
-        return bits[: self._guide.n_vocab].astype(bool)
 
     def apply(self, logits: Any) -> None:
-        """Mask a float logits row in place (a llama.cpp buffer or an array)."""
-        row = np.ctypeslib.as_array(logits, shape=(self._guide.n_vocab,)) \
-            if not isinstance(logits, np.ndarray) else logits
-        allowed = self.allowed()
-        if not allowed.any():
-            # NOTE: a matcher in an error state allows nothing: end the choice rather than
-            # sample from an all -inf row.
-            logger.warning("grammar matcher stuck: %s", self.matcher.get_error()[:200])
-            allowed[self._guide.eog] = True
-        row[~allowed] = -np.inf
+        """Set the logits of every token the grammar disallows next to -inf, in place (a
+        llama.cpp buffer or an array)."""
+        self._ready()
+        row = logits if isinstance(logits, np.ndarray) else \
+            np.ctypeslib.as_array(logits, shape=(self._guide.n_vocab,))
+        # NOTE: the cheap side of the mask: this runs on the engine thread between decodes
+        if self._keep is not None:
+            kept = row[self._keep]
+            row.fill(-np.inf)
+            row[self._keep] = kept
+        elif self._drop is not None:
+            row[self._drop] = -np.inf
 
     def accept(self, token: int) -> None:
         """Advance past token (sampled under this gate's mask)."""
