@@ -33,11 +33,11 @@ class Guide:
     """One model's llguidance tokenizer (built once: ~0.3 s for 49k tokens, ~2 s for 262k)
     and its recently compiled grammars."""
 
-    def __init__(self, vocab: Any, n_vocab: int):
+    def __init__(self, vocab: Any, n_vocab: int, markers: dict[int, bytes] | None = None):
         t0 = time.perf_counter()
         eog = [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)]
         self.eog = np.array(eog, dtype=np.intp)
-        self.tokenizer = _tokenizer(vocab, n_vocab, eog)
+        self.tokenizer = _tokenizer(vocab, n_vocab, eog, markers or {})
         self.n_vocab = n_vocab
         self._compiled: OrderedDict[str, LLMatcher] = OrderedDict()
         self._refused: OrderedDict[str, str] = OrderedDict()  # grammar -> its 400's message
@@ -85,10 +85,15 @@ class Guide:
         self._compiled.clear()
 
 
-def _tokenizer(vocab: Any, n_vocab: int, eog: list[int]) -> LLTokenizer:
+def _tokenizer(vocab: Any, n_vocab: int, eog: list[int],
+               markers: dict[int, bytes]) -> LLTokenizer:
     """llguidance.llamacpp.lltokenizer_from_vocab without its deprecated llama.cpp calls:
     each token's bytes (control tokens, and user-defined ones that look like `<...>`, marked
-    special with a 0xff prefix), tokenizing through llama.cpp's own function."""
+    special with a 0xff prefix), tokenizing through llama.cpp's own function.
+
+    NOTE: markers (single-token `<tool_call>`, `[TOOL_CALLS]`, `<think>`, ... that the output
+    side reads as text) stay text, so a grammar's literal "<tool_call>" allows the model's
+    own token, as llama.cpp's grammars did."""
     buf = ctypes.create_string_buffer(16 * 1024)
     tokens: list[bytes] = []
     special = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
@@ -96,6 +101,9 @@ def _tokenizer(vocab: Any, n_vocab: int, eog: list[int]) -> LLTokenizer:
     for token in range(n_vocab):
         n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf) - 1, 0, True)
         piece = buf.raw[: max(n, 0)]
+        if token in markers:
+            tokens.append(markers[token])
+            continue
         attr = llama_cpp.llama_vocab_get_attr(vocab, token)
         if attr & special or (attr & user and piece.startswith(b"<") and piece.endswith(b">")):
             piece = b"\xff" + piece

@@ -243,7 +243,7 @@ class LlamaEngine:
 
     def _grammar(self, text: str) -> Gate:
         if self._guide is None:
-            self._guide = Guide(self._vocab, self.info.n_vocab)
+            self._guide = Guide(self._vocab, self.info.n_vocab, self._markers)
         return self._guide.gate(text)
 
     @property
