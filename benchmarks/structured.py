@@ -51,11 +51,10 @@ def request(body: dict[str, Any]) -> ChatCompletionRequest:
 
 def tools(n: int) -> list[dict[str, Any]]:
     return [{"type": "function", "function": {
-        "name": f"tool_{i}", "description": f"Does task {i}.",
+        "name": f"tool_{i}", "description": f"Task {i}.",
         "parameters": {"type": "object", "properties": {
-            "target": {"type": "string"}, "count": {"type": "integer", "minimum": 0},
-            "mode": {"type": "string", "enum": ["fast", "safe"]}},
-            "required": ["target"], "additionalProperties": False}}} for i in range(n)]
+            "target": {"type": "string"}, "mode": {"enum": ["fast", "safe"]}},
+            "required": ["target"]}}} for i in range(n)]
 
 
 def first_token(engine: LlamaEngine, body: dict[str, Any]) -> tuple[float, float, float]:
@@ -138,7 +137,8 @@ def main() -> None:
     args = parser.parse_args()
     for name in args.models:
         engine = LlamaEngine.load(ROOT / "models" / name,
-                                  Settings(n_ctx=32768, n_threads=args.n_threads))
+                                  Settings(n_ctx=32768, n_threads=args.n_threads,
+                                           parallel=1))
         try:
             speed(engine, name, args.tokens, args.rounds)
             compile_times(engine, name)

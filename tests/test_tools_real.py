@@ -196,8 +196,13 @@ def test_raw_grammar_and_bad_grammars(client: openai.OpenAI, smol_server: Server
         extra_body={"grammar": 'root ::= " " [0-9]+ ("," " " [0-9]+)*'},
     )
     assert all(p.strip().isdigit() for p in text.choices[0].text.split(","))
-    crashers = ['root ::= "a"{5,3}', 'root ::= "\\x00"', "root ::= " + "(" * 3000 + '"a"'
-                + ")" * 3000, 'root ::= "unterminated', "root ::= undefined-rule"]
+    # NOTE: `"\\x00"` aborted llama.cpp's grammar engine; llguidance runs it (a byte-level
+    # vocabulary has a token for NUL)
+    nul = client.chat.completions.create(model=SMOL, messages=ASK, max_tokens=3,
+                                         extra_body={"grammar": 'root ::= "\\x00"'})
+    assert nul.choices[0].finish_reason in ("stop", "length")
+    crashers = ['root ::= "a"{5,3}', "root ::= " + "(" * 3000 + '"a"' + ")" * 3000,
+                'root ::= "unterminated', "root ::= undefined-rule"]
     for grammar in crashers:
         for stream in (False, True):
             with pytest.raises(openai.BadRequestError) as info:

@@ -57,11 +57,14 @@ class Guide:
             t0 = time.perf_counter()
             base = LLMatcher(self.tokenizer, grammar, log_level=0)
             compiled = time.perf_counter()
-            if not base.is_error():
-                base.compute_bitmask()  # NOTE: drops the GIL; the first step's cost, measured
+            # NOTE: the first mask (drops the GIL): its cost measured, and a grammar no token
+            # can start (`"\x00"`) refused rather than ended at once
+            mask = b"" if base.is_error() else base.compute_bitmask()
             first = time.perf_counter() - compiled
             self.compile_s = time.perf_counter() - t0
             problem = " ".join(base.get_error().split())[:300] if base.is_error() else ""
+            if not problem and not mask.strip(b"\0"):
+                problem = "no token can start it"
             if not problem and first > MAX_FIRST_MASK_S:
                 problem = (f"its first token mask took {first:.1f} s (at most "
                            f"{MAX_FIRST_MASK_S} s): too ambiguous")
