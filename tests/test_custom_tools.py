@@ -14,7 +14,8 @@ from llmserve.responses.tools import Target, tool_set
 from llmserve.schemas import ChatCompletionRequest, CustomToolSpec, ToolDefinition
 
 PATCH = '*** Begin Patch\n*** Add File: "a b".txt\n+héllo \\ 😀\n*** End Patch\n'
-LARK = {"type": "grammar", "syntax": "lark", "definition": 'start: "*** Begin Patch" LF'}
+LARK = {"type": "grammar", "syntax": "lark",
+        "definition": 'start: "*** Begin Patch" LF\n%import common.LF'}
 
 
 def test_as_function_describes_the_freeform_input_and_grammar() -> None:

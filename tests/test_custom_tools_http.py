@@ -21,7 +21,8 @@ pytestmark = pytest.mark.anyio
 
 FAST = {"stream_interval_ms": 0}
 PATCH = '*** Begin Patch\n*** Add File: "note".txt\n+hi\n*** End Patch\n'
-LARK = {"type": "grammar", "syntax": "lark", "definition": 'start: "*** Begin Patch" LF'}
+LARK = {"type": "grammar", "syntax": "lark",
+        "definition": 'start: "*** Begin Patch" LF\n%import common.LF'}
 # A Hermes-style call of the freeform function, cut inside escapes and the opening.
 CUSTOM_SCRIPT = ["<tool_call>\n{\"name\": \"apply_patch\", \"arguments\": {\"in", "put\": \"",
                  "*** Begin Patch\\", "n*** Add File: \\\"no", "te\\\".txt\\n+hi\\n*** End",

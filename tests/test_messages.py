@@ -280,7 +280,9 @@ async def test_tool_choice(fake_client: FakeFactory, choice: dict[str, Any], for
         assert r.status_code == 200, r.text
         params = client.engines[0].params[-1]
         prompt = client.engines[0].prompts[-1]
-    assert (params.grammar is not None) == forced
+    # NOTE: auto is a lazy grammar (free text until the call's trigger), forced is not
+    assert (params.grammar is not None and "[lazy]" not in params.grammar) == forced
+    assert (params.grammar is not None) == rendered
     assert ("get_weather" in prompt) == rendered
 
 

@@ -297,23 +297,6 @@ async def test_shutdown_does_not_wait_for_a_wedged_engine(fake_models_dir: Any,
     assert not stuck.done() or stuck.cancelled() or stuck.result() is True
 
 
-@pytest.mark.parametrize(
-    ("alternatives", "ok"),
-    [(['"a" root?'] * 12, True), (['"a" root?'] * 40, False), (['"a" root?'] * 400, False),
-     ([f'"w{i}" root?' for i in range(100)], True),
-     ([f'"{chr(0x4E00 + i)}" root?' for i in range(200)], True)],
-)
-def test_grammar_ambiguity_is_bounded(alternatives: list[str], ok: bool) -> None:
-    from llmserve.chat import gbnf
-
-    grammar = "root ::= " + " | ".join(alternatives)
-    if ok:
-        gbnf.validate(grammar)
-    else:
-        with pytest.raises(gbnf.GrammarError, match="ways"):
-            gbnf.validate(grammar)
-
-
 def test_cutter_cuts_only_before_unstraddled_special_text() -> None:
     from llmserve.engine.chunking import Cutter
 

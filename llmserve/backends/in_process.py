@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from llmserve.backends.base import OnPrompt, Tokens, Wrap
 from llmserve.cache.manager import PrefixCache, in_partition
 from llmserve.catalog.registry import ModelManager
-from llmserve.chat import gbnf
+from llmserve.chat import constraints
 from llmserve.chat.plan import (
     ChatPlan,
     RenderedChat,
@@ -190,8 +190,7 @@ class InProcessBackend:
     async def complete(self, req: CompletionRequest, wrap: Wrap) -> Generation:
         """Start a text completion."""
         text = req.prompt_text()
-        if req.grammar is not None:
-            gbnf.validate(req.grammar)
+        grammar = constraints.gbnf(req.grammar) if req.grammar is not None else None
 
         def prompt(engine: Engine) -> Prompt:
             check_text_fits(text, engine.info, "prompt")
@@ -201,7 +200,7 @@ class InProcessBackend:
                     "the prompt is empty and this model adds no BOS token: send at least one "
                     "character", param="prompt",
                 )
-            return Prompt(tokens, req.grammar)
+            return Prompt(tokens, grammar)
 
         return await self._start("cmpl", req, prompt, req.max_tokens, wrap)
 

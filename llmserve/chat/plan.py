@@ -14,18 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from llmserve.chat import gbnf
+from llmserve.chat import constraints
 from llmserve.chat.client_text import control_text, mark, segments
+from llmserve.chat.constraints import SchemaError, ToolSpec
 from llmserve.chat.custom_tools import as_function
-from llmserve.chat.grammar import (
-    PRIMITIVES,
-    Fragment,
-    SchemaError,
-    ToolSpec,
-    assemble,
-    schema_fragment,
-    tool_calls_rules,
-)
 from llmserve.chat.reasoning import template_variables
 from llmserve.chat.system_turns import has_late_system, merge_system_turns
 from llmserve.chat.templates import render, resolve_template, uses_tools
@@ -33,6 +25,7 @@ from llmserve.engine.base import ModelInfo
 from llmserve.errors import InvalidRequestError
 from llmserve.limits import check_text_fits
 from llmserve.schemas import (
+    FREEFORM_ARGUMENT,
     ChatCompletionRequest,
     ChatMessage,
     CustomToolDefinition,
@@ -56,12 +49,12 @@ class ChatPlan:
 
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None  # rendered into the prompt
-    specs: list[ToolSpec]  # every tool, with its argument rules
+    specs: list[ToolSpec]  # every tool, with its arguments' Lark expression
     tool_mode: ToolMode
     forced: list[ToolSpec]  # tool_choice required (all) or named (one)
     parallel: bool
-    content: Fragment | None  # response_format rules
-    raw_grammar: str | None
+    content: str | None  # response_format as a Lark expression
+    raw_grammar: str | None  # the grammar field, as an llguidance grammar
     variables: dict[str, Any] | None = None  # extra template variables (enable_thinking, ...)
 
     @property
@@ -81,18 +74,22 @@ class ChatPlan:
         return family if self.tool_mode != "none" else None
 
     def grammar(self, family: str) -> str | None:
-        """The GBNF grammar constraining the output for this template family, if any."""
+        """The llguidance grammar constraining the output for this template family, if any:
+        auto tool calls without response_format are a lazy grammar (free text until the
+        family's trigger)."""
         if self.raw_grammar is not None:
             return self.raw_grammar
         if self.tool_mode == "forced":
-            calls = tool_calls_rules(family, self.forced, self.parallel)
-            return assemble(calls.root, calls)
+            expr, rules = constraints.tool_calls(family, self.forced, self.parallel)
+            return constraints.grammar(expr, rules)
+        if self.tool_mode == "auto" and self.content is None:
+            return constraints.lazy_tool_calls(family, self.specs, self.parallel)
         if self.content is None:
             return None
         if self.tool_mode == "auto":
-            calls = tool_calls_rules(family, self.specs, self.parallel)
-            return assemble(f"{self.content.root} | {calls.root}", self.content, calls)
-        return assemble(self.content.root, self.content)
+            expr, rules = constraints.tool_calls(family, self.specs, self.parallel)
+            return constraints.grammar(f"content | {expr}", {"content": self.content, **rules})
+        return constraints.grammar("content", {"content": self.content})
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -141,29 +138,36 @@ def _call_dict(i: int, j: int, tc: Any) -> dict[str, Any]:
             "function": {"name": tc.function.name, "arguments": arguments}}
 
 
-def _tool_spec(i: int, tool: ToolDefinition) -> ToolSpec:
-    fn = tool.function
+def _tool_spec(i: int, tool: ToolDefinition | CustomToolDefinition) -> ToolSpec:
+    if isinstance(tool, CustomToolDefinition):
+        spec = tool.custom
+        text = constraints.custom_input_schema(spec.format, f"tools.{i}.custom.format")
+        schema: dict[str, Any] | None = {
+            "type": "object", "properties": {FREEFORM_ARGUMENT: text},
+            "required": [FREEFORM_ARGUMENT], "additionalProperties": False}
+        name = spec.name
+    else:
+        name, schema = tool.function.name, tool.function.parameters
     param = f"tools.{i}.function.parameters"
-    schema = fn.parameters
     if schema is None:
-        return ToolSpec(fn.name, Fragment("no-args", {"no-args": '"{}"'}))
+        return ToolSpec(name, '"{}"')
     if schema.get("type", "object") != "object":
         raise SchemaError(f"tools[{i}].function.parameters must be an object schema", param=param)
-    return ToolSpec(fn.name, schema_fragment(schema, f"t{i}-", param))
+    return ToolSpec(name, constraints.schema_expr(schema, param))
 
 
-def _content_rules(req: ChatCompletionRequest) -> Fragment | None:
+def _content_rules(req: ChatCompletionRequest) -> str | None:
     fmt = req.response_format
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
-        return Fragment("object", {k: PRIMITIVES[k] for k in PRIMITIVES if k != "ws"})
+        return constraints.JSON_OBJECT
     if fmt.json_schema is None or fmt.json_schema.json_schema is None:
         raise InvalidRequestError(
             "response_format json_schema needs json_schema.schema",
             param="response_format.json_schema",
         )
-    return schema_fragment(fmt.json_schema.json_schema, "rf-", "response_format.json_schema")
+    return constraints.schema_expr(fmt.json_schema.json_schema, "response_format.json_schema")
 
 
 def check_messages(req: ChatCompletionRequest, most: int) -> None:
@@ -187,7 +191,7 @@ def plan_chat(req: ChatCompletionRequest) -> ChatPlan:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise InvalidRequestError(f"duplicate tool names: {', '.join(dupes)}", param="tools")
-    specs = [_tool_spec(i, t) for i, t in enumerate(tools)]
+    specs = [_tool_spec(i, t) for i, t in enumerate(req.tools or [])]
     choice = req.tool_choice or ("auto" if tools else "none")
     forced: list[ToolSpec] = []
     mode: ToolMode = "none" if choice == "none" or not tools else "auto"
@@ -210,8 +214,9 @@ def plan_chat(req: ChatCompletionRequest) -> ChatPlan:
         )
     except ValueError as exc:
         raise InvalidRequestError(str(exc), param="chat_template_kwargs") from exc
+    raw_grammar = None
     if req.grammar is not None:
-        gbnf.validate(req.grammar)
+        raw_grammar = constraints.gbnf(req.grammar)
         if content is not None or mode == "forced":
             raise InvalidRequestError(
                 "grammar cannot be combined with response_format or a forced tool_choice",
@@ -223,7 +228,7 @@ def plan_chat(req: ChatCompletionRequest) -> ChatPlan:
         # NOTE: a named tool_choice means one call to that function.
         specs=specs, tool_mode=mode, forced=forced,
         parallel=req.parallel_tool_calls is True and isinstance(choice, str),
-        content=content, raw_grammar=req.grammar, variables=variables,
+        content=content, raw_grammar=raw_grammar, variables=variables,
     )
 
 

@@ -35,7 +35,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repeat_penalty: float = 1.0
     ignore_eos: bool = False
-    grammar: str | None = None  # GBNF, already checked by llmserve.chat.gbnf
+    grammar: str | None = None  # an llguidance grammar (llmserve.chat.constraints)
     logprobs: int | None = None  # report each sampled token's logprob and this many top ones
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id within the vocab, bias)
 

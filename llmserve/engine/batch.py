@@ -210,6 +210,10 @@ class BatchContext:
         if plan.n_tokens > self.n_batch or any(n < 1 or n > s.pending for s, n in items):
             raise InternalError(f"a step plan this context cannot take ({plan.n_tokens} "
                                 f"tokens, n_batch {self.n_batch})")
+        for seq, n in items:
+            if n == seq.pending and not seq.prefill_only:
+                # NOTE: a grammar's mask for this step is computed while llama_decode runs
+                seq.handle.prepare()
         rc = self._decode(items)
         if rc == 1 and self.drop_idle():
             rc = self._decode(items)
@@ -224,27 +228,33 @@ class BatchContext:
             idx += n
             seq.n_past += n
             if seq.pending == 0 and not seq.prefill_only:
+                # NOTE: log-probabilities of the raw logits: read before a grammar masks them
+                top = seq.params.logprobs
+                raw = self._raw_logprobs(idx - 1) if top is not None else None
                 token = seq.handle.sample(self.ctx, idx - 1)
-                if seq.params.logprobs is not None:
-                    seq.logprob = self._logprobs(idx - 1, token, seq.params.logprobs)
+                if raw is not None and top is not None:
+                    seq.logprob = self._logprobs(raw, token, top)
                 seq.tokens.append(token)
                 out.append((seq, token))
         return out
 
-    def _logprobs(self, idx: int, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
-        """token's log-probability under the model's raw logits at batch index idx (before
-        temperature, penalties or grammar, as llama-server reports them), and the top ones."""
-        n_vocab = self.n_vocab
+    def _raw_logprobs(self, idx: int) -> Any:
+        """The model's raw logits at batch index idx as log-probabilities (before temperature,
+        penalties or grammar, as llama-server reports them)."""
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, idx),
-                                       shape=(n_vocab,)).astype(np.float64)
+                                       shape=(self.n_vocab,)).astype(np.float64)
         peak = logits.max()
-        lse = peak + np.log(np.exp(logits - peak).sum())
+        return logits - (peak + np.log(np.exp(logits - peak).sum()))
+
+    def _logprobs(self, logits: Any, token: int,
+                  top: int) -> tuple[float, list[tuple[int, float]]]:
+        """token's log-probability and the top ones, from _raw_logprobs."""
         best: list[tuple[int, float]] = []
         if top > 0:
             ids = np.argpartition(-logits, top - 1)[:top]
             ids = ids[np.argsort(-logits[ids], kind="stable")]
-            best = [(int(i), float(logits[i] - lse)) for i in ids]
-        return float(logits[token] - lse), best
+            best = [(int(i), float(logits[i])) for i in ids]
+        return float(logits[token]), best
 
     def _decode(self, plan: list[tuple[Seq, int]]) -> int:
         b = self._batch

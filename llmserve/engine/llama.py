@@ -28,8 +28,9 @@ from llmserve.engine.base import (
 )
 from llmserve.engine.batch import BatchContext
 from llmserve.engine.chunking import Cutter
+from llmserve.engine.guidance import Gate, Guide
 from llmserve.engine.kvtypes import context_types
-from llmserve.engine.sampling import GrammarGate, SeqSampler
+from llmserve.engine.sampling import SeqSampler
 from llmserve.engine.vocab import scan_vocab
 from llmserve.errors import ContextLengthError, InternalError, ModelLoadError
 from llmserve.hardware import machine_threads
@@ -86,6 +87,7 @@ class LlamaEngine:
         self._disk_caches: dict[str, LlamaDiskCache] = {}  # by prompt-cache partition
         self._embedder: _Embedder | None = None
         self._vocab = model.vocab
+        self._guide: Guide | None = None  # llguidance, built at the first grammar
         self._piece_cache: dict[int, bytes] = {}
         meta = model.metadata()
         vocab = scan_vocab(self._vocab, model.n_vocab())
@@ -240,8 +242,15 @@ class LlamaEngine:
 
     # -- sequences ---------------------------------------------------------------------------
 
-    def _grammar(self, text: str) -> GrammarGate:
-        return GrammarGate(self._vocab, text)
+    def _grammar(self, text: str) -> Gate:
+        if self._guide is None:
+            self._guide = Guide(self._vocab, self.info.n_vocab, self._markers)
+        return self._guide.gate(text)
+
+    @property
+    def grammar_compile_s(self) -> float:
+        """The last grammar compile's time (0.0: it was cached or none yet)."""
+        return self._guide.compile_s if self._guide is not None else 0.0
 
     def open_seq(self, prompt: list[int], params: SamplingParams, *,
                  prefill_only: bool = False, partition: str = "") -> Seq | None:
@@ -350,6 +359,9 @@ class LlamaEngine:
         while self.batch.flush_one():  # NOTE: what finished since the engine was last idle
             pass
         self.batch.close()
+        if self._guide is not None:
+            self._guide.close()
+            self._guide = None
         self._model.close()  # type: ignore[no-untyped-call]
 
 

@@ -1,83 +1,19 @@
-"""A llama_sampler chain per sequence, and GBNF grammars checked the way llama.cpp's common
-sampler checks them: sample first, test the chosen token, mask and resample on rejection."""
+"""A llama_sampler chain per sequence; a grammar's gate (engine/guidance.py) masks the logits
+before the chain samples."""
 
 from __future__ import annotations
 
-import ctypes
 import random
 from typing import Any
 
 import llama_cpp
-import numpy as np
 
 from llmserve.engine.base import SamplingParams
+from llmserve.engine.guidance import Gate
 from llmserve.errors import InvalidRequestError
 
 # llama-cpp-python's Llama keeps the last 64 tokens for its penalties; so do we.
 PENALTY_LAST_N = 64
-
-
-class GrammarGate:
-    """A GBNF grammar sampler used as a gate: allows(token), mask(logits), accept(token)."""
-
-    def __init__(self, vocab: Any, text: str):
-        # NOTE: a grammar llama.cpp cannot parse comes back NULL (and would crash the first
-        # sample). chat/gbnf.py rejects those first; this check is the last line of defence.
-        self._smpl = llama_cpp.llama_sampler_init_grammar(vocab, text.encode(), b"root")
-        if not self._smpl:
-            raise InvalidRequestError("llama.cpp could not parse the grammar", param="grammar",
-                                      code="invalid_grammar")
-        self._one = (llama_cpp.llama_token_data * 1)()
-        self._one_array = llama_cpp.llama_token_data_array(
-            data=self._one, size=1, selected=-1, sorted=False
-        )
-
-    def allows(self, token: int) -> bool:
-        """Whether the grammar accepts token next."""
-        entry: Any = self._one[0]
-        entry.id, entry.logit, entry.p = token, 0.0, 0.0
-        self._one_array.size, self._one_array.selected = 1, -1
-        llama_cpp.llama_sampler_apply(self._smpl, ctypes.byref(self._one_array))
-        return bool(np.isfinite(entry.logit))
-
-    def mask(self, cands: _Candidates) -> None:
-        """Drop every candidate the grammar rejects (their logits become -inf)."""
-        llama_cpp.llama_sampler_apply(self._smpl, ctypes.byref(cands.array))
-
-    def accept(self, token: int) -> None:
-        """Advance the grammar past token."""
-        llama_cpp.llama_sampler_accept(self._smpl, token)
-
-    def close(self) -> None:
-        """Free the grammar sampler."""
-        if self._smpl:
-            llama_cpp.llama_sampler_free(self._smpl)
-            self._smpl = None
-
-
-class _Candidates:
-    """A reusable llama_token_data_array over the whole vocabulary."""
-
-    def __init__(self, n_vocab: int):
-        self.n_vocab = n_vocab
-        self.data = np.zeros(
-            n_vocab, dtype=np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)],
-                                    align=True),
-        )
-        self.ids = np.arange(n_vocab, dtype=np.intc)
-        self.array = llama_cpp.llama_token_data_array(
-            data=self.data.ctypes.data_as(llama_cpp.llama_token_data_p), size=n_vocab,
-            selected=-1, sorted=False,
-        )
-
-    def load(self, logits: Any) -> None:
-        self.data["id"] = self.ids
-        self.data["logit"] = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
-        self.data["p"] = 0.0
-        self.array.size, self.array.selected, self.array.sorted = self.n_vocab, -1, False
-
-    def selected(self) -> int:
-        return int(self.data["id"][self.array.selected])
 
 
 def _logit_bias(n_vocab: int, bias: tuple[tuple[int, float], ...]) -> Any:
@@ -97,13 +33,11 @@ class SeqSampler:
     """One sequence's sampler chain (logit bias, penalties, top-k/p, min-p, temperature,
     seeded dist); a -100 bias is additive like OpenAI's, so a grammar can still force it."""
 
-    def __init__(self, params: SamplingParams, n_vocab: int, gate: GrammarGate | None):
+    def __init__(self, params: SamplingParams, n_vocab: int, gate: Gate | None):
         self._chain = llama_cpp.llama_sampler_chain_init(
             llama_cpp.llama_sampler_chain_default_params()
         )
         self._gate = gate
-        self._n_vocab = n_vocab
-        self._cands: _Candidates | None = None
         chain = self._chain
 
         def add(smpl: Any) -> None:
@@ -129,26 +63,20 @@ class SeqSampler:
         add(llama_cpp.llama_sampler_init_temp(p.temperature))
         add(llama_cpp.llama_sampler_init_dist(seed))
 
+    def prepare(self) -> None:
+        """Start the grammar's next mask (on its worker thread, while llama_decode runs)."""
+        if self._gate is not None:
+            self._gate.prepare()
+
     def sample(self, ctx: Any, idx: int) -> int:
-        """The next token from the logits at batch index idx (accepted into the chain)."""
-        if self._gate is None:
-            # NOTE: llama_sampler_sample accepts the token into the chain itself.
-            return int(llama_cpp.llama_sampler_sample(self._chain, ctx, idx))
-        gate = self._gate
-        if self._cands is None:
-            self._cands = _Candidates(self._n_vocab)
-        cands = self._cands
-        logits = llama_cpp.llama_get_logits_ith(ctx, idx)
-        cands.load(logits)
-        llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(cands.array))
-        token = cands.selected()
-        if not gate.allows(token):
-            cands.load(logits)
-            gate.mask(cands)
-            llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(cands.array))
-            token = cands.selected()
-        llama_cpp.llama_sampler_accept(self._chain, token)
-        gate.accept(token)
+        """The next token from the logits at batch index idx (accepted into the chain); a
+        grammar first sets the logits of the tokens it disallows to -inf, in place."""
+        if self._gate is not None:
+            self._gate.apply(llama_cpp.llama_get_logits_ith(ctx, idx))
+        # NOTE: llama_sampler_sample accepts the token into the chain itself.
+        token = int(llama_cpp.llama_sampler_sample(self._chain, ctx, idx))
+        if self._gate is not None:
+            self._gate.accept(token)
         return token
 
     def close(self) -> None:
