@@ -24,8 +24,10 @@ from llmserve.errors import InvalidRequestError
 logger = logging.getLogger(__name__)
 
 COMPILED_KEPT = 16  # grammars kept compiled per model (a client resends the same tools)
-# A grammar whose first mask takes longer is refused (400): 400 alternatives `"a" root?`
-# took llguidance 4-8 s per mask on 2 busy cores; a 250-tool call grammar takes ~10 ms.
+# A grammar whose first mask takes more CPU time than this is refused (400): 400 alternatives
+# `"a" root?` took llguidance 4-8 s per mask on 2 busy cores; a 250-tool call grammar takes
+# ~10 ms. NOTE: CPU time of the computing thread, not wall time, so a loaded machine does
+# not turn a good grammar into a (remembered) 400.
 MAX_FIRST_MASK_S = 1.0
 
 
@@ -56,17 +58,17 @@ class Guide:
         if base is None:
             t0 = time.perf_counter()
             base = LLMatcher(self.tokenizer, grammar, log_level=0)
-            compiled = time.perf_counter()
+            compiled = time.thread_time()
             # NOTE: the first mask (drops the GIL): its cost measured, and a grammar no token
             # can start (`"\x00"`) refused rather than ended at once
             mask = b"" if base.is_error() else base.compute_bitmask()
-            first = time.perf_counter() - compiled
+            first = time.thread_time() - compiled
             self.compile_s = time.perf_counter() - t0
             problem = " ".join(base.get_error().split())[:300] if base.is_error() else ""
             if not problem and not mask.strip(b"\0"):
                 problem = "no token can start it"
             if not problem and first > MAX_FIRST_MASK_S:
-                problem = (f"its first token mask took {first:.1f} s (at most "
+                problem = (f"its first token mask took {first:.1f} s of CPU (at most "
                            f"{MAX_FIRST_MASK_S} s): too ambiguous")
             if problem:
                 message = f"the grammar cannot be enforced: {problem}"
