@@ -61,6 +61,15 @@ def _serve_parser(sub: Any) -> None:
     _flag(p, "flash_attn", type=str.lower, choices=FLASH_ATTN,
           help="flash attention: auto (where the device supports it), on, off; a quantized "
                "V cache needs it (llama-server's -fa; default auto)")
+    _flag(p, "draft", choices=["none", "ngram"],
+          help="speculative decoding draft source: ngram = prompt lookup (continuations of "
+               "the sequence's last tokens found in its prompt and output); none (default)")
+    _flag(p, "draft_model", metavar="FILE|ALIAS",
+          help="a smaller GGUF with the same vocabulary that drafts tokens for every sequence "
+               "(llama-server's -md); wins over --draft ngram")
+    _flag(p, "draft_max", type=int, help="most tokens drafted per step (default 16)")
+    _flag(p, "draft_min", type=int,
+          help="a draft shorter than this is not verified (default 0)")
     _flag(p, "parallel", type=int,
           help="sequences decoded together in one context; they share --n_ctx (default 4)")
     _flag(p, "max_queue", type=int,

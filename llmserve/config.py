@@ -22,6 +22,7 @@ CACHE_TYPES: tuple[str, ...] = get_args(CacheType)
 UNQUANTIZED_CACHE_TYPES = ("f32", "f16", "bf16")
 # llama-server's -fa: auto lets llama.cpp enable it where the device supports it.
 FlashAttn = Literal["auto", "on", "off"]
+Draft = Literal["none", "ngram"]
 FLASH_ATTN: tuple[str, ...] = get_args(FlashAttn)
 
 
@@ -69,6 +70,15 @@ class Settings(BaseSettings):
     cache_type_k: CacheType = "f16"
     cache_type_v: CacheType = "f16"
     flash_attn: FlashAttn = "auto"
+    # Speculative decoding (engine/drafting.py): a draft source proposes tokens that one decode
+    # step verifies. ngram: prompt lookup (the sequence's own prompt and output); draft_model:
+    # a smaller GGUF with the same vocabulary (a file in the models dir or an alias). A
+    # request's `prediction` drafts too. draft_max caps a draft; one shorter than draft_min is
+    # not used. models.yaml `load` may set each per model.
+    draft: Draft = "none"
+    draft_model: str | None = Field(default=None, min_length=1)
+    draft_max: int = Field(default=16, ge=0, le=64)
+    draft_min: int = Field(default=0, ge=0, le=64)
     # Continuous batching: sequences decoded together (llama-server's -np) and the wait queue.
     parallel: int = Field(default=4, ge=1, le=256)
     max_queue: int = Field(default=256, ge=0)

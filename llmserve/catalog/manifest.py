@@ -64,7 +64,7 @@ from llmserve.catalog.spec import (
     UrlSource,
     hf_path_problem,
 )
-from llmserve.config import CacheType, FlashAttn, kv_setting
+from llmserve.config import CacheType, Draft, FlashAttn, kv_setting
 from llmserve.units import parse_size
 
 MANIFEST_NAME = "models.yaml"
@@ -159,6 +159,10 @@ class _Load(BaseModel):
     cache_type_k: CacheType | None = None  # -ctk
     cache_type_v: CacheType | None = None  # -ctv
     flash_attn: FlashAttn | None = None  # -fa; YAML's bare on/off (booleans) are accepted
+    draft: Draft | None = None  # speculative decoding (--draft, --draft_model, ...)
+    draft_model: str | None = Field(default=None, min_length=1)
+    draft_max: int | None = Field(default=None, ge=0, le=64)
+    draft_min: int | None = Field(default=None, ge=0, le=64)
 
     @field_validator("cache_type_k", "cache_type_v", "flash_attn", mode="before")
     @classmethod

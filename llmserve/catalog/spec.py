@@ -95,7 +95,7 @@ LOCAL = BackendSpec()
 
 # Load settings a catalog entry may set per model (the server's flags are the fallback).
 LOAD_PARAMS = ("n_ctx", "n_gpu_layers", "n_threads", "n_batch", "cache_type_k", "cache_type_v",
-               "flash_attn")
+               "flash_attn", "draft", "draft_model", "draft_max", "draft_min")
 # Request sampling fields a catalog entry may give defaults for.
 SAMPLING_PARAMS = (
     "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
