@@ -18,7 +18,7 @@ from tests.conftest import GEMMA, SMOL, require_model
 
 N_CTX = 2048
 K = 8
-SETTINGS = Settings(n_ctx=N_CTX, n_threads=2, parallel=2)
+SETTINGS = Settings(n_ctx=N_CTX, n_threads=1, parallel=2)
 CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
         "{}<|im_end|>\n<|im_start|>assistant\n")
 STORY = "Write a short story about a lighthouse keeper."
