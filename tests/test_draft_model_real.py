@@ -149,6 +149,32 @@ def test_no_room_in_the_draft_kv_gives_empty_drafts(target: Any) -> None:
 
 
 @pytest.mark.real_model
+def test_gemma_drafts_for_itself_across_a_trim() -> None:
+    """Gemma 3's sliding-window cache: a trimmed draft KV goes on as a fresh one would."""
+    from llmserve.engine.draft_model import load_draft_model
+    from llmserve.engine.llama import LlamaEngine
+
+    path = require_model(GEMMA)
+    target = LlamaEngine.load(path, SETTINGS)
+    drafts = [load_draft_model(path, SETTINGS, target._model, GEMMA, N_CTX, 2) for _ in "ab"]
+    try:
+        prompt = list(target.tokenize(
+            "<start_of_turn>user\nWrite a short story about a lighthouse keeper.<end_of_turn>\n"
+            "<start_of_turn>model\n", add_special=True, parse_special=True))
+        expected = _greedy(target, prompt, K)
+        for d in drafts:
+            d.p_min = 0.0
+        first = drafts[0].propose([(0, prompt, K)])[0]
+        assert first == expected
+        tokens = [*prompt, *first[:3], next(t for t in (13, 28, 30) if t != first[3])]
+        assert drafts[0].propose([(0, tokens, K)]) == drafts[1].propose([(0, tokens, K)])
+    finally:
+        for d in drafts:
+            d.close()
+        target.close()
+
+
+@pytest.mark.real_model
 def test_another_vocabulary_is_refused(target: Any) -> None:
     from llmserve.engine.draft_model import load_draft_model
 
