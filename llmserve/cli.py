@@ -69,7 +69,9 @@ def _serve_parser(sub: Any) -> None:
                "(llama-server's -md); wins over --draft ngram")
     _flag(p, "draft_max", type=int, help="most tokens drafted per step (default 16)")
     _flag(p, "draft_min", type=int,
-          help="a draft shorter than this is not verified (default 0)")
+          help="a draft shorter than this is not verified, and this much of a longer one "
+               "always is (default 0: drafts are sized by their acceptance so far and the "
+               "measured cost of a step)")
     _flag(p, "parallel", type=int,
           help="sequences decoded together in one context; they share --n_ctx (default 4)")
     _flag(p, "max_queue", type=int,

@@ -662,7 +662,8 @@ def best_draft(rate: float, k_max: int, base: float, c1: float) -> int:
 def with_drafts(plan: StepPlan, wanted: list[tuple[Seq, int]], drafts: list[list[int]],
                 cost: StepCost | None = None) -> StepPlan:
     """The plan with the worthwhile part of each draft (at most its sequence's allowance)
-    added: sized by the draft source's acceptance so far and the step cost model."""
+    added: sized by the draft source's acceptance so far and the step cost model, never
+    below the sequence's draft_min."""
     c0, c1 = cost.coefficients() if cost is not None else (0.0, 0.0)
     sampling = sum(1 for seq, n in plan.items if n == seq.pending and not seq.prefill_only)
     base = (c0 + c1 * plan.n_tokens) / max(sampling, 1)
@@ -672,9 +673,11 @@ def with_drafts(plan: StepPlan, wanted: list[tuple[Seq, int]], drafts: list[list
             continue
         k = min(k, len(draft))
         if cost is not None and seq.drafter is not None:
-            k = best_draft(seq.drafter.rate, k, base, c1)
-            if k == 0:
+            # NOTE: --draft_min (or the request's) is verified whatever the model says
+            best = best_draft(seq.drafter.rate, k, base, c1)
+            if best == 0:
                 seq.drafter.skipped()
+            k = max(best, min(seq.drafter.floor, k))
         if k > 0:
             made.append((seq, tuple(draft[:k])))
     return dataclasses.replace(plan, drafts=tuple(made)) if made else plan

@@ -239,6 +239,7 @@ class SamplingFields(BaseModel):
     priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)
     # speculative decoding: the most tokens drafted per step (default: the model's
     # --draft_max; 0 turns drafting off for this request), and the shortest draft verified
+    # (a draft this long is verified even where the step cost model would cut it)
     draft_max: int | None = Field(default=None, ge=0, le=64)
     draft_min: int | None = Field(default=None, ge=0, le=64)
 

@@ -112,7 +112,9 @@ class SeqDrafter:
     (asked by the engine for all sequences at once), then prompt lookup; and each source's
     acceptance rate so far (the scheduler sizes drafts by it, scheduler.best_draft)."""
 
-    def __init__(self, *, prediction: tuple[int, ...], ngram: bool, model: bool):
+    def __init__(self, *, prediction: tuple[int, ...], ngram: bool, model: bool,
+                 floor: int = 0):
+        self.floor = floor  # --draft_min: a shorter draft is not used, a longer one is kept
         self._cursor = PredictionCursor(list(prediction)) if prediction else None
         self._index = NgramIndex() if ngram else None
         self.wants_model = model

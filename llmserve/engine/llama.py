@@ -280,9 +280,14 @@ class LlamaEngine:
         seq.handle = SeqSampler(params, self.info.n_vocab, gate)
         if not prefill_only and self.draft_cap(params) > 0:
             seq.drafter = SeqDrafter(prediction=params.prediction, ngram=self.draft == "ngram",
-                                     model=self.draft_model is not None)
+                                     model=self.draft_model is not None,
+                                     floor=self.draft_floor(params))
         self.batch.bind(slot, seq)
         return seq
+
+    def draft_floor(self, params: SamplingParams) -> int:
+        """The shortest draft verified for a sequence with these parameters."""
+        return self.draft_min if params.draft_min is None else params.draft_min
 
     def draft_cap(self, params: SamplingParams) -> int:
         """The most tokens drafted per step for a sequence with these parameters."""
@@ -311,8 +316,7 @@ class LlamaEngine:
                 wanted[i][0].drafter.source = "model"
         for i, (seq, _k) in enumerate(wanted):
             draft = seq.handle.check_draft(drafts[i]) if drafts[i] else []
-            floor = self.draft_min if seq.params.draft_min is None else seq.params.draft_min
-            drafts[i] = draft if len(draft) >= max(floor, 1) else []
+            drafts[i] = draft if len(draft) >= max(self.draft_floor(seq.params), 1) else []
         return drafts
 
     def execute(self, plan: StepPlan) -> list[tuple[Seq, int]]:
