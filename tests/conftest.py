@@ -114,6 +114,7 @@ class ServerProcess:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.args = args
         self._log = log_path.open("wb")
         cmd = [sys.executable, str(ROOT / "server.py"), "--port", str(self.port),
                "--models_dir", str(MODELS_DIR), *args]

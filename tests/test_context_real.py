@@ -12,6 +12,8 @@ import pytest
 from llmserve.hardware import machine_threads
 from tests.conftest import GEMMA, SMOL, require_model, started_server
 
+NO_DRAFT = {"draft": "none", "draft_model": None, "draft_max": 16, "draft_min": 0}
+
 pytestmark = pytest.mark.real_model
 
 
@@ -42,7 +44,8 @@ def test_without_n_ctx_each_model_gets_its_trained_context(tmp_path: Path) -> No
     assert health["loaded_models"] == [{"model": GEMMA, "n_ctx": 32768, "n_threads": threads,
                                         "n_threads_batch": threads, "parallel": 4,
                                         "cache_type_k": "f16", "cache_type_v": "f16",
-                                        "flash_attn": "on"}]  # auto, as llama.cpp resolved it
+                                        "flash_attn": "on",  # auto, as llama.cpp resolved it
+                                        **NO_DRAFT}]
     by_id = {m["id"]: m for m in models}
     assert models[0]["id"] == GEMMA
     assert by_id[GEMMA]["context_length"] == 32768 and by_id[GEMMA]["meta"] == {

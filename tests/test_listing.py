@@ -18,6 +18,8 @@ from llmserve.hardware import machine_threads
 from tests.conftest import app_client
 from tests.ggufgen import tiny_llama
 
+NO_DRAFT = {"draft": "none", "draft_model": None, "draft_max": 16, "draft_min": 0}
+
 pytestmark = pytest.mark.anyio
 
 
@@ -120,7 +122,8 @@ async def test_each_model_shows_its_context(models_dir: Path) -> None:
     assert health["loaded_models"][-1] == {"model": "alpha.gguf", "n_ctx": 4096,
                                            "n_threads": threads, "n_threads_batch": threads,
                                            "parallel": 4, "cache_type_k": "f16",
-                                           "cache_type_v": "f16", "flash_attn": "auto"}  # fmt: skip
+                                           "cache_type_v": "f16", "flash_attn": "auto",
+                                           **NO_DRAFT}  # fmt: skip
 
 
 async def test_flags_override_what_is_shown_and_loaded(models_dir: Path) -> None:
@@ -138,7 +141,8 @@ async def test_flags_override_what_is_shown_and_loaded(models_dir: Path) -> None
     assert health["loaded_models"] == [{"model": "alpha.gguf", "n_ctx": 1000, "n_threads": 3,
                                         "n_threads_batch": 3, "parallel": 2,
                                         "cache_type_k": "f16", "cache_type_v": "f16",
-                                        "flash_attn": "auto"}]
+                                        "flash_attn": "auto",
+                                        **NO_DRAFT}]
 
 
 async def test_kv_types_flags_over_models_yaml_and_the_resolved_flash_attn(

@@ -30,14 +30,14 @@ def _system(topic: str) -> str:
         f"Fact {i}: {topic} of kind {i} need care of type {i * 7 % 13}." for i in range(9))
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
+@pytest.fixture(params=[(), ("--draft", "ngram", "--draft_min", "2")], ids=["plain", "drafting"])
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     require_model(GEMMA)
     # NOTE: Gemma 3's batched greedy output equals its solo output (test_batching_real), so a
     # resumed request can be compared token for token with the same request run alone.
     srv = ServerProcess(tmp_path / "server.log", "--model_name", GEMMA, "--n_ctx", str(N_CTX),
                         "--n_threads", "2", "--parallel", "4",
-                        "--cache_dir", str(tmp_path / "cache"))
+                        "--cache_dir", str(tmp_path / "cache"), *request.param)
     try:
         srv.wait_ready()
         yield srv
@@ -50,7 +50,8 @@ def test_overcommitted_requests_all_finish_whole(server: ServerProcess) -> None:
     each ends `length` after 200 tokens; together they must too (before issue 20 the newest
     were cut short with a 200), with the text each produced alone. The fourth prompt finds
     no room; later two decoding requests outgrow the cache, and the newer one's KV is swapped
-    out to the prompt cache and restored when it resumes."""
+    out to the prompt cache and restored when it resumes. Again with speculative decoding
+    (prompt lookup, every draft of 2+ tokens verified): drafts take KV cells for a step."""
     base = server.base_url
     bodies = [_chat(f"Tell me all about {t}.", _system(t), max_tokens=MAX_TOKENS,
                     ignore_eos=True) for t in TOPICS]
@@ -71,6 +72,10 @@ def test_overcommitted_requests_all_finish_whole(server: ServerProcess) -> None:
     restored = [int(line.split(": ")[-1].split()[0]) for line in server.log().splitlines()
                 if "resumed chatcmpl" in line]
     assert restored and max(restored) > 0  # swapped in, not evaluated again
+    if "--draft" in server.args:
+        drafted = [line for line in metrics.splitlines()
+                   if line.startswith('llmserve_draft_tokens_accepted_total{source="ngram"}')]
+        assert drafted and float(drafted[0].split()[-1]) > 0
 
 
 @pytest.mark.parametrize("model", [SMOL, GEMMA])

@@ -44,7 +44,8 @@ async def test_reasoning_content_non_stream_and_stream_agree(fake_client: Any) -
     message = plain["choices"][0]["message"]
     assert message == {"role": "assistant", "content": "Hello!",
                        "reasoning_content": "The user says hi."}
-    assert plain["usage"]["completion_tokens_details"] == {"reasoning_tokens": 8}
+    assert plain["usage"]["completion_tokens_details"] == {
+        "reasoning_tokens": 8, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
     got = deltas(resp.text)
     reasoning = [d["reasoning_content"] for d in got if "reasoning_content" in d]
     content = "".join(d.get("content") or "" for d in got)
@@ -52,14 +53,16 @@ async def test_reasoning_content_non_stream_and_stream_agree(fake_client: Any) -
     assert "".join(reasoning) == message["reasoning_content"] and content == "Hello!"
     assert all("content" not in d for d in got if "reasoning_content" in d)
     usage = sse_events(resp.text)[-2]["usage"]
-    assert usage["completion_tokens_details"] == {"reasoning_tokens": 8}
+    assert usage["completion_tokens_details"] == {
+        "reasoning_tokens": 8, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
 
 
 async def test_no_reasoning_no_field(fake_client: Any) -> None:
     async with fake_client(script=["Plain", " reply"]) as client:
         body = (await client.post("/v1/chat/completions", json=CHAT)).json()
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "Plain reply"}
-    assert body["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
+    assert body["usage"]["completion_tokens_details"] == {
+        "reasoning_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
 
 
 @pytest.mark.parametrize("where", ["flag", "request"])

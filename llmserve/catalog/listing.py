@@ -34,12 +34,14 @@ def describe_models(manager: ModelManager) -> list[dict[str, Any]]:
 def loaded_contexts(manager: ModelManager) -> list[dict[str, Any]]:
     """For /health: each resident model's n_ctx, threads, --parallel (the sequences that
     share its n_ctx cells), KV cache types and flash attention (as llama.cpp resolved auto,
-    when it said), least recently used first."""
+    when it said) and speculative decoding, least recently used first."""
     return [
         {"model": name, "n_ctx": n_ctx, "n_threads": s.n_threads,
          "n_threads_batch": s.n_threads_batch, "parallel": s.parallel,
          "cache_type_k": s.cache_type_k, "cache_type_v": s.cache_type_v,
-         "flash_attn": s.flash_attn}
+         "flash_attn": s.flash_attn,
+         "draft": "model" if s.draft_model else s.draft, "draft_model": s.draft_model,
+         "draft_max": s.draft_max, "draft_min": s.draft_min}
         for name, (n_ctx, s) in manager.resident_settings().items()
     ]  # fmt: skip
 
