@@ -115,6 +115,16 @@ class Metrics:
             "(their KV swapped out to the prompt cache; they resume when there is room)",
             registry=r,
         )
+        self.draft_proposed = Counter(
+            "llmserve_draft_tokens_proposed",
+            "Speculative decoding: drafted tokens verified, by source (prediction, ngram, model)",
+            ["source"], registry=r,
+        )
+        self.draft_accepted = Counter(
+            "llmserve_draft_tokens_accepted",
+            "Speculative decoding: drafted tokens the output kept, by source", ["source"],
+            registry=r,
+        )
         self.cache_hits = Counter(
             "llmserve_prompt_cache_hits", "Prompts that reused cached KV state", registry=r
         )
@@ -171,6 +181,10 @@ class Metrics:
             self.queue_wait.observe(value)
         elif kind == "preempted":
             self.preemptions.inc(value)
+        elif kind.startswith("draft_proposed:"):
+            self.draft_proposed.labels(kind.partition(":")[2]).inc(value)
+        elif kind.startswith("draft_accepted:"):
+            self.draft_accepted.labels(kind.partition(":")[2]).inc(value)
 
     def embedded(self, model: str, tokens: int) -> None:
         """Inputs totalling `tokens` tokens were embedded."""

@@ -60,6 +60,10 @@ class Finished:
     stop_sequence: str | None = None  # the stop string that ended the output, if one did
     reasoning_tokens: int = 0  # of completion_tokens, those inside the reasoning
     prompt_tokens: int | None = None  # set when known only at the end (proxied backends)
+    # OpenAI Predicted Outputs: tokens of the request's prediction verified as drafts that
+    # the output kept, and those it did not
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class Prompt:
     tool_family: str | None = None
     reasoning: ReasoningSetup | None = None  # None: no reasoning parsing (text completions)
     parallel_tools: bool = True  # False: the output ends after its first complete tool call
+    prediction: tuple[int, ...] = ()  # OpenAI Predicted Outputs, as tokens (a draft source)
 
 
 Delta = TextDelta | ReasoningDelta | ToolCallDelta
@@ -94,13 +99,23 @@ class ChoiceEnd:
 
 
 @dataclass(frozen=True)
+class Predicted:
+    """A choice's prediction counts so far (speculative decoding's verified drafts)."""
+
+    choice: int
+    accepted: int
+    rejected: int
+
+
+@dataclass(frozen=True)
 class TokenBatch:
     """What the engine thread produced for one request since its last batch: plain data,
     (choice, token bytes, logprob) per sampled token, and choice ends, in order. Decoding,
     stop strings, reasoning and tool parsing happen where it is delivered (the event loop),
     never on the engine thread."""
 
-    items: tuple[tuple[int, bytes, TokenLogprob | None] | ChoiceStart | ChoiceEnd, ...]
+    items: tuple[tuple[int, bytes, TokenLogprob | None] | ChoiceStart | ChoiceEnd | Predicted,
+                 ...]
 
 
 @dataclass(frozen=True)
@@ -123,6 +138,9 @@ class Outputs:
         for item in batch.items:
             if isinstance(item, ChoiceStart):
                 self._cached[item.choice] = item.cached_tokens
+                continue
+            if isinstance(item, Predicted):
+                self.processors[item.choice].predicted = (item.accepted, item.rejected)
                 continue
             if isinstance(item, ChoiceEnd):
                 if item.choice not in self.ended:
@@ -199,6 +217,7 @@ class OutputProcessor:
         self.limit = limit
         self.produced = 0
         self.reasoning_tokens = 0
+        self.predicted = (0, 0)  # (accepted, rejected) prediction tokens (Predicted)
         self._undecided = 0  # tokens of markup that may still open reasoning
         self.done = False
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -274,4 +293,5 @@ class OutputProcessor:
         if self._parser.calls and reason == "stop":
             reason = "tool_calls"
         return Finished(reason, self.produced, self.choice, cached_tokens, self._matcher.matched,
-                        self.reasoning_tokens)
+                        self.reasoning_tokens, accepted_prediction_tokens=self.predicted[0],
+                        rejected_prediction_tokens=self.predicted[1])

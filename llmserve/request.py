@@ -20,6 +20,7 @@ from llmserve.output import (
     Coalescer,
     Emit,
     OutputProcessor,
+    Predicted,
     Prompt,
     Started,
     TokenBatch,
@@ -75,6 +76,7 @@ class Request:
     started_at: float = 0.0
     preemptions: int = 0
     swapped: dict[int, int] = field(default_factory=dict)  # id(seq) -> tokens swapped out
+    _predicted: dict[int, tuple[int, int]] = field(default_factory=dict)  # sent, per choice
 
     def __post_init__(self) -> None:
         self.raw = self.held
@@ -119,6 +121,8 @@ class Request:
                             Coalescer(emit, self.env.stream_interval), self.prompt.reasoning)
             for i in range(self.n)
         )))
+        for seq in seqs:
+            seq.max_new = limit  # NOTE: a draft never runs past it
         self.limits = [limit] * self.n
         self.produced = [0] * self.n
         self.reasons = [""] * self.n
@@ -140,7 +144,8 @@ class Request:
                 f"KV; the context holds {raw.info.n_ctx}: lower n or max_tokens",
                 param="max_tokens",
             )
-        params = SamplingParams(**{**self.params.__dict__, "grammar": self.prompt.grammar})
+        params = SamplingParams(**{**self.params.__dict__, "grammar": self.prompt.grammar,
+                                   "prediction": self.prompt.prediction})
         seqs: list[Seq] = []
         for i in range(self.n):
             seq = engine.open_seq(tokens, replace_seed(params, i), prefill_only=self.prefill_only,
@@ -241,6 +246,12 @@ class Request:
 
     def _flush(self) -> None:
         """Send what the engine produced since the last batch to the event loop."""
+        for i, seq in enumerate(self.all_seqs):
+            counts = (seq.predicted_accepted, seq.predicted - seq.predicted_accepted)
+            if seq.predicted and counts != self._predicted.get(i):
+                self._predicted[i] = counts
+                # NOTE: before the tokens: a choice the output side ends has them already
+                self._pending.insert(0, Predicted(i, *counts))
         if self._pending:
             self.stream.put(TokenBatch(tuple(self._pending)))
             self._pending = []
@@ -257,10 +268,9 @@ class Request:
         return self._all_done()
 
     def _logprob(self, seq: Seq, piece: bytes) -> TokenLogprob | None:
-        if seq.logprob is None:
+        if not seq.logprobs:
             return None
-        logprob, top = seq.logprob
-        seq.logprob = None
+        logprob, top = seq.logprobs.pop(0)
         return TokenLogprob(piece, logprob,
                             tuple((bytes(self.raw.token_bytes(t)), lp) for t, lp in top))
 

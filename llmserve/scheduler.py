@@ -170,6 +170,7 @@ class Scheduler:
         self.work_seconds = 0.0
         self.decode_seconds = 0.0
         self.observers: list[Callable[[str, float], None]] = []  # metrics hooks
+        self._costs: dict[str, StepCost] = {}  # per model: its decode steps' time
         # work for an idle engine thread (storing finished sequences' KV): each call does one
         # piece and says whether it found any
         self.idle_hooks: list[Callable[[], bool]] = []
@@ -465,11 +466,21 @@ class Scheduler:
                     entry[2].add(seq)
         stepped = False
         for engine, pairs, waiting in by_engine.values():
-            plan = plan_step([s for _, s in pairs], min(self.n_batch, engine.n_batch), waiting)
+            n_batch = min(self.n_batch, engine.n_batch)
+            plan = plan_step([s for _, s in pairs], n_batch, waiting)
             if not plan:
                 continue
             stepped = True
             owner = {id(s): r for r, s in pairs}
+            propose = getattr(engine, "propose", None)
+            if propose is not None:
+                wanted = draft_wants(plan, n_batch, int(engine.info.n_ctx))
+                cost = self._costs.setdefault(engine.info.name, StepCost())
+                if wanted:
+                    try:
+                        plan = with_drafts(plan, wanted, propose(wanted), cost)
+                    except Exception:  # NOTE: drafting is an optimisation: step without it
+                        logger.exception("drafting failed")
             self.busy_since = time.monotonic()
             batch = getattr(engine, "batch", None)
             decoded = getattr(batch, "decode_seconds", 0.0)
@@ -485,10 +496,17 @@ class Scheduler:
                 continue
             finally:
                 self.busy_since = None
-                self.decode_seconds += getattr(batch, "decode_seconds", 0.0) - decoded
+                took = getattr(batch, "decode_seconds", 0.0) - decoded
+                self.decode_seconds += took
+            if propose is not None and took > 0:
+                cost.observe(getattr(batch, "last_batch_tokens", plan.n_tokens), took)
             self.steps += 1
+            log = engine.take_draft_log() if propose is not None else []
             for observe in self.observers:
                 observe("batch_tokens", float(plan.n_tokens))
+                for source, drafted, accepted in log:
+                    observe(f"draft_proposed:{source}", float(drafted))
+                    observe(f"draft_accepted:{source}", float(accepted))
             for seq, token, *rest in results:
                 req = owner[id(seq)]
                 try:
@@ -564,6 +582,102 @@ def plan_step(seqs: Iterable[Seq], n_batch: int, waiting: Collection[Seq] = ()) 
         items.append((seq, n))
         budget -= n
     return StepPlan(tuple(items))
+
+
+def draft_wants(plan: StepPlan, n_batch: int, n_ctx: int) -> list[tuple[Seq, int]]:
+    """Which sequences of a planned step may carry a draft, and how many tokens at most: one
+    that drafts and whose item evaluates all its pending tokens and then samples. The step's
+    unused budget is shared evenly among them; a draft never runs past the sequence's output
+    limit (a draft of k tokens can make k+1) or the context."""
+    candidates = [seq for seq, n in plan.items
+                  if n == seq.pending and not seq.prefill_only and seq.drafter is not None]
+    if not candidates:
+        return []
+    share = (n_batch - plan.n_tokens) // len(candidates)
+    out: list[tuple[Seq, int]] = []
+    for seq in candidates:
+        left = seq.can_sample()
+        k = min(share, n_ctx - len(seq.tokens) - 1, share if left is None else left - 1)
+        if k > 0:
+            out.append((seq, k))
+    return out
+
+
+class StepCost:
+    """A model of one decode step's time, c0 + c1 * tokens, fitted by least squares on the
+    steps seen (the recent ones weigh more). On a CPU each token costs about as much as
+    another (c1 large), on a GPU a step of 16 tokens about what one costs (c1 small); the
+    prior is a CPU's, until steps of different sizes have been seen."""
+
+    def __init__(self, decay: float = 0.99):
+        self.decay = decay
+        # NOTE: prior: 1 token = 1 unit, 16 tokens = 8 units (SmolLM2 on 2 CPU cores)
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+        for n, t in ((1, 1.0), (16, 8.0)):
+            self._add(n, t * 1e-3, 2.0)
+
+    def _add(self, n: float, t: float, w: float) -> None:
+        self._w += w
+        self._x += w * n
+        self._y += w * t
+        self._xx += w * n * n
+        self._xy += w * n * t
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """One step of `tokens` tokens took `seconds` inside llama_decode."""
+        for name in ("_w", "_x", "_y", "_xx", "_xy"):
+            setattr(self, name, getattr(self, name) * self.decay)
+        self._add(float(tokens), seconds, 1.0)
+
+    def coefficients(self) -> tuple[float, float]:
+        """(c0, c1): a step's fixed time and each token's; both positive."""
+        var = self._w * self._xx - self._x * self._x
+        c1 = (self._w * self._xy - self._x * self._y) / var if var > 0 else 0.0
+        mean = self._y / self._w
+        c1 = max(c1, mean * 1e-3 / max(self._x / self._w, 1.0))
+        c0 = max(mean - c1 * self._x / self._w, c1 * 0.1)
+        return c0, c1
+
+
+def expected_tokens(rate: float, k: int) -> float:
+    """Tokens one step makes from a draft of k tokens, each accepted with chance `rate`
+    given the ones before it were: the accepted ones plus the one sampled after them."""
+    if rate >= 1.0:
+        return float(k + 1)
+    return (1.0 - rate ** (k + 1)) / (1.0 - rate)
+
+
+def best_draft(rate: float, k_max: int, base: float, c1: float) -> int:
+    """How much of a draft to verify: the k (0..k_max) with the most tokens per second,
+    a step costing `base` without drafts (this sequence's share) and c1 per drafted token.
+    0 when no draft pays for its tokens."""
+    best, best_k = 1.0 / base, 0
+    for k in range(1, k_max + 1):
+        speed = expected_tokens(rate, k) / (base + c1 * k)
+        if speed > best:
+            best, best_k = speed, k
+    return best_k
+
+
+def with_drafts(plan: StepPlan, wanted: list[tuple[Seq, int]], drafts: list[list[int]],
+                cost: StepCost | None = None) -> StepPlan:
+    """The plan with the worthwhile part of each draft (at most its sequence's allowance)
+    added: sized by the draft source's acceptance so far and the step cost model."""
+    c0, c1 = cost.coefficients() if cost is not None else (0.0, 0.0)
+    sampling = sum(1 for seq, n in plan.items if n == seq.pending and not seq.prefill_only)
+    base = (c0 + c1 * plan.n_tokens) / max(sampling, 1)
+    made = []
+    for (seq, k), draft in zip(wanted, drafts, strict=True):
+        if not draft:
+            continue
+        k = min(k, len(draft))
+        if cost is not None and seq.drafter is not None:
+            k = best_draft(seq.drafter.rate, k, base, c1)
+            if k == 0:
+                seq.drafter.skipped()
+        if k > 0:
+            made.append((seq, tuple(draft[:k])))
+    return dataclasses.replace(plan, drafts=tuple(made)) if made else plan
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,19 @@ class TextPart(BaseModel):
     text: str
 
 
+class Prediction(BaseModel):
+    """OpenAI Predicted Outputs: text the output is expected to repeat (a draft source for
+    speculative decoding; the output is the same with or without it)."""
+
+    model_config = _LENIENT
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else \
+            "".join(p.text for p in self.content)
+
+
 class ToolCallFunction(BaseModel):
     model_config = _LENIENT
     name: str
@@ -224,6 +237,10 @@ class SamplingFields(BaseModel):
     # vLLM compatible: lower is served first (admission, resumption after a preemption); the
     # highest is preempted first when the KV cache is full.
     priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)
+    # speculative decoding: the most tokens drafted per step (default: the model's
+    # --draft_max; 0 turns drafting off for this request), and the shortest draft verified
+    draft_max: int | None = Field(default=None, ge=0, le=64)
+    draft_min: int | None = Field(default=None, ge=0, le=64)
 
     @field_validator("logit_bias")
     @classmethod
@@ -279,6 +296,7 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    prediction: Prediction | None = None  # OpenAI Predicted Outputs
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionRequest:

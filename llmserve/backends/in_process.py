@@ -46,6 +46,7 @@ from llmserve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    Prediction,
     RestoreCacheRequest,
     SamplingFields,
 )
@@ -113,7 +114,8 @@ class InProcessBackend:
             if on_prompt is not None:
                 tokens = on_prompt(engine, tokens)
             return Prompt(tokens, plan.grammar(family), plan.parser_family(family), reasoning,
-                          parallel_tools=plan.parallel)
+                          parallel_tools=plan.parallel,
+                          prediction=prediction_tokens(engine, req.prediction))
 
         max_tokens = req.max_completion_tokens or req.max_tokens
         return await self._start("chatcmpl", req, prompt, max_tokens, wrap)
@@ -409,7 +411,21 @@ def sampling_params(
         ignore_eos=req.ignore_eos,
         logprobs=req.logprobs_count(),
         logit_bias=req.logit_biases(),
+        draft_max=req.draft_max,
+        draft_min=req.draft_min,
     )
+
+
+def prediction_tokens(engine: Engine, prediction: Prediction | None) -> tuple[int, ...]:
+    """A Predicted Outputs text as the tokens it drafts (as client text: no control tokens);
+    no output is longer than the context, so neither is a useful prediction."""
+    if prediction is None:
+        return ()
+    text = prediction.text()
+    if engine.info.max_token_bytes:  # NOTE: never tokenize more than could fit
+        text = text[: engine.info.n_ctx * engine.info.max_token_bytes]
+    tokens = engine.tokenize(text, add_special=False, parse_special=False)
+    return tuple(tokens[: engine.info.n_ctx])
 
 
 def chat_tokens(engine: Engine, rendered: RenderedChat) -> list[int]:

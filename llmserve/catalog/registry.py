@@ -27,7 +27,7 @@ from llmserve.catalog.manifest import template_text
 from llmserve.catalog.spec import LOAD_PARAMS, SAMPLING_PARAMS
 from llmserve.config import Settings
 from llmserve.engine.base import Engine
-from llmserve.errors import ModelLoadError, ModelNotReadyError
+from llmserve.errors import LlmserveError, ModelLoadError, ModelNotReadyError
 from llmserve.hardware import machine_available_memory, machine_threads
 from llmserve.scheduler import Busy, Scheduler
 
@@ -313,6 +313,19 @@ class ModelManager:
         update = {k: v for k, v in spec.load.items() if k in LOAD_PARAMS and k not in explicit}
         return self.settings.model_copy(update=update) if update else self.settings
 
+    def _with_draft_path(self, settings: Settings) -> Settings:
+        """settings with draft_model (a file name or alias) as the file's absolute path;
+        ModelLoadError naming it when it names no file in the models dir."""
+        name = settings.draft_model
+        if name is None:
+            return settings
+        try:
+            filename = self.library.resolve(name)
+        except LlmserveError as exc:
+            raise ModelLoadError(f"draft model {name!r}: {exc.message}") from None
+        path = (self.models_dir / filename).resolve()
+        return settings.model_copy(update={"draft_model": str(path)})
+
     def plan(self, name: str) -> LoadPlan:
         """The settings name would be loaded with now: n_ctx and threads decided (any thread;
         reads the GGUF header and the machine's available memory)."""
@@ -340,7 +353,7 @@ class ModelManager:
         plan = self.plan(name)
         logger.info("loading %s", plan.summary(name))
         start = time.perf_counter()
-        engine = self._factory(self.models_dir / name, plan.settings)
+        engine = self._factory(self.models_dir / name, self._with_draft_path(plan.settings))
         spec = self.library.spec_for_file(name)
         override = template_text(spec) if spec is not None else None
         if override:

@@ -38,6 +38,11 @@ class SamplingParams:
     grammar: str | None = None  # an llguidance grammar (llmserve.chat.constraints)
     logprobs: int | None = None  # report each sampled token's logprob and this many top ones
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id within the vocab, bias)
+    # speculative decoding (engine/drafting.py): the most tokens drafted per step (None: the
+    # model's --draft_max; 0: no drafting) and a draft shorter than draft_min is not verified
+    draft_max: int | None = None
+    draft_min: int | None = None
+    prediction: tuple[int, ...] = ()  # OpenAI Predicted Outputs: the expected output's tokens
 
 
 @dataclass(frozen=True)
@@ -127,8 +132,9 @@ class Seq:
     n_past: int = 0
     reused: int = 0  # prompt tokens whose KV came from a cache, a sibling or the slot itself
     handle: Any = None  # the engine's per-sequence state (its sampler)
-    # the last sampled token's logprob and the top (id, logprob) pairs, when params.logprobs
-    logprob: tuple[float, list[tuple[int, float]]] | None = None
+    # per sampled token not yet taken by its request (in order): its logprob and the top
+    # (id, logprob) pairs, when params.logprobs
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     # preempted: its KV was swapped out to the prefix cache (or dropped); not stepped until
     # the scheduler resumes it
     paused: bool = False
@@ -138,6 +144,15 @@ class Seq:
     # the prompt-cache partition (llmserve/tenancy.py): KV of another partition, in a slot,
     # a sibling or the cache tiers, is never reused for this sequence
     partition: str = ""
+    # the most tokens it may still sample in all (None: until the context ends): a draft
+    # never goes past it
+    max_new: int | None = None
+    # speculative decoding: the engine's per-sequence draft state, and what its drafts did
+    drafter: Any = None
+    drafted: int = 0  # draft tokens verified
+    accepted: int = 0  # of those, kept
+    predicted: int = 0  # of drafted, from the request's prediction
+    predicted_accepted: int = 0
 
     def keep_limit(self) -> int:
         """The most prompt KV that may be reused: a prompt that samples re-evaluates its last
@@ -148,6 +163,12 @@ class Seq:
     def pending(self) -> int:
         """Tokens still to evaluate."""
         return len(self.tokens) - self.n_past
+
+    def can_sample(self) -> int | None:
+        """Tokens it may still sample (None: no limit but the context)."""
+        if self.max_new is None:
+            return None
+        return self.n_prompt + self.max_new - len(self.tokens)
 
 
 class KVFullError(Exception):
@@ -161,11 +182,21 @@ class StepPlan:
     executor fills its batch from it and decides nothing."""
 
     items: tuple[tuple[Seq, int], ...] = ()
+    # speculative decoding: tokens drafted after a sequence's last pending token, verified in
+    # the same decode (only for a sequence whose item takes all its pending tokens)
+    drafts: tuple[tuple[Seq, tuple[int, ...]], ...] = ()
+
+    def draft_of(self, seq: Seq) -> tuple[int, ...]:
+        """The draft verified after seq's tokens in this step (empty: none)."""
+        for s, draft in self.drafts:
+            if s is seq:
+                return draft
+        return ()
 
     @property
     def n_tokens(self) -> int:
-        """Tokens in the step."""
-        return sum(n for _, n in self.items)
+        """Tokens in the step, drafts included."""
+        return sum(n for _, n in self.items) + sum(len(d) for _, d in self.drafts)
 
     @property
     def seqs(self) -> list[Seq]:

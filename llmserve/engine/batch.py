@@ -81,6 +81,7 @@ class BatchContext:
         self.steps = 0
         self.last_batch_tokens = 0
         self.decode_seconds = 0.0  # inside llama_decode, since the context was made
+        self._draft_log: list[tuple[str, int, int]] = []  # (source, drafted, accepted)
         # NOTE: set by the server (sharing.save_slot): stores an idle slot's KV in the prompt
         # cache tiers (slot id, its tokens, its prompt length, its partition) before that KV
         # is dropped.
@@ -201,22 +202,29 @@ class BatchContext:
 
     # -- decoding ----------------------------------------------------------------------------
 
-    def execute(self, plan: StepPlan) -> list[tuple[Seq, int]]:
+    def execute(self, plan: StepPlan, is_eog: Callable[[int], bool] = lambda t: False,
+                ) -> list[tuple[Seq, int]]:
         """One llama_decode over the plan's tokens; sample each sequence whose tokens are
-        all in. The plan (the scheduler's) says which tokens and in what order."""
+        all in. The plan (the scheduler's) says which tokens and in what order; a sequence's
+        draft is verified in the same decode: the tokens sampled are exactly those sampling
+        one token per step would give, and the KV keeps the draft's accepted prefix only."""
         items = list(plan.items)
         if not items:
             return []
         if plan.n_tokens > self.n_batch or any(n < 1 or n > s.pending for s, n in items):
             raise InternalError(f"a step plan this context cannot take ({plan.n_tokens} "
                                 f"tokens, n_batch {self.n_batch})")
+        drafts = {id(seq): list(d) for seq, d in plan.drafts if d}
         for seq, n in items:
             if n == seq.pending and not seq.prefill_only:
                 # NOTE: a grammar's mask for this step is computed while llama_decode runs
                 seq.handle.prepare()
-        rc = self._decode(items)
+        rc = self._decode(items, drafts)
+        if rc == 1 and drafts:  # NOTE: room for the step's own tokens comes before drafts
+            drafts = {}
+            rc = self._decode(items, drafts)
         if rc == 1 and self.drop_idle():
-            rc = self._decode(items)
+            rc = self._decode(items, drafts)
         if rc == 1:
             raise KVFullError(f"no room in the KV cache for {plan.n_tokens} tokens")
         if rc != 0:
@@ -228,15 +236,57 @@ class BatchContext:
             idx += n
             seq.n_past += n
             if seq.pending == 0 and not seq.prefill_only:
-                # NOTE: log-probabilities of the raw logits: read before a grammar masks them
-                top = seq.params.logprobs
-                raw = self._raw_logprobs(idx - 1) if top is not None else None
-                token = seq.handle.sample(self.ctx, idx - 1)
-                if raw is not None and top is not None:
-                    seq.logprob = self._logprobs(raw, token, top)
-                seq.tokens.append(token)
-                out.append((seq, token))
+                draft = drafts.get(id(seq), [])
+                idx += self._verify(seq, idx - 1, draft, is_eog, out)
         return out
+
+    def _verify(self, seq: Seq, idx: int, draft: list[int], is_eog: Callable[[int], bool],
+                out: list[tuple[Seq, int]]) -> int:
+        """Sample seq's next token from the logits at batch index idx; while it equals the
+        draft's next token, the draft token's KV is kept and the token after it is sampled
+        from that token's logits (idx + 1, ...). Returns the draft's length (its batch rows).
+
+        NOTE: each token is sampled once, in order, from the logits one-at-a-time decoding
+        would give it (the sampler chain, penalties, grammar and seed advance the same way),
+        so greedy output is unchanged and sampled output keeps its distribution: accepting a
+        drafted token exactly when the sampler picks it is the standard rule for a draft
+        that proposes one token per position."""
+        top = seq.params.logprobs
+        accepted = 0
+        for j in range(len(draft) + 1):
+            if j:
+                seq.handle.prepare()  # NOTE: the grammar's mask after the accepted token
+            # NOTE: log-probabilities of the raw logits: read before a grammar masks them
+            raw = self._raw_logprobs(idx + j) if top is not None else None
+            token = seq.handle.sample(self.ctx, idx + j)
+            if raw is not None and top is not None:
+                seq.logprobs.append(self._logprobs(raw, token, top))
+            seq.tokens.append(token)
+            out.append((seq, token))
+            if j == len(draft) or token != draft[j] or \
+                    (is_eog(token) and not seq.params.ignore_eos):
+                break
+            accepted += 1
+        if draft:
+            seq.n_past += accepted
+            if accepted < len(draft):  # NOTE: the rejected tail leaves the KV
+                llama_cpp.llama_memory_seq_rm(self.mem, seq.slot, seq.n_past, -1)
+            drafter = seq.drafter
+            seq.drafted += len(draft)
+            seq.accepted += accepted
+            source = drafter.source if drafter is not None else ""
+            if drafter is not None:
+                drafter.verified(len(draft), accepted)
+            if source == "prediction":
+                seq.predicted += len(draft)
+                seq.predicted_accepted += accepted
+            self._draft_log.append((source or "other", len(draft), accepted))
+        return len(draft)
+
+    def take_draft_log(self) -> list[tuple[str, int, int]]:
+        """(source, drafted, accepted) of each draft verified since the last call."""
+        log, self._draft_log = self._draft_log, []
+        return log
 
     def _raw_logprobs(self, idx: int) -> Any:
         """The model's raw logits at batch index idx as log-probabilities (before temperature,
@@ -256,13 +306,14 @@ class BatchContext:
             best = [(int(i), float(logits[i])) for i in ids]
         return float(logits[token]), best
 
-    def _decode(self, plan: list[tuple[Seq, int]]) -> int:
+    def _decode(self, plan: list[tuple[Seq, int]], drafts: dict[int, list[int]]) -> int:
         b = self._batch
         i = 0
         for seq, n in plan:
             start = seq.n_past
             tokens = seq.tokens
             last = start + n == len(tokens) and not seq.prefill_only
+            draft = drafts.get(id(seq), []) if last else []
             for pos in range(start, start + n):
                 b.token[i] = tokens[pos]
                 b.pos[i] = pos
@@ -272,6 +323,13 @@ class BatchContext:
                 i += 1
             if last:
                 b.logits[i - 1] = 1
+            for j, token in enumerate(draft):  # NOTE: each draft token's logits are verified
+                b.token[i] = token
+                b.pos[i] = start + n + j
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq.slot
+                b.logits[i] = 1
+                i += 1
         b.n_tokens = i
         self.last_batch_tokens = i
         t0 = time.perf_counter()

@@ -45,36 +45,31 @@ class NgramIndex:
         self._seen: dict[tuple[int, ...], int] = {}  # n-gram -> the index just after it
         self._n = 0  # tokens indexed
 
-    def update(self, tokens: list[int]) -> None:
-        """Index tokens[self._n:] (tokens only ever grow; a shorter list starts over)."""
-        if len(tokens) < self._n:
-            self._seen.clear()
-            self._n = 0
+    def update(self, tokens: list[int], upto: int | None = None) -> None:
+        """Index the n-grams of tokens[:upto] not indexed yet (a list only grows)."""
+        upto = len(tokens) if upto is None else upto
         seen = self._seen
-        for end in range(max(self._n, NGRAM_MIN), len(tokens) + 1):
+        for end in range(max(self._n + 1, NGRAM_MIN), upto + 1):
             for n in range(NGRAM_MIN, min(NGRAM_MAX, end) + 1):
                 seen[tuple(tokens[end - n:end])] = end
-        self._n = len(tokens)
+        self._n = max(self._n, upto)
 
-    def find(self, tokens: list[int]) -> int | None:
+    def find(self, tokens: list[int], start: int = 0) -> int | None:
         """The index just after the latest indexed occurrence of the longest suffix of tokens
-        (NGRAM_MIN tokens at least); None: none."""
-        for n in range(min(NGRAM_MAX, len(tokens)), NGRAM_MIN - 1, -1):
+        (of NGRAM_MIN tokens at least, all at or after start); None: none."""
+        for n in range(min(NGRAM_MAX, len(tokens) - start), NGRAM_MIN - 1, -1):
             end = self._seen.get(tuple(tokens[len(tokens) - n:]))
             if end is not None:
                 return end
         return None
 
-    def propose(self, tokens: list[int], k: int) -> list[int]:
-        """Up to k tokens that followed the longest suffix of tokens at its latest earlier
-        occurrence. Call before update(tokens): the suffix itself is not indexed yet."""
-        if k <= 0:
-            return []
-        for n in range(min(NGRAM_MAX, len(tokens)), NGRAM_MIN - 1, -1):
-            end = self._seen.get(tuple(tokens[len(tokens) - n:]))
-            if end is not None and end < len(tokens):
-                return tokens[end:end + k]
-        return []
+
+def ngram_draft(index: NgramIndex, tokens: list[int], k: int) -> list[int]:
+    """Prompt lookup: up to k tokens that followed the longest suffix of tokens at its latest
+    earlier occurrence in tokens (the index holds every n-gram but the suffix's own)."""
+    index.update(tokens, len(tokens) - 1)
+    end = index.find(tokens)
+    return tokens[end:end + k] if end is not None and k > 0 else []
 
 
 class PredictionCursor:
@@ -88,17 +83,83 @@ class PredictionCursor:
         self._index = NgramIndex()
         self._index.update(prediction)
 
-    def propose(self, output: list[int], k: int) -> list[int]:
-        """Up to k tokens after the output so far (the sampled tokens, the last one not yet
-        evaluated)."""
+    def propose(self, tokens: list[int], start: int, k: int) -> list[int]:
+        """Up to k tokens after the output so far: tokens[start:] (the sampled tokens, the
+        last one not yet evaluated)."""
         pred = self.tokens
-        for token in output[self._done:]:
-            pos = self._pos
+        for i in range(start + self._done, len(tokens)):
+            pos, token = self._pos, tokens[i]
             self._pos = pos + 1 if pos is not None and pos < len(pred) and pred[pos] == token \
                 else None
-        self._done = len(output)
+        self._done = len(tokens) - start
         if self._pos is None:  # NOTE: the output left the prediction: find its tail in it
-            self._pos = self._index.find(output)
+            self._pos = self._index.find(tokens, start)
         if k <= 0 or self._pos is None:
             return []
         return pred[self._pos:self._pos + k]
+
+
+# NOTE: what a source's drafted tokens are expected to be accepted at before any was
+# verified (per token, each given the ones before it were); then the sequence's own record.
+PRIOR_RATE = {"prediction": 0.9, "ngram": 0.6, "model": 0.7}
+PRIOR_WEIGHT = 4.0  # the prior counts as this many verified tokens
+FORGET = 0.9  # each verification keeps this share of the record before it
+RECOVER = 0.05  # each skipped draft moves the record this share back towards the prior
+
+
+class SeqDrafter:
+    """One sequence's draft sources, in order: its request's prediction, then the draft model
+    (asked by the engine for all sequences at once), then prompt lookup; and each source's
+    acceptance rate so far (the scheduler sizes drafts by it, scheduler.best_draft)."""
+
+    def __init__(self, *, prediction: tuple[int, ...], ngram: bool, model: bool):
+        self._cursor = PredictionCursor(list(prediction)) if prediction else None
+        self._index = NgramIndex() if ngram else None
+        self.wants_model = model
+        self.source = ""  # of the draft being verified
+        # per source: (tokens accepted, tokens tested), recent ones weighing more
+        self._record = {src: (rate * PRIOR_WEIGHT, PRIOR_WEIGHT)
+                        for src, rate in PRIOR_RATE.items()}
+
+    @property
+    def rate(self) -> float:
+        """The chance that a drafted token of the current source is accepted, given that the
+        tokens before it were."""
+        accepted, tested = self._record.get(self.source, (0.0, 1.0))
+        return accepted / tested if tested else 0.0
+
+    def skipped(self) -> None:
+        """A draft of the current source was not worth verifying: its record drifts back
+        towards the prior, so a source that failed for a while is tried again later."""
+        record = self._record.get(self.source)
+        if record is None:
+            return
+        keep = 1.0 - RECOVER
+        prior = PRIOR_RATE[self.source] * PRIOR_WEIGHT * RECOVER
+        self._record[self.source] = (record[0] * keep + prior,
+                                     record[1] * keep + PRIOR_WEIGHT * RECOVER)
+
+    def verified(self, drafted: int, accepted: int) -> None:
+        """A draft of the current source was verified: `accepted` of `drafted` kept."""
+        if self.source not in self._record or not drafted:
+            return
+        # NOTE: geometric: the tokens after the first rejected one were never tested
+        tested = accepted + (1 if accepted < drafted else 0)
+        old_acc, old_tested = self._record[self.source]
+        self._record[self.source] = (old_acc * FORGET + accepted, old_tested * FORGET + tested)
+
+    def propose(self, tokens: list[int], n_prompt: int, k: int) -> list[int]:
+        """A draft from the prediction or prompt lookup (empty: none; the engine may then
+        ask the draft model)."""
+        self.source = ""
+        if self._cursor is not None:
+            draft = self._cursor.propose(tokens, n_prompt, k)
+            if draft:
+                self.source = "prediction"
+                return draft
+        if self._index is not None and not self.wants_model:
+            draft = ngram_draft(self._index, tokens, k)
+            if draft:
+                self.source = "ngram"
+                return draft
+        return []

@@ -186,6 +186,14 @@ class Gate:
             logger.warning("grammar rejected token %d: %s", token,
                            self.matcher.get_error()[:200])
 
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of tokens (a draft) the grammar would take in order from here; the
+        matcher's state is unchanged."""
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+        return int(self.matcher.validate_tokens(tokens))
+
     def close(self) -> None:
         """Wait for a mask still being computed (the matcher must outlive it)."""
         if self._pending is not None:

@@ -28,6 +28,8 @@ from llmserve.engine.base import (
 )
 from llmserve.engine.batch import BatchContext
 from llmserve.engine.chunking import Cutter
+from llmserve.engine.draft_model import load_draft_model
+from llmserve.engine.drafting import DraftModel, SeqDrafter
 from llmserve.engine.guidance import Gate, Guide
 from llmserve.engine.kvtypes import context_types
 from llmserve.engine.sampling import SeqSampler
@@ -88,6 +90,11 @@ class LlamaEngine:
         self._embedder: _Embedder | None = None
         self._vocab = model.vocab
         self._guide: Guide | None = None  # llguidance, built at the first grammar
+        # speculative decoding (engine/drafting.py)
+        self.draft = settings.draft
+        self.draft_max = settings.draft_max
+        self.draft_min = settings.draft_min
+        self.draft_model: DraftModel | None = None
         self._piece_cache: dict[int, bytes] = {}
         meta = model.metadata()
         vocab = scan_vocab(self._vocab, model.n_vocab())
@@ -160,7 +167,16 @@ class LlamaEngine:
         except ValueError as exc:
             model.close()  # type: ignore[no-untyped-call]
             raise ModelLoadError(f"cannot load {path.name}: {exc}") from exc
-        return cls(model, batch, path, settings)
+        engine = cls(model, batch, path, settings)
+        if settings.draft_model:
+            try:
+                engine.draft_model = load_draft_model(
+                    Path(settings.draft_model), settings, model, path.name, batch.n_ctx,
+                    len(batch.slots))
+            except BaseException:
+                engine.close()
+                raise
+        return engine
 
     def _special_text(self, token: int) -> str:
         if token < 0:
@@ -262,12 +278,50 @@ class LlamaEngine:
         gate = self._grammar(params.grammar) if params.grammar and not prefill_only else None
         seq = Seq(slot.id, list(prompt), len(prompt), params, prefill_only, partition=partition)
         seq.handle = SeqSampler(params, self.info.n_vocab, gate)
+        if not prefill_only and self.draft_cap(params) > 0:
+            seq.drafter = SeqDrafter(prediction=params.prediction, ngram=self.draft == "ngram",
+                                     model=self.draft_model is not None)
         self.batch.bind(slot, seq)
         return seq
 
+    def draft_cap(self, params: SamplingParams) -> int:
+        """The most tokens drafted per step for a sequence with these parameters."""
+        return self.draft_max if params.draft_max is None else params.draft_max
+
+    def propose(self, wanted: list[tuple[Seq, int]]) -> list[list[int]]:
+        """A draft of up to k tokens for each (seq, k) the scheduler allows one (empty: none):
+        the request's prediction, else the draft model (one batched run for all), else
+        prompt lookup; cut where a grammar would refuse it, dropped under --draft_min."""
+        drafts: list[list[int]] = []
+        ask: list[int] = []
+        for i, (seq, k) in enumerate(wanted):
+            k = min(k, self.draft_cap(seq.params))
+            drafter = seq.drafter
+            draft = drafter.propose(seq.tokens, seq.n_prompt, k) if drafter is not None \
+                and k > 0 else []
+            if not draft and drafter is not None and drafter.wants_model and k > 0:
+                ask.append(i)
+            drafts.append(draft)
+        if ask and self.draft_model is not None:
+            made = self.draft_model.propose(
+                [(wanted[i][0].slot, wanted[i][0].tokens, min(wanted[i][1], self.draft_cap(
+                    wanted[i][0].params))) for i in ask])
+            for i, draft in zip(ask, made, strict=True):
+                drafts[i] = draft
+                wanted[i][0].drafter.source = "model"
+        for i, (seq, _k) in enumerate(wanted):
+            draft = seq.handle.check_draft(drafts[i]) if drafts[i] else []
+            floor = self.draft_min if seq.params.draft_min is None else seq.params.draft_min
+            drafts[i] = draft if len(draft) >= max(floor, 1) else []
+        return drafts
+
     def execute(self, plan: StepPlan) -> list[tuple[Seq, int]]:
-        """One decode of the scheduler's plan; the tokens sampled."""
-        return self.batch.execute(plan)
+        """One decode of the scheduler's plan (drafts verified in it); the tokens sampled."""
+        return self.batch.execute(plan, self.is_eog)
+
+    def take_draft_log(self) -> list[tuple[str, int, int]]:
+        """(source, drafted, accepted) of each draft verified since the last call."""
+        return self.batch.take_draft_log()
 
     def close_seq(self, seq: Seq) -> None:
         """Free the sequence's sampler; its slot keeps the KV."""
@@ -359,6 +413,9 @@ class LlamaEngine:
         while self.batch.flush_one():  # NOTE: what finished since the engine was last idle
             pass
         self.batch.close()
+        if self.draft_model is not None:
+            self.draft_model.close()
+            self.draft_model = None
         if self._guide is not None:
             self._guide.close()
             self._guide = None

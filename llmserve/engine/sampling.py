@@ -68,6 +68,12 @@ class SeqSampler:
         if self._gate is not None:
             self._gate.prepare()
 
+    def check_draft(self, draft: list[int]) -> list[int]:
+        """The prefix of a draft the grammar allows (all of it without a grammar)."""
+        if self._gate is None or not draft:
+            return draft
+        return draft[: self._gate.valid_prefix(draft)]
+
     def sample(self, ctx: Any, idx: int) -> int:
         """The next token from the logits at batch index idx (accepted into the chain); a
         grammar first sets the logits of the tokens it disallows to -inf, in place."""

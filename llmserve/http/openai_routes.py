@@ -36,13 +36,18 @@ T = TypeVar("T")
 Chunk = Callable[..., dict[str, Any]]
 
 
-def _usage(gen: Generation, completion_tokens: int, reasoning_tokens: int = 0) -> dict[str, Any]:
+def _usage(gen: Generation, ends: list[Finished]) -> dict[str, Any]:
+    completion_tokens = sum(f.completion_tokens for f in ends)
     return {
         "prompt_tokens": gen.prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": gen.prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": gen.cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
+        "completion_tokens_details": {
+            "reasoning_tokens": sum(f.reasoning_tokens for f in ends),
+            "accepted_prediction_tokens": sum(f.accepted_prediction_tokens for f in ends),
+            "rejected_prediction_tokens": sum(f.rejected_prediction_tokens for f in ends),
+        },
     }
 
 
@@ -100,7 +105,7 @@ def _sse(
         if first_delta is not None:
             for i in range(gen.n):
                 yield {"data": json.dumps(chunk(first_delta, None, i))}
-        completion_tokens = reasoning_tokens = 0
+        ends: list[Finished] = []
         async for event in gen:
             if isinstance(event, TextDelta):
                 yield {"data": json.dumps(
@@ -115,13 +120,12 @@ def _sse(
             elif isinstance(event, Finished):
                 for rest in calls.flush(event.choice) if calls else []:
                     yield {"data": json.dumps(chunk(rest, None, event.choice))}
-                completion_tokens += event.completion_tokens
-                reasoning_tokens += event.reasoning_tokens
+                ends.append(event)
                 yield {"data": json.dumps(chunk({}, event.finish_reason, event.choice))}
         if include_usage:
             final = chunk(None, None, 0)
             final["choices"] = []
-            final["usage"] = _usage(gen, completion_tokens, reasoning_tokens)
+            final["usage"] = _usage(gen, ends)
             yield {"data": json.dumps(final)}
         yield {"data": "[DONE]"}
 
@@ -193,8 +197,7 @@ async def chat_completions(
         "id": gen.id, "object": "chat.completion", "created": gen.created, "model": gen.model,
         "system_fingerprint": None,
         "choices": [_chat_choice(reply, i, logprobs, calls) for i, reply in enumerate(replies)],
-        "usage": _usage(gen, sum(r.finished.completion_tokens for r in replies),
-                        sum(r.finished.reasoning_tokens for r in replies)),
+        "usage": _usage(gen, [r.finished for r in replies]),
     }
 
 
@@ -241,7 +244,7 @@ async def completions(
                          completion_logprobs(gen.logprobs[i], len(prefix)) if logprobs else None)
             for i, (t, f) in enumerate(zip(texts, finishes, strict=True))
         ],
-        "usage": _usage(gen, sum(f.completion_tokens for f in finishes)),
+        "usage": _usage(gen, list(finishes)),
     }
 
 
