@@ -31,7 +31,8 @@ rotates per round, because this machine's speed drifts by +-20% within seconds.
 The figure is decode tokens/s = completion_tokens / (end - first content token), from the
 stream (the 4-stream figure: all completion tokens / (last end - first first token)). Also
 printed: TTFT, accepted/rejected prediction tokens (usage.completion_tokens_details) for
-`ours-pred`, llama-server's draft_n / draft_n_accepted (`timings`), whether each drafted run's
+`ours-pred`, drafted / accepted tokens (ours: /metrics' llmserve_draft_tokens_*, all sources;
+llama-server: `timings` draft_n / draft_n_accepted), whether each drafted run's
 text equals its server's plain run's text (greedy: it should), and the ratios to `ours`
 (issue 23's goals: code edit >= 1.5x, free text >= 0.95x, 4 code edits >= 1.0x aggregate) and
 ours' best / llama-server's best on the code edit (goal >= 1.3x).
@@ -213,7 +214,7 @@ class Result:
     draft_accepted: int | None = None
 
 
-def summarize(runs: list[Run]) -> Result:
+def summarize(runs: list[Run], bodies: list[dict[str, Any]]) -> Result:
     if len(runs) == 1:
         decode = runs[0].decode()
     else:
@@ -222,7 +223,7 @@ def summarize(runs: list[Run]) -> Result:
     res = Result(decode=decode, ttft=statistics.median(r.ttft() for r in runs),
                  tokens=sum(r.tokens for r in runs), texts=[r.text for r in runs])
     details = [r.usage.get("completion_tokens_details") or {} for r in runs]
-    if any("accepted_prediction_tokens" in d for d in details):
+    if any("prediction" in b for b in bodies):
         res.accepted = sum(int(d.get("accepted_prediction_tokens") or 0) for d in details)
         res.rejected = sum(int(d.get("rejected_prediction_tokens") or 0) for d in details)
     if any("draft_n" in r.timings for r in runs):
@@ -248,7 +249,7 @@ def workload(name: str, config: str, args: argparse.Namespace
 
 def run_workload(base: str, model: str, bodies: list[dict[str, Any]]) -> Result:
     if len(bodies) == 1:
-        return summarize([stream(base, model, bodies[0])])
+        return summarize([stream(base, model, bodies[0])], bodies)
     go = threading.Barrier(len(bodies))
     runs: list[Run | None] = [None] * len(bodies)
     errors: list[BaseException] = []
@@ -267,7 +268,22 @@ def run_workload(base: str, model: str, bodies: list[dict[str, Any]]) -> Result:
         t.join()
     if errors:
         raise errors[0]
-    return summarize([r for r in runs if r is not None])
+    return summarize([r for r in runs if r is not None], bodies)
+
+
+def draft_counts(base: str) -> tuple[int, int] | None:
+    """Our server's drafted and accepted tokens so far, all sources (from /metrics)."""
+    try:
+        text = httpx.get(f"{base}/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return None
+    counts = [0, 0]
+    for line in text.splitlines():
+        for i, name in enumerate(("llmserve_draft_tokens_proposed_total",
+                                  "llmserve_draft_tokens_accepted_total")):
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                counts[i] += int(float(line.rsplit(" ", 1)[1]))
+    return counts[0], counts[1]
 
 
 def find_llama_server() -> str | None:
@@ -383,7 +399,12 @@ def main() -> int:
                     order = order[::-1]
                 for config in order:
                     bodies = workload(w, config, args)
+                    before = draft_counts(bases[config]) if config.startswith("ours") else None
                     res = run_workload(bases[config], args.model, bodies)
+                    after = draft_counts(bases[config]) if before is not None else None
+                    if before is not None and after is not None and after[0] > before[0]:
+                        res.draft_n = after[0] - before[0]
+                        res.draft_accepted = after[1] - before[1]
                     results[w][config].append(res)
                     extra = ""
                     if res.accepted is not None:
@@ -419,8 +440,8 @@ def report(results: dict[str, dict[str, list[Result]]], configs: list[str],
             if rs and rs[0].accepted is not None:
                 print(f"{c} {w}: prediction tokens accepted/rejected per round: "
                       + ", ".join(f"{x.accepted}/{x.rejected}" for x in rs))
-            if rs and rs[0].draft_n is not None:
-                print(f"{c} {w}: llama-server drafted/accepted per round: "
+            if any(x.draft_n is not None for x in rs):
+                print(f"{c} {w}: drafted/accepted tokens per round: "
                       + ", ".join(f"{x.draft_n}/{x.draft_accepted}" for x in rs))
 
     print("ratios of decode tok/s (median of per-round ratios):")
