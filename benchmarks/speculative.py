@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import sys
 import threading
@@ -348,6 +349,10 @@ def ratio_line(label: str, num: list[Result], den: list[Result], goal: float | N
             + ", ".join(f"{r:.2f}" for r in ratios) + ")" + mark)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -384,6 +389,7 @@ def main() -> int:
 
     # results[workload][config] -> one Result per round
     results: dict[str, dict[str, list[Result]]] = {w: {c: [] for c in configs} for w in workloads}
+    signal.signal(signal.SIGTERM, _interrupt)
     with ExitStack() as stack:
         bases = start_servers(stack, configs, args, binary)
 
@@ -391,29 +397,40 @@ def main() -> int:
         for config in configs:
             run_workload(bases[config], args.model, [
                     {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}])
-        for r in range(args.rounds):
-            for j, w in enumerate(workloads):
-                shift = (r + j) % len(configs)
-                order = configs[shift:] + configs[:shift]
-                if (r + j) % 2:
-                    order = order[::-1]
-                for config in order:
-                    bodies = workload(w, config, args)
-                    before = draft_counts(bases[config]) if config.startswith("ours") else None
-                    res = run_workload(bases[config], args.model, bodies)
-                    after = draft_counts(bases[config]) if before is not None else None
-                    if before is not None and after is not None and after[0] > before[0]:
-                        res.draft_n = after[0] - before[0]
-                        res.draft_accepted = after[1] - before[1]
-                    results[w][config].append(res)
-                    extra = ""
-                    if res.accepted is not None:
-                        extra = f", prediction accepted {res.accepted} rejected {res.rejected}"
-                    if res.draft_n is not None:
-                        extra += f", drafted {res.draft_n} accepted {res.draft_accepted}"
-                    print(f"round {r + 1} {w:13} {config:12} {res.decode:7.1f} tok/s  "
-                          f"ttft {res.ttft * 1000:6.0f} ms  {res.tokens} tokens{extra}",
-                          flush=True)
+        try:
+            for r in range(args.rounds):
+                for j, w in enumerate(workloads):
+                    shift = (r + j) % len(configs)
+                    order = configs[shift:] + configs[:shift]
+                    if (r + j) % 2:
+                        order = order[::-1]
+                    for config in order:
+                        bodies = workload(w, config, args)
+                        before = draft_counts(bases[config]) if config.startswith("ours") else None
+                        res = run_workload(bases[config], args.model, bodies)
+                        after = draft_counts(bases[config]) if before is not None else None
+                        if before is not None and after is not None and after[0] > before[0]:
+                            res.draft_n = after[0] - before[0]
+                            res.draft_accepted = after[1] - before[1]
+                        results[w][config].append(res)
+                        extra = ""
+                        if res.accepted is not None:
+                            extra = f", prediction accepted {res.accepted} rejected {res.rejected}"
+                        if res.draft_n is not None:
+                            extra += f", drafted {res.draft_n} accepted {res.draft_accepted}"
+                        print(f"round {r + 1} {w:13} {config:12} {res.decode:7.1f} tok/s  "
+                              f"ttft {res.ttft * 1000:6.0f} ms  {res.tokens} tokens{extra}",
+                              flush=True)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report the rounds that completed
+            print("interrupted: reporting the completed rounds", flush=True)
+    rounds = {w: min(len(rs) for rs in results[w].values()) for w in workloads}
+    workloads = [w for w in workloads if rounds[w]]
+    if not workloads:
+        return 1
+    for w in workloads:
+        for c in results[w]:
+            results[w][c] = results[w][c][:rounds[w]]
+    args.rounds = "/".join(str(rounds[w]) for w in workloads)
     report(results, configs, workloads, args)
     return 0
 
