@@ -59,10 +59,11 @@ def test_prediction_cursor_follows_the_output() -> None:
     cursor = PredictionCursor([10, 11, 12, 13, 14, 15])
     assert cursor.propose([99], 1, 3) == [10, 11, 12]  # no output yet: the start
     assert cursor.propose([99, 10, 11], 1, 3) == [12, 13, 14]
-    # the output leaves the prediction, then comes back to it (by its last two tokens)
+    # the output leaves the prediction, then comes back to it (by its last three tokens)
     assert cursor.propose([99, 10, 11, 50], 1, 3) == []
-    assert cursor.propose([99, 10, 11, 50, 13, 14], 1, 3) == [15]
-    assert cursor.propose([99, 10, 11, 50, 13, 14, 15], 1, 3) == []  # the end
+    assert cursor.propose([99, 10, 11, 50, 13, 14], 1, 3) == []  # two tokens: too weak
+    assert cursor.propose([99, 10, 11, 50, 12, 13, 14], 1, 3) == [15]
+    assert cursor.propose([99, 10, 11, 50, 12, 13, 14, 15], 1, 3) == []  # the end
 
 
 def test_prediction_cursor_resyncs_after_an_insertion() -> None:
@@ -73,7 +74,9 @@ def test_prediction_cursor_resyncs_after_an_insertion() -> None:
     out += [1, 2, 42, 43]  # the model inserted two tokens
     assert cursor.propose(out, 1, 2) == []
     out += [3, 4]
-    assert cursor.propose(out, 1, 3) == [5, 6, 7]
+    assert cursor.propose(out, 1, 3) == []
+    out += [5]
+    assert cursor.propose(out, 1, 3) == [6, 7, 8]
 
 
 def test_seq_drafter_sources_and_rates() -> None:

@@ -19,6 +19,7 @@ from typing import Protocol
 # that is wrong (a rejected draft costs compute on a CPU, where the batch is compute-bound).
 NGRAM_MAX = 4
 NGRAM_MIN = 2
+RESYNC = 3  # tokens of the output's tail that must match to pick a prediction up again
 
 
 class DraftModel(Protocol):
@@ -54,10 +55,10 @@ class NgramIndex:
                 seen[tuple(tokens[end - n:end])] = end
         self._n = max(self._n, upto)
 
-    def find(self, tokens: list[int], start: int = 0) -> int | None:
+    def find(self, tokens: list[int], start: int = 0, least: int = NGRAM_MIN) -> int | None:
         """The index just after the latest indexed occurrence of the longest suffix of tokens
-        (of NGRAM_MIN tokens at least, all at or after start); None: none."""
-        for n in range(min(NGRAM_MAX, len(tokens) - start), NGRAM_MIN - 1, -1):
+        (of `least` tokens at least, all at or after start); None: none."""
+        for n in range(min(NGRAM_MAX, len(tokens) - start), max(least, NGRAM_MIN) - 1, -1):
             end = self._seen.get(tuple(tokens[len(tokens) - n:]))
             if end is not None:
                 return end
@@ -92,8 +93,10 @@ class PredictionCursor:
             self._pos = pos + 1 if pos is not None and pos < len(pred) and pred[pos] == token \
                 else None
         self._done = len(tokens) - start
-        if self._pos is None:  # NOTE: the output left the prediction: find its tail in it
-            self._pos = self._index.find(tokens, start)
+        if self._pos is None:
+            # NOTE: the output left the prediction: find its tail in it (three tokens: two
+            # match too often in code, e.g. indentation, and a wrong place drafts nonsense)
+            self._pos = self._index.find(tokens, start, RESYNC)
         if k <= 0 or self._pos is None:
             return []
         return pred[self._pos:self._pos + k]
