@@ -82,7 +82,8 @@ def test_only_the_engine_package_imports_llama_cpp() -> None:
     assert importers == ["llmserve/engine/batch.py", "llmserve/engine/draft_model.py",
                          "llmserve/engine/guidance.py",
                          "llmserve/engine/kvtypes.py", "llmserve/engine/llama.py",
-                         "llmserve/engine/sampling.py", "llmserve/engine/vocab.py"]
+                         "llmserve/engine/sampling.py", "llmserve/engine/vocab.py",
+                         "llmserve/engine/weights.py"]
 
 
 def test_cache_stats_and_clear(tmp_path: Path) -> None:

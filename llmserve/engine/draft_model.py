@@ -23,6 +23,7 @@ from llama_cpp._utils import suppress_stdout_stderr
 from llmserve.config import Settings
 from llmserve.engine.base import common_prefix
 from llmserve.engine.kvtypes import captured_llama_log, context_types
+from llmserve.engine.weights import load_weights
 from llmserve.errors import ModelLoadError
 from llmserve.hardware import machine_threads
 
@@ -60,12 +61,7 @@ def load_draft_model(path: Path, settings: Settings, target: Any, target_name: s
     with a context of n_ctx cells and n_parallel sequences; ModelLoadError when it cannot load
     or its vocabulary differs from the target's."""
     verbose = settings.log_level == "debug"
-    params = llama_cpp.llama_model_default_params()
-    params.n_gpu_layers = 0x7FFFFFFF if settings.n_gpu_layers == -1 else settings.n_gpu_layers
-    try:
-        model = _internals.LlamaModel(path_model=str(path), params=params, verbose=verbose)
-    except (ValueError, RuntimeError, OSError) as exc:
-        raise ModelLoadError(f"cannot load the draft model {path.name}: {exc}") from exc
+    model = load_weights(path, settings.n_gpu_layers, verbose=verbose, what="the draft model")
     try:
         n_draft, n_target = int(model.n_vocab()), int(target.n_vocab())
         if n_draft != n_target:

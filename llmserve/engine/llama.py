@@ -34,6 +34,7 @@ from llmserve.engine.guidance import Gate, Guide
 from llmserve.engine.kvtypes import context_types
 from llmserve.engine.sampling import SeqSampler
 from llmserve.engine.vocab import scan_vocab
+from llmserve.engine.weights import load_weights
 from llmserve.errors import ContextLengthError, InternalError, ModelLoadError
 from llmserve.hardware import machine_threads
 from llmserve.tenancy import salted
@@ -143,12 +144,7 @@ class LlamaEngine:
             context_types(settings.cache_type_k, settings.cache_type_v, settings.flash_attn)
         except ModelLoadError as exc:  # NOTE: before the weights are read
             raise ModelLoadError(f"cannot load {path.name}: {exc.message}") from None
-        params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = 0x7FFFFFFF if settings.n_gpu_layers == -1 else settings.n_gpu_layers
-        try:
-            model = _internals.LlamaModel(path_model=str(path), params=params, verbose=verbose)
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelLoadError(f"cannot load {path.name}: {exc}") from exc
+        model = load_weights(path, settings.n_gpu_layers, verbose=verbose)
         # NOTE: ModelManager decides n_ctx and threads (catalog/context.py) and logs why;
         # these fallbacks serve direct loads (tests, benchmarks).
         threads = settings.n_threads or machine_threads()
