@@ -3,19 +3,23 @@
 Runs llmserve (`server.py --parallel N`) and, when LLAMA_SERVER=<path to llama-server> is set,
 llama.cpp's own server (`-np N`) on the same model, in alternating order within each round, and
 prints medians over the rounds plus ours / llama-server (median of per-round ratios) and
-ours-at-N / ours-single. Every stream gets a different prompt (also across rounds), greedy,
-`ignore_eos`, a fixed `max_tokens`. Usage:
+ours-at-N / ours-single. --ceiling adds a third column in the same rotation: llama.cpp alone
+(benchmarks/decode_ceiling.py: the same prompts and context, llama_decode and an argmax, no
+server), and each server's aggregate as a share of it. Every stream gets a different prompt
+(also across rounds), greedy, `ignore_eos`, a fixed `max_tokens`. Usage:
     LLAMA_SERVER=/path/to/llama-server python benchmarks/concurrency.py \
         [--model_name FILE] [--tokens 128] [--rounds 3] [--streams 2,4,8] [--parallel 4] \
-        [--n_threads 2] [--n_ctx 4096] [--server_args "..."] [--llama_args "..."]
+        [--n_threads 2] [--n_ctx 4096] [--server_args "..."] [--llama_args "..."] [--ceiling]
     python benchmarks/concurrency.py --no_parallel_flag  # llmserve without --parallel
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -84,6 +88,18 @@ def burst(base: str, model: str, n: int, round_no: int, tokens: int) -> dict[str
     }
 
 
+def alone(args: argparse.Namespace, n: int, round_no: int) -> dict[str, float]:
+    """One round of llama.cpp alone (decode_ceiling.py in a child process, so that its
+    threads and memory are gone before a server runs)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "decode_ceiling.py"), "--json",
+           "--model_name", args.model_name, "--models_dir", args.models_dir,
+           "--streams", str(n), "--tokens", str(args.tokens), "--rounds", "1",
+           "--round_offset", str(round_no), "--n_threads", str(args.n_threads),
+           "--n_ctx", str(args.n_ctx)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+    return dict(json.loads(done.stdout.strip().splitlines()[-1])[0])
+
+
 @contextmanager
 def llama_server(binary: str, model: Path, args: argparse.Namespace) -> Iterator[str]:
     """llama-server -np N on a free loopback port (stopped by PID when done)."""
@@ -110,6 +126,8 @@ def main() -> int:
     ap.add_argument("--n_ctx", type=int, default=4096)
     ap.add_argument("--server_args", default="", help="extra llmserve flags, space-separated")
     ap.add_argument("--llama_args", default="", help="extra llama-server flags, space-separated")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also measure llama.cpp alone (decode_ceiling.py) in the rotation")
     args = ap.parse_args()
     levels = [1, *(int(n) for n in args.streams.split(","))]
     model = Path(args.models_dir) / args.model_name
@@ -119,6 +137,9 @@ def main() -> int:
     if not args.no_parallel_flag:
         ours_args += ["--parallel", str(args.parallel)]
     names = ["llmserve", "llama-server"] if binary else ["llmserve"]
+    servers = list(names)
+    if args.ceiling:
+        names.append("llama.cpp alone")
     # results[name][level] -> one dict per round
     results: dict[str, dict[int, list[dict[str, float]]]] = {
         name: {n: [] for n in levels} for name in names}
@@ -127,33 +148,38 @@ def main() -> int:
                                                                 *args.server_args.split()))}
         if binary:
             bases["llama-server"] = stack.enter_context(llama_server(binary, model, args))
-        for name in names:  # warm-up: load, first allocations, a concurrent batch
+        for name in servers:  # warm-up: load, first allocations, a concurrent batch
             burst(bases[name], args.model_name, max(levels), -1, 16)
         for r in range(args.rounds):
             for j, n in enumerate(levels):
                 # NOTE: this VM's speed drifts by +-20% within seconds; each level is measured
                 # on both servers back to back, in alternating order, and ratios taken per pair.
-                order = names if (r + j) % 2 == 0 else names[::-1]
+                shift = (r + j) % len(names)
+                order = names[shift:] + names[:shift]
+                if (r + j) % 2:
+                    order = order[::-1]
                 for name in order:
-                    results[name][n].append(burst(bases[name], args.model_name, n, r, args.tokens))
+                    results[name][n].append(
+                        alone(args, n, r) if name == "llama.cpp alone"
+                        else burst(bases[name], args.model_name, n, r, args.tokens))
 
     def med(name: str, n: int, key: str) -> float:
         return statistics.median(x[key] for x in results[name][n])
 
-    def ratio(n: int, key: str) -> float:
-        pairs = zip(results["llmserve"][n], results["llama-server"][n], strict=True)
+    def ratio(n: int, key: str, den: str = "llama-server", num: str = "llmserve") -> float:
+        pairs = zip(results[num][n], results[den][n], strict=True)
         return statistics.median(a[key] / b[key] for a, b in pairs)
 
     print(f"model {args.model_name}, {args.tokens} tokens/stream, {args.rounds} rounds, "
           f"parallel {args.parallel}{' (not passed to llmserve)' * args.no_parallel_flag}, "
           f"{args.n_threads} threads, n_ctx {args.n_ctx}")
-    header = f"{'':28}" + "".join(f"{name:>14}" for name in names)
+    header = f"{'':28}" + "".join(f"{name:>16}" for name in names)
     print(header + ("   ours/llama" if binary else ""))
     rows = [(1, "decode", "single decode tok/s"), (1, "ttft", "single TTFT ms")]
     for n in levels[1:]:
         rows += [(n, "agg", f"{n} streams aggregate tok/s"), (n, "ttft", f"{n} streams TTFT ms")]
     for n, key, label in rows:
-        line = f"{label:28}" + "".join(f"{med(name, n, key):14.1f}" for name in names)
+        line = f"{label:28}" + "".join(f"{med(name, n, key):16.1f}" for name in names)
         print(line + (f"{ratio(n, key):13.3f}" if binary else ""))
     for name in names:
         per = results[name]
@@ -161,6 +187,12 @@ def main() -> int:
             per[n], per[1], strict=True)) for n in levels[1:]]
         print(f"{name} aggregate at N / single decode: "
               + ", ".join(f"{n}: {x:.2f}x" for n, x in zip(levels[1:], scale, strict=True)))
+    if args.ceiling:
+        for n in levels[1:]:
+            shares = ", ".join(f"{name} {ratio(n, 'agg', 'llama.cpp alone', name):.3f}"
+                               for name in servers)
+            print(f"{n} streams aggregate / llama.cpp alone (median of per-round ratios): "
+                  f"{shares}")
     return 0
 
 

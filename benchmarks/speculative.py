@@ -335,7 +335,7 @@ def start_servers(stack: ExitStack, configs: list[str], args: argparse.Namespace
             port = free_port()
             cmd = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "--jinja",
                    "-c", str(args.n_ctx), "-t", str(args.threads), "-np", "4", "--kv-unified",
-                   *llama[key]]
+                   *llama[key], *args.llama_args.split()]
             bases[key] = stack.enter_context(running(cmd, port, f"llama-server ({key})"))
         print(f"started {key} in {time.perf_counter() - t0:.1f} s", flush=True)
     return bases
@@ -371,6 +371,10 @@ def main() -> int:
                     help="most tokens drafted a step, ours and llama-server")
     ap.add_argument("--llama-ngram", dest="llama_ngram", default=LLAMA_NGRAM,
                     help="llama-server's --spec-type for llama-ngram (and further flags after it)")
+    ap.add_argument("--llama-args", dest="llama_args", default="",
+                    help="extra flags for every llama-server, e.g. \"--chat-template-file "
+                         "templates/gemma.jinja\" for a GGUF without a template (llama-server "
+                         "falls back to ChatML there, llmserve picks templates/gemma.jinja)")
     ap.add_argument("--only", default="", help=f"configurations: {','.join(CONFIGS)}")
     ap.add_argument("--workloads", default="", help=f"workloads: {','.join(WORKLOADS)}")
     ap.add_argument("--quick", action="store_true",
