@@ -32,27 +32,27 @@ def test_ngram_draft_continues_the_latest_earlier_occurrence() -> None:
 
 def test_ngram_draft_prefers_the_longest_suffix() -> None:
     index = NgramIndex()
-    # (2, 3) last occurred at 7..8 (then 6), but (1, 2, 3) only at 0..2 (then 4)
-    tokens = [1, 2, 3, 4, 0, 0, 5, 2, 3, 6, 1, 2, 3]
-    assert ngram_draft(index, tokens, 2) == [4, 0]
+    # (2, 3, 4) last occurred at 8..10 (then 6), but (1, 2, 3, 4) only at 0..3 (then 5)
+    tokens = [1, 2, 3, 4, 5, 0, 0, 9, 2, 3, 4, 6, 1, 2, 3, 4]
+    assert ngram_draft(index, tokens, 2) == [5, 0]
 
 
-def test_ngram_draft_needs_two_matching_tokens() -> None:
-    index = NgramIndex()
-    assert ngram_draft(index, [5, 1, 6, 2, 1], 4) == []  # only a one-token match
-    assert ngram_draft(index, [1], 4) == []
-    assert ngram_draft(NgramIndex(), [1, 2, 1, 2], 0) == []
+def test_ngram_draft_needs_three_matching_tokens() -> None:
+    assert ngram_draft(NgramIndex(), [5, 1, 2, 6, 1, 2], 4) == []  # a two-token match
+    assert ngram_draft(NgramIndex(), [5, 1, 2, 3, 6, 1, 2, 3], 2) == [6, 1]
+    assert ngram_draft(NgramIndex(), [1], 4) == []
+    assert ngram_draft(NgramIndex(), [1, 2, 3, 1, 2, 3], 0) == []
 
 
 def test_ngram_index_grows_with_the_sequence() -> None:
     index = NgramIndex()
     tokens = [4, 5, 6, 7]
     assert ngram_draft(index, tokens, 4) == []
-    tokens += [4, 5]
-    assert ngram_draft(index, tokens, 4) == [6, 7, 4, 5]
-    tokens += [6, 9, 4, 5]
-    # the newest occurrence of (4, 5) wins: 4 5 6 9 ...
-    assert ngram_draft(index, tokens, 2) == [6, 9]
+    tokens += [4, 5, 6]
+    assert ngram_draft(index, tokens, 4) == [7, 4, 5, 6]
+    tokens += [9, 4, 5, 6]
+    # the newest occurrence of (4, 5, 6) wins: 4 5 6 9 ...
+    assert ngram_draft(index, tokens, 2) == [9, 4]
 
 
 def test_prediction_cursor_follows_the_output() -> None:
@@ -93,13 +93,13 @@ def test_seq_drafter_sources_and_rates() -> None:
         drafter.skipped()  # a source not tried for long drifts back to its prior
     assert drafter.rate == pytest.approx(PRIOR_RATE["prediction"], abs=0.01)
     # the prediction is used up; prompt lookup takes over
-    assert drafter.propose([1, 2, 3, 1, 2, 5, 6, 7, 1, 2], 5, 2) == [5, 6]
+    assert drafter.propose([1, 2, 3, 1, 2, 3, 5, 6, 7, 1, 2, 3], 6, 2) == [5, 6]
     assert drafter.source == "ngram"
 
 
 def test_seq_drafter_leaves_lookup_to_the_draft_model() -> None:
     drafter = SeqDrafter(prediction=(), ngram=True, model=True)
-    assert drafter.propose([1, 2, 3, 1, 2], 0, 4) == []
+    assert drafter.propose([1, 2, 3, 1, 2, 3], 0, 4) == []  # lookup would find [1, 2, 3]
     assert drafter.wants_model
 
 
