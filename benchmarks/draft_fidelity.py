@@ -101,7 +101,8 @@ def _run(engine: LlamaEngine, prompt: list[int], params: SamplingParams, tokens:
                 plan = with_drafts(plan, wanted, engine.propose(wanted), cost)
         before = engine.batch.decode_seconds
         out = engine.execute(plan)
-        cost.observe(engine.batch.last_batch_tokens, engine.batch.decode_seconds - before)
+        cost.observe_step(plan, engine.batch.last_batch_tokens,
+                          engine.batch.decode_seconds - before)
         steps += 1
         if not first:
             first = time.perf_counter()

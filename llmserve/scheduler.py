@@ -499,7 +499,7 @@ class Scheduler:
                 took = getattr(batch, "decode_seconds", 0.0) - decoded
                 self.decode_seconds += took
             if propose is not None and took > 0:
-                cost.observe(getattr(batch, "last_batch_tokens", plan.n_tokens), took)
+                cost.observe_step(plan, getattr(batch, "last_batch_tokens", plan.n_tokens), took)
             self.steps += 1
             log = engine.take_draft_log() if propose is not None else []
             for observe in self.observers:
@@ -604,10 +604,22 @@ def draft_wants(plan: StepPlan, n_batch: int, n_ctx: int) -> list[tuple[Seq, int
 
 
 class StepCost:
-    """A model of one decode step's time, c0 + c1 * tokens, fitted by least squares on the
-    steps seen (the recent ones weigh more). On a CPU each token costs about as much as
-    another (c1 large), on a GPU a step of 16 tokens about what one costs (c1 small); the
-    prior is a CPU's, until steps of different sizes have been seen."""
+    """A model of one decode step's time by the number of tokens in it.
+
+    Two parts:
+      - a line, c0 + c1 * tokens, fitted by least squares on every step seen (the recent
+        ones weigh more); the prior is a CPU's until steps of different sizes are seen;
+      - the decode steps' own times, per size (each sequence's next token plus its draft,
+        every row with logits; a running mean per size). The curve is not a line: on
+        2 CPU cores a 2-token step costs 1.9x a 1-token one, a 16-token one 6-10x
+        (SmolLM2, Gemma 3 at a 900-token context), on a GPU a 17-token step about one.
+    time(n) is the measured time at n when that size has been seen, else interpolated
+    between the nearest sizes seen, else extended from the largest with the line's slope.
+    Prompt chunks, whose rows have no logits, pull that slope down, so sizes not tried yet
+    look cheap: the scheduler tries them and measures them (exploration)."""
+
+    SEEN = 2  # decode steps of a size before its mean is used
+    ALPHA = 0.2  # weight of a new decode step in its size's mean
 
     def __init__(self, decay: float = 0.99):
         self.decay = decay
@@ -615,6 +627,7 @@ class StepCost:
         self._w = self._x = self._y = self._xx = self._xy = 0.0
         for n, t in ((1, 1.0), (16, 8.0)):
             self._add(n, t * 1e-3, 2.0)
+        self._sizes: dict[int, tuple[float, int]] = {}  # tokens -> (mean seconds, steps)
 
     def _add(self, n: float, t: float, w: float) -> None:
         self._w += w
@@ -624,19 +637,44 @@ class StepCost:
         self._xy += w * n * t
 
     def observe(self, tokens: int, seconds: float) -> None:
-        """One step of `tokens` tokens took `seconds` inside llama_decode."""
+        """One step of `tokens` tokens took `seconds` inside llama_decode (the line only)."""
         for name in ("_w", "_x", "_y", "_xx", "_xy"):
             setattr(self, name, getattr(self, name) * self.decay)
         self._add(float(tokens), seconds, 1.0)
 
+    def observe_step(self, plan: StepPlan, tokens: int, seconds: float) -> None:
+        """A step of plan (`tokens` tokens in all, drafts included) took `seconds` inside
+        llama_decode; a decode step (every item one token plus its draft) is also
+        measured for its size."""
+        self.observe(tokens, seconds)
+        if plan.items and all(n == 1 for _, n in plan.items):
+            mean, steps = self._sizes.get(tokens, (seconds, 0))
+            self._sizes[tokens] = (mean + (seconds - mean) * self.ALPHA, steps + 1)
+
     def coefficients(self) -> tuple[float, float]:
-        """(c0, c1): a step's fixed time and each token's; both positive."""
+        """(c0, c1): the line's fixed time and each token's; both positive."""
         var = self._w * self._xx - self._x * self._x
         c1 = (self._w * self._xy - self._x * self._y) / var if var > 0 else 0.0
         mean = self._y / self._w
         c1 = max(c1, mean * 1e-3 / max(self._x / self._w, 1.0))
         c0 = max(mean - c1 * self._x / self._w, c1 * 0.1)
         return c0, c1
+
+    def time(self, tokens: int) -> float:
+        """The expected seconds of a decode step of `tokens` tokens."""
+        c0, c1 = self.coefficients()
+        known = sorted(n for n, (_, steps) in self._sizes.items() if steps >= self.SEEN)
+        if not known:
+            return c0 + c1 * tokens
+        below = [n for n in known if n <= tokens]
+        above = [n for n in known if n >= tokens]
+        if below and above:
+            lo, hi = below[-1], above[0]
+            t_lo, t_hi = self._sizes[lo][0], self._sizes[hi][0]
+            return t_lo if hi == lo else t_lo + (t_hi - t_lo) * (tokens - lo) / (hi - lo)
+        if below:
+            return self._sizes[below[-1]][0] + c1 * (tokens - below[-1])
+        return max(self._sizes[above[0]][0] - c1 * (above[0] - tokens), c0)
 
 
 def expected_tokens(rate: float, k: int) -> float:
@@ -647,19 +685,18 @@ def expected_tokens(rate: float, k: int) -> float:
     return (1.0 - rate ** (k + 1)) / (1.0 - rate)
 
 
-# NOTE: a draft must promise this much more speed than no draft: on a CPU the first drafted
-# token costs more than the linear step model says (SmolLM2, 2 threads: 2 tokens 1.8x one,
-# 16 tokens 8.7x), so a draft that the model says barely pays loses.
-DRAFT_MARGIN = 1.15
+# NOTE: a draft must promise this much more speed than no draft: the acceptance rate is an
+# estimate, and a size whose time was extrapolated may cost more than it says.
+DRAFT_MARGIN = 1.05
 
 
-def best_draft(rate: float, k_max: int, base: float, c1: float) -> int:
+def best_draft(rate: float, k_max: int, base: float, extra: Callable[[int], float]) -> int:
     """How much of a draft to verify: the k (0..k_max) with the most tokens per second,
-    a step costing `base` without drafts (this sequence's share) and c1 per drafted token.
-    0 when no draft promises DRAFT_MARGIN times the speed of none."""
+    a step costing `base` without drafts (this sequence's share) and extra(k) more with k
+    drafted tokens. 0 when no draft promises DRAFT_MARGIN times the speed of none."""
     best, best_k = DRAFT_MARGIN / base, 0
     for k in range(1, k_max + 1):
-        speed = expected_tokens(rate, k) / (base + c1 * k)
+        speed = expected_tokens(rate, k) / (base + extra(k))
         if speed > best:
             best, best_k = speed, k
     return best_k
@@ -670,22 +707,27 @@ def with_drafts(plan: StepPlan, wanted: list[tuple[Seq, int]], drafts: list[list
     """The plan with the worthwhile part of each draft (at most its sequence's allowance)
     added: sized by the draft source's acceptance so far and the step cost model, never
     below the sequence's draft_min."""
-    c0, c1 = cost.coefficients() if cost is not None else (0.0, 0.0)
     sampling = sum(1 for seq, n in plan.items if n == seq.pending and not seq.prefill_only)
-    base = (c0 + c1 * plan.n_tokens) / max(sampling, 1)
+    n = plan.n_tokens  # the step's tokens with the drafts chosen so far
     made = []
     for (seq, k), draft in zip(wanted, drafts, strict=True):
         if not draft:
             continue
         k = min(k, len(draft))
         if cost is not None and seq.drafter is not None:
+            step = cost.time(n)
+
+            def extra(j: int, n: int = n, step: float = step, cost: StepCost = cost) -> float:
+                return max(cost.time(n + j) - step, 0.0)
+
             # NOTE: --draft_min (or the request's) is verified whatever the model says
-            best = best_draft(seq.drafter.rate, k, base, c1)
+            best = best_draft(seq.drafter.rate, k, step / max(sampling, 1), extra)
             if best == 0:
                 seq.drafter.skipped()
             k = max(best, min(seq.drafter.floor, k))
         if k > 0:
             made.append((seq, tuple(draft[:k])))
+            n += k
     return dataclasses.replace(plan, drafts=tuple(made)) if made else plan
 
 

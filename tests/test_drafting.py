@@ -3,6 +3,8 @@ draft sizing (scheduler.draft_wants, best_draft, StepCost, with_drafts). No mode
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from llmserve.engine.base import SamplingParams, Seq, StepPlan
@@ -11,6 +13,7 @@ from llmserve.engine.drafting import (
     NgramIndex,
     PredictionCursor,
     SeqDrafter,
+    SourceRates,
     ngram_draft,
 )
 from llmserve.scheduler import (
@@ -80,7 +83,8 @@ def test_prediction_cursor_resyncs_after_an_insertion() -> None:
 
 
 def test_seq_drafter_sources_and_rates() -> None:
-    drafter = SeqDrafter(prediction=(5, 6, 7), ngram=True, model=False)
+    shared = SourceRates()
+    drafter = SeqDrafter(prediction=(5, 6, 7), ngram=True, model=False, shared=shared)
     assert drafter.propose([1, 2], 2, 2) == [5, 6]
     assert drafter.source == "prediction"
     assert drafter.rate == pytest.approx(PRIOR_RATE["prediction"])
@@ -90,11 +94,34 @@ def test_seq_drafter_sources_and_rates() -> None:
     drafter.verified(2, 2)
     assert drafter.rate > low
     for _ in range(200):
-        drafter.skipped()  # a source not tried for long drifts back to its prior
+        drafter.skipped()  # a source not tried for long drifts back to the model's rate
+    assert drafter.rate == pytest.approx(shared.rate("prediction"), abs=0.01)
+    for _ in range(1000):
+        drafter.skipped()  # which drifts back to the prior
     assert drafter.rate == pytest.approx(PRIOR_RATE["prediction"], abs=0.01)
     # the prediction is used up; prompt lookup takes over
     assert drafter.propose([1, 2, 3, 1, 2, 3, 5, 6, 7, 1, 2, 3], 6, 2) == [5, 6]
     assert drafter.source == "ngram"
+
+
+def test_a_new_sequence_starts_from_the_models_rate() -> None:
+    shared = SourceRates()
+    first = SeqDrafter(prediction=(), ngram=True, model=False, shared=shared)
+    assert first.propose([1, 2, 3, 9, 1, 2, 3], 0, 4) == [9, 1, 2, 3]
+    for _ in range(50):
+        first.verified(4, 4)  # lookup pays on this model
+    second = SeqDrafter(prediction=(), ngram=True, model=False, shared=shared)
+    second.propose([1, 2, 3, 9, 1, 2, 3], 0, 4)
+    assert second.rate > 0.95 > PRIOR_RATE["ngram"]
+    for _ in range(300):
+        first.verified(4, 0)  # then it stops paying
+    third = SeqDrafter(prediction=(), ngram=True, model=False, shared=shared)
+    third.propose([1, 2, 3, 9, 1, 2, 3], 0, 4)
+    assert third.rate < 0.2
+    for _ in range(1000):
+        third.skipped()  # not drafting at all: the model's record goes back to the prior
+    assert shared.rate("ngram") == pytest.approx(PRIOR_RATE["ngram"], abs=0.02)
+    assert SeqDrafter(prediction=(), ngram=True, model=False).rate == 0.0  # no source yet
 
 
 def test_seq_drafter_leaves_lookup_to_the_draft_model() -> None:
@@ -107,12 +134,22 @@ def test_expected_tokens_and_best_draft() -> None:
     assert expected_tokens(0.0, 5) == pytest.approx(1.0)
     assert expected_tokens(1.0, 5) == pytest.approx(6.0)
     assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    def line(c1: float) -> Callable[[int], float]:
+        return lambda k: c1 * k
+
     # a CPU (each drafted token costs about as much as the step): only sure drafts pay
-    assert best_draft(0.3, 16, base=1.0, c1=0.5) == 0
-    assert 1 <= best_draft(0.9, 16, base=1.0, c1=0.5) < 16
+    assert best_draft(0.3, 16, 1.0, line(0.5)) == 0
+    assert 1 <= best_draft(0.9, 16, 1.0, line(0.5)) < 16
     # a GPU (drafted tokens nearly free): draft as much as allowed
-    assert best_draft(0.9, 16, base=1.0, c1=0.001) == 16
-    assert best_draft(0.99, 16, base=1.0, c1=0.5) > best_draft(0.8, 16, base=1.0, c1=0.5)
+    assert best_draft(0.9, 16, 1.0, line(0.001)) == 16
+    assert best_draft(0.99, 16, 1.0, line(0.5)) > best_draft(0.8, 16, 1.0, line(0.5))
+    # the first drafted token dear, the next ones cheap (a CPU's batched kernels): a short
+    # draft does not pay, a long one does
+    def knee(k: int) -> float:
+        return 0.9 + 0.25 * (k - 1)
+
+    assert best_draft(0.8, 1, 1.0, knee) == 0
+    assert best_draft(0.8, 16, 1.0, knee) > 4
 
 
 def test_step_cost_fits_the_steps_seen() -> None:
@@ -129,6 +166,27 @@ def test_step_cost_fits_the_steps_seen() -> None:
             flat.observe(n, 0.010)
     c0, c1 = flat.coefficients()
     assert c1 > 0 and c1 < c0 / 100
+
+
+def test_step_cost_measures_decode_steps_by_size() -> None:
+    cost = StepCost()
+    for _ in range(300):  # prompt chunks: cheap rows, a shallow line
+        cost.observe(512, 0.5)
+        cost.observe(1, 0.01)
+    c0, c1 = cost.coefficients()
+    assert cost.time(1) == pytest.approx(c0 + c1)  # no decode step measured yet
+    decode = StepPlan(((_seq(0, 10, 3), 1),))
+    prefill = StepPlan(((Seq(1, list(range(40)), 40, SamplingParams()), 40),))
+    for _ in range(20):
+        cost.observe_step(decode, 1, 0.010)
+        cost.observe_step(decode, 2, 0.019)
+        cost.observe_step(decode, 9, 0.040)
+        cost.observe_step(prefill, 40, 0.050)  # not a decode step: the line only
+    assert cost.time(1) == pytest.approx(0.010, rel=0.01)
+    assert cost.time(2) == pytest.approx(0.019, rel=0.01)  # the measured knee, not the line
+    assert cost.time(5) == pytest.approx(0.019 + 0.021 * 3 / 7, rel=0.01)  # interpolated
+    assert cost.time(40) == pytest.approx(0.040 + cost.coefficients()[1] * 31, rel=0.01)
+    assert cost.time(40) < 0.040 * 40 / 9  # beyond the sizes seen: the line's slope
 
 
 def _seq(slot: int, n_prompt: int, produced: int, *, max_new: int | None = None,

@@ -112,21 +112,54 @@ FORGET = 0.9  # each verification keeps this share of the record before it
 RECOVER = 0.05  # each skipped draft moves the record this share back towards the prior
 
 
+FORGET_SHARED = 0.99  # FORGET and RECOVER for a model's record over all its sequences
+RECOVER_SHARED = 0.01
+
+
+class SourceRates:
+    """Each draft source's acceptance over all of one model's sequences so far: where a new
+    sequence's estimate starts (PRIOR_RATE before the source has drafted on this model), and
+    where a sequence's estimate drifts back to while it does not draft. How well prompt
+    lookup pays depends on the model and the workload, not on one request."""
+
+    def __init__(self) -> None:
+        self._record = {src: (rate * PRIOR_WEIGHT, PRIOR_WEIGHT)
+                        for src, rate in PRIOR_RATE.items()}
+
+    def rate(self, source: str) -> float:
+        accepted, tested = self._record[source]
+        return accepted / tested
+
+    def skipped(self, source: str) -> None:
+        """A draft of the source was not verified: drift back towards PRIOR_RATE, so that a
+        source that paid badly for a while is tried again."""
+        keep = 1.0 - RECOVER_SHARED
+        acc, tested = self._record[source]
+        self._record[source] = (acc * keep + PRIOR_RATE[source] * PRIOR_WEIGHT * RECOVER_SHARED,
+                                tested * keep + PRIOR_WEIGHT * RECOVER_SHARED)
+
+    def verified(self, source: str, accepted: float, tested: float) -> None:
+        old_acc, old_tested = self._record[source]
+        self._record[source] = (old_acc * FORGET_SHARED + accepted,
+                                old_tested * FORGET_SHARED + tested)
+
+
 class SeqDrafter:
     """One sequence's draft sources, in order: its request's prediction, then the draft model
     (asked by the engine for all sequences at once), then prompt lookup; and each source's
     acceptance rate so far (the scheduler sizes drafts by it, scheduler.best_draft)."""
 
     def __init__(self, *, prediction: tuple[int, ...], ngram: bool, model: bool,
-                 floor: int = 0):
+                 floor: int = 0, shared: SourceRates | None = None):
         self.floor = floor  # --draft_min: a shorter draft is not used, a longer one is kept
+        self._shared = shared if shared is not None else SourceRates()
         self._cursor = PredictionCursor(list(prediction)) if prediction else None
         self._index = NgramIndex() if ngram else None
         self.wants_model = model
         self.source = ""  # of the draft being verified
         # per source: (tokens accepted, tokens tested), recent ones weighing more
-        self._record = {src: (rate * PRIOR_WEIGHT, PRIOR_WEIGHT)
-                        for src, rate in PRIOR_RATE.items()}
+        self._record = {src: (self._shared.rate(src) * PRIOR_WEIGHT, PRIOR_WEIGHT)
+                        for src in PRIOR_RATE}
 
     @property
     def rate(self) -> float:
@@ -137,12 +170,14 @@ class SeqDrafter:
 
     def skipped(self) -> None:
         """A draft of the current source was not worth verifying: its record drifts back
-        towards the prior, so a source that failed for a while is tried again later."""
+        towards the model's rate for the source, so a source that failed for a while is
+        tried again later."""
         record = self._record.get(self.source)
         if record is None:
             return
         keep = 1.0 - RECOVER
-        prior = PRIOR_RATE[self.source] * PRIOR_WEIGHT * RECOVER
+        self._shared.skipped(self.source)
+        prior = self._shared.rate(self.source) * PRIOR_WEIGHT * RECOVER
         self._record[self.source] = (record[0] * keep + prior,
                                      record[1] * keep + PRIOR_WEIGHT * RECOVER)
 
@@ -154,6 +189,7 @@ class SeqDrafter:
         tested = accepted + (1 if accepted < drafted else 0)
         old_acc, old_tested = self._record[self.source]
         self._record[self.source] = (old_acc * FORGET + accepted, old_tested * FORGET + tested)
+        self._shared.verified(self.source, accepted, tested)
 
     def propose(self, tokens: list[int], n_prompt: int, k: int) -> list[int]:
         """A draft from the prediction or prompt lookup (empty: none; the engine may then

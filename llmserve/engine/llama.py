@@ -29,7 +29,7 @@ from llmserve.engine.base import (
 from llmserve.engine.batch import BatchContext
 from llmserve.engine.chunking import Cutter
 from llmserve.engine.draft_model import load_draft_model
-from llmserve.engine.drafting import DraftModel, SeqDrafter
+from llmserve.engine.drafting import DraftModel, SeqDrafter, SourceRates
 from llmserve.engine.guidance import Gate, Guide
 from llmserve.engine.kvtypes import context_types
 from llmserve.engine.sampling import SeqSampler
@@ -96,6 +96,7 @@ class LlamaEngine:
         self.draft_max = settings.draft_max
         self.draft_min = settings.draft_min
         self.draft_model: DraftModel | None = None
+        self.draft_rates = SourceRates()  # each draft source's acceptance on this model
         self._piece_cache: dict[int, bytes] = {}
         meta = model.metadata()
         vocab = scan_vocab(self._vocab, model.n_vocab())
@@ -277,7 +278,7 @@ class LlamaEngine:
         if not prefill_only and self.draft_cap(params) > 0:
             seq.drafter = SeqDrafter(prediction=params.prediction, ngram=self.draft == "ngram",
                                      model=self.draft_model is not None,
-                                     floor=self.draft_floor(params))
+                                     floor=self.draft_floor(params), shared=self.draft_rates)
         self.batch.bind(slot, seq)
         return seq
 
