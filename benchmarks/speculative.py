@@ -341,12 +341,23 @@ def start_servers(stack: ExitStack, configs: list[str], args: argparse.Namespace
     return bases
 
 
+# NOTE: a reply this short (Gemma at temperature 0 sometimes answers a code edit with "```")
+# has no decode speed worth a ratio; such rounds are left out of it
+MIN_TOKENS = 32
+
+
 def ratio_line(label: str, num: list[Result], den: list[Result], goal: float | None) -> str:
-    ratios = [a.decode / b.decode for a, b in zip(num, den, strict=True)]
+    pairs = [(a, b) for a, b in zip(num, den, strict=True)
+             if min(a.tokens, b.tokens) >= MIN_TOKENS]
+    if not pairs:
+        return f"  {label:34}   -    (every round had a reply under {MIN_TOKENS} tokens)"
+    ratios = [a.decode / b.decode for a, b in pairs]
     med = statistics.median(ratios)
     mark = "" if goal is None else f"  goal >= {goal:.2f}x: {'met' if med >= goal else 'NOT met'}"
+    left = len(num) - len(pairs)
+    note = f", {left} round(s) left out: a reply under {MIN_TOKENS} tokens" if left else ""
     return (f"  {label:34} {med:5.2f}x  (per round: "
-            + ", ".join(f"{r:.2f}" for r in ratios) + ")" + mark)
+            + ", ".join(f"{r:.2f}" for r in ratios) + note + ")" + mark)
 
 
 def _interrupt(signum: int, frame: object) -> None:
