@@ -15,6 +15,7 @@ admissions keep their arrival order, so a model switch still waits for the work 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import logging
@@ -628,6 +629,8 @@ class StepCost:
         for n, t in ((1, 1.0), (16, 8.0)):
             self._add(n, t * 1e-3, 2.0)
         self._sizes: dict[int, tuple[float, int]] = {}  # tokens -> (mean seconds, steps)
+        self._known: list[int] = []  # sorted: the sizes seen SEEN times
+        self._line: tuple[float, float] | None = None  # coefficients(), until the next step
 
     def _add(self, n: float, t: float, w: float) -> None:
         self._w += w
@@ -641,6 +644,7 @@ class StepCost:
         for name in ("_w", "_x", "_y", "_xx", "_xy"):
             setattr(self, name, getattr(self, name) * self.decay)
         self._add(float(tokens), seconds, 1.0)
+        self._line = None
 
     def observe_step(self, plan: StepPlan, tokens: int, seconds: float) -> None:
         """A step of plan (`tokens` tokens in all, drafts included) took `seconds` inside
@@ -650,9 +654,16 @@ class StepCost:
         if plan.items and all(n == 1 for _, n in plan.items):
             mean, steps = self._sizes.get(tokens, (seconds, 0))
             self._sizes[tokens] = (mean + (seconds - mean) * self.ALPHA, steps + 1)
+            if steps + 1 == self.SEEN:
+                bisect.insort(self._known, tokens)
 
     def coefficients(self) -> tuple[float, float]:
         """(c0, c1): the line's fixed time and each token's; both positive."""
+        if self._line is None:
+            self._line = self._fit()
+        return self._line
+
+    def _fit(self) -> tuple[float, float]:
         var = self._w * self._xx - self._x * self._x
         c1 = (self._w * self._xy - self._x * self._y) / var if var > 0 else 0.0
         mean = self._y / self._w
@@ -663,18 +674,19 @@ class StepCost:
     def time(self, tokens: int) -> float:
         """The expected seconds of a decode step of `tokens` tokens."""
         c0, c1 = self.coefficients()
-        known = sorted(n for n, (_, steps) in self._sizes.items() if steps >= self.SEEN)
+        known = self._known
         if not known:
             return c0 + c1 * tokens
-        below = [n for n in known if n <= tokens]
-        above = [n for n in known if n >= tokens]
-        if below and above:
-            lo, hi = below[-1], above[0]
+        i = bisect.bisect_left(known, tokens)  # known[i] is the first size >= tokens
+        if i < len(known) and known[i] == tokens:
+            return self._sizes[tokens][0]
+        if 0 < i < len(known):
+            lo, hi = known[i - 1], known[i]
             t_lo, t_hi = self._sizes[lo][0], self._sizes[hi][0]
-            return t_lo if hi == lo else t_lo + (t_hi - t_lo) * (tokens - lo) / (hi - lo)
-        if below:
-            return self._sizes[below[-1]][0] + c1 * (tokens - below[-1])
-        return max(self._sizes[above[0]][0] - c1 * (above[0] - tokens), c0)
+            return t_lo + (t_hi - t_lo) * (tokens - lo) / (hi - lo)
+        if i == len(known):
+            return self._sizes[known[-1]][0] + c1 * (tokens - known[-1])
+        return max(self._sizes[known[0]][0] - c1 * (known[0] - tokens), c0)
 
 
 def expected_tokens(rate: float, k: int) -> float:
@@ -709,6 +721,7 @@ def with_drafts(plan: StepPlan, wanted: list[tuple[Seq, int]], drafts: list[list
     below the sequence's draft_min."""
     sampling = sum(1 for seq, n in plan.items if n == seq.pending and not seq.prefill_only)
     n = plan.n_tokens  # the step's tokens with the drafts chosen so far
+    base = cost.time(n) / max(sampling, 1) if cost is not None else 0.0  # a seq's share
     made = []
     for (seq, k), draft in zip(wanted, drafts, strict=True):
         if not draft:
@@ -721,7 +734,7 @@ def with_drafts(plan: StepPlan, wanted: list[tuple[Seq, int]], drafts: list[list
                 return max(cost.time(n + j) - step, 0.0)
 
             # NOTE: --draft_min (or the request's) is verified whatever the model says
-            best = best_draft(seq.drafter.rate, k, step / max(sampling, 1), extra)
+            best = best_draft(seq.drafter.rate, k, base, extra)
             if best == 0:
                 seq.drafter.skipped()
             k = max(best, min(seq.drafter.floor, k))
